@@ -1,0 +1,132 @@
+"""Model and tokenizer loading, shared by SFT, GRPO, evaluation and generation.
+
+Everything goes through ``AutoModelForCausalLM.from_pretrained`` / ``AutoTokenizer.from_pretrained``:
+the tiny model is just a local directory, so the same code loads a hub checkpoint on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from selfbudget_pl.tiny_model import TinyModelSpec, ensure_tiny_model
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft). ``enabled=false`` trains every weight."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class ModelLoader:
+    """Knows which checkpoint to load and how (dtype, LoRA, checkpointing); loads on demand.
+
+    Args:
+        name_or_path: a hub id or a local directory; None means "build the tiny model" from ``tiny``.
+        tiny: sizes of the tiny model (see :class:`TinyModelSpec`), used when ``name_or_path`` is None.
+        dtype: weights dtype: float32 | bfloat16 | float16 | auto.
+        lora: LoRA settings (dict or :class:`LoraSettings`).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        attn_implementation: passed to ``from_pretrained`` (e.g. ``sdpa``, ``flash_attention_2``).
+        trust_remote_code: passed to ``from_pretrained``.
+        cache_dir: where tiny models are built.
+    """
+
+    def __init__(
+        self,
+        name_or_path: Optional[str] = None,
+        tiny: Optional[dict[str, Any]] = None,
+        dtype: str = "float32",
+        lora: Optional[dict[str, Any] | LoraSettings] = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        trust_remote_code: bool = False,
+        cache_dir: Optional[str] = None,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        self.name_or_path = name_or_path
+        self.tiny = TinyModelSpec(**(tiny or {}))
+        self.dtype = dtype
+        self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**dict(lora or {}))
+        self.gradient_checkpointing = gradient_checkpointing
+        self.attn_implementation = attn_implementation
+        self.trust_remote_code = trust_remote_code
+        self.cache_dir = cache_dir
+
+    @property
+    def path(self) -> str:
+        """The directory or hub id to load from (builds the tiny model when needed)."""
+        if self.name_or_path:
+            return str(self.name_or_path)
+        return str(ensure_tiny_model(self.tiny, self.cache_dir))
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        if tokenizer.pad_token is None:
+            # Decoder-only checkpoints often ship without one; EOS is the usual stand-in.
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def load_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype], "trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if self.lora.enabled:
+            model = apply_lora(model, self.lora)
+        return model
+
+
+def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters; only adapter weights stay trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()  # needed with gradient checkpointing and frozen embeddings
+    return model
+
+
+def export_pretrained(model: torch.nn.Module, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """Write a directory that ``from_pretrained`` (transformers or vLLM) loads directly.
+
+    With ``merge_lora`` the adapters are folded into a copy of the weights, so the export needs no peft.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    to_save = model
+    if merge_lora and hasattr(model, "merge_and_unload"):
+        import copy
+
+        to_save = copy.deepcopy(model).merge_and_unload()
+    to_save.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny model (built once per session) and the shared math data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Two cores: tests stay single-threaded so parallel runs do not thrash.
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SELFBUDGET_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A per-session cache directory for tiny models, so tests never depend on ~/.cache."""
+    path = tmp_path_factory.mktemp("tiny_models")
+    os.environ["SELFBUDGET_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_loader(tiny_cache):
+    from selfbudget_pl.models import ModelLoader
+
+    return ModelLoader(cache_dir=str(tiny_cache))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(model_loader) -> Path:
+    return Path(model_loader.path)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_loader):
+    return model_loader.load_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared math data not found at {SHARED_DATA} (it sits beside the repo in CI and dev machines)")
+    return SHARED_DATA
