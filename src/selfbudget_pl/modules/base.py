@@ -1,0 +1,197 @@
+"""What SFT and GRPO share: model loading, optimizer and schedule, validation by generation, export.
+
+Subclasses add only their loss: :class:`~selfbudget_pl.modules.sft.SFTModule` (next-token loss on the
+budget tag and solution) and :class:`~selfbudget_pl.modules.grpo.GRPOModule` (budget-guided GRPO).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import lightning as L
+import torch
+
+from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.models import ModelLoader, export_pretrained
+from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+
+log = logging.getLogger(__name__)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PolicyModule(L.LightningModule):
+    """Base LightningModule for a causal LM that answers in the SelfBudgeter format.
+
+    Args:
+        model_loader: which checkpoint to load and how (dtype, LoRA, gradient checkpointing).
+        optimizer: a partial optimizer (Hydra ``_partial_: true``), finished with the trainable params.
+        warmup_steps / min_lr_ratio: the warmup + cosine schedule (stepped once per optimizer step).
+        max_grad_norm: gradient clipping by global norm (None disables it).
+        output_format: the answer format (tags, budget bounds).
+        grader: checks final answers against gold (used in validation and rewards).
+        rollout: a partial rollout backend, finished with ``(model=..., tokenizer=...)``.
+        val_sampling: sampling settings for validation generation (greedy by default).
+        export_dir: where ``on_fit_end`` writes a ``save_pretrained`` export (None: no export).
+        merge_lora_on_export: fold LoRA adapters into the exported weights.
+    """
+
+    def __init__(
+        self,
+        model_loader: ModelLoader,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        max_grad_norm: Optional[float] = 1.0,
+        output_format: Optional[OutputFormat] = None,
+        grader: Any = None,
+        rollout: Optional[Callable[..., RolloutBackend]] = None,
+        val_sampling: Optional[SamplingSettings | dict] = None,
+        export_dir: Optional[str] = None,
+        merge_lora_on_export: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model_loader = model_loader
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.max_grad_norm = max_grad_norm
+        self.output_format = output_format or OutputFormat()
+        self.grader = grader
+        self.rollout_factory = rollout
+        self.val_sampling = _sampling(val_sampling, temperature=0.0)
+        self.export_dir = export_dir
+        self.merge_lora_on_export = merge_lora_on_export
+        self.tokenizer = model_loader.load_tokenizer()
+        self.model: Optional[torch.nn.Module] = None
+        self._rollout_backend: Optional[RolloutBackend] = None
+
+    # -- model -------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        # Lightning calls this inside the strategy's init context (FSDP shards as it loads) and
+        # again on resume; loading once keeps it idempotent.
+        if self.model is None:
+            self.model = self.model_loader.load_model()
+
+    @property
+    def rollout_backend(self) -> RolloutBackend:
+        if self._rollout_backend is None:
+            if self.rollout_factory is None:
+                from selfbudget_pl.rollout.hf import HFRolloutBackend
+
+                self.rollout_factory = HFRolloutBackend
+            self._rollout_backend = self.rollout_factory(model=self.model, tokenizer=self.tokenizer)
+        return self._rollout_backend
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.trainer.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params=params)
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        schedule = partial(
+            warmup_cosine, warmup_steps=self.warmup_steps, total_steps=int(total), min_lr_ratio=self.min_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    # -- validation: generate, grade, measure budget adherence --------------------------------
+    def on_validation_epoch_start(self) -> None:
+        from selfbudget_pl.metrics import BudgetAdherence
+
+        self._val_budget = BudgetAdherence().to(self.device)
+        self._val_points: list[tuple[float, float, bool]] = []
+
+    def generate_and_score(
+        self, batch: dict[str, Any], sampling: SamplingSettings, num_samples: int = 1, prefill: Optional[str] = None
+    ) -> Rollouts:
+        """Sample completions for a batch of prompts and annotate them (parse, grade, lengths)."""
+        from selfbudget_pl.scoring import annotate
+
+        columns = {key: batch[key] for key in _COLUMNS if key in batch}
+        rollouts = self.rollout_backend.generate(
+            batch["prompt_ids"], num_samples=num_samples, sampling=sampling, prefill=prefill, columns=columns
+        )
+        annotate(rollouts, self.output_format, self.grader, self.tokenizer)
+        return rollouts
+
+    def validation_generation(self, batch: dict[str, Any]) -> Rollouts:
+        from selfbudget_pl.metrics import update_from_rollouts
+
+        rollouts = self.generate_and_score(batch, self.val_sampling)
+        update_from_rollouts(self._val_budget, rollouts)
+        for parsed, length, correct in zip(rollouts.parsed, rollouts.solution_lengths, rollouts.correct):
+            if parsed.budget is not None:
+                self._val_points.append((float(parsed.budget), float(length), bool(correct)))
+        return rollouts
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._val_budget.compute()
+        self.log_dict({f"val/budget/{key}": value for key, value in values.items()}, sync_dist=False)
+        if "accuracy" in values:
+            self.log("val/accuracy", values["accuracy"], prog_bar=True)
+        self._log_budget_scatter()
+
+    def _log_budget_scatter(self) -> None:
+        experiment = getattr(self.logger, "experiment", None)
+        if not self._val_points or not hasattr(experiment, "add_figure") or not self.trainer.is_global_zero:
+            return
+        from selfbudget_pl.plots import budget_vs_length_figure
+
+        figure = budget_vs_length_figure(self._val_points)
+        experiment.add_figure("val/budget_vs_length", figure, global_step=self.global_step)
+
+    # -- checkpoints and export ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # RNG streams are part of the training state: a resumed run samples what the
+        # uninterrupted one would have.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng_states")
+        if rng:
+            self._rng_to_restore = rng["torch"]
+
+    def on_train_start(self) -> None:
+        rng = getattr(self, "_rng_to_restore", None)
+        if rng is not None:
+            torch.set_rng_state(rng)
+            self._rng_to_restore = None
+
+    def on_fit_end(self) -> None:
+        if self.export_dir:
+            self.export(self.export_dir)
+
+    def export(self, out_dir: str | Path) -> Optional[Path]:
+        """``save_pretrained`` the current weights and tokenizer (full weights; rank 0 writes)."""
+        if not self.trainer.is_global_zero:
+            return None
+        path = export_pretrained(self.model, self.tokenizer, out_dir, merge_lora=self.merge_lora_on_export)
+        log.info("exported model to %s", path)
+        return path
+
+
+_COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source", "budget")
+
+
+def _sampling(value: Optional[SamplingSettings | dict], **defaults: Any) -> SamplingSettings:
+    if isinstance(value, SamplingSettings):
+        return value
+    return SamplingSettings(**{**defaults, **dict(value or {})})

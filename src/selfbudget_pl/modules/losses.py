@@ -1,0 +1,148 @@
+"""The GRPO loss as pure functions: group-relative advantages, token log-probs, the clipped objective.
+
+Nothing here knows about Lightning, models or rollouts, so each piece is tested on hand-made tensors.
+Shapes: ``N`` completions, ``T`` completion positions (right-padded, ``mask`` marks real tokens),
+``V`` vocabulary entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+
+Aggregation = Literal["token", "sequence", "dr_grpo"]
+AGGREGATIONS: tuple[str, ...] = ("token", "sequence", "dr_grpo")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Advantage of each completion against the others sampled for the same prompt.
+
+    Args:
+        rewards: ``[N]``, ordered group by group (``group_size`` completions per prompt).
+        group_size: completions per prompt (GRPO's G).
+        scale_by_std: divide by the group's standard deviation (GRPO); False is Dr. GRPO, which
+            keeps the raw centred reward so groups with little spread are not amplified.
+        eps: added to the std so near-constant groups stay finite.
+
+    Returns ``[N]`` float32; a group whose rewards are all equal gets 0 everywhere (no signal).
+    """
+    if group_size < 2:
+        raise ValueError(f"num_generations={group_size}: GRPO needs at least 2 completions per prompt for a baseline")
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    return advantages.view(-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Log-probability of each target token: ``[..., V]`` logits, ``[...]`` targets -> ``[...]`` float32.
+
+    Equal to ``log_softmax(logits).gather(targets)`` but never materialises a float32 copy of the
+    whole ``[N, T, V]`` tensor: the normaliser is a logsumexp over ``chunk_rows`` positions at a time.
+    """
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
+    rows = logits.reshape(-1, logits.shape[-1]).split(chunk_rows)
+    normaliser = torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in rows])
+    return picked - normaliser.view_as(picked)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Entropy (nats) of the categorical at each position: ``[..., V]`` -> ``[...]`` float32.
+
+    Chunked over positions for the same memory reason as :func:`token_logprobs`.
+    """
+    entropies = []
+    for chunk in logits.reshape(-1, logits.shape[-1]).split(chunk_rows):
+        logp = torch.log_softmax(chunk.float(), dim=-1)
+        entropies.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(entropies).view(logits.shape[:-1])
+
+
+@dataclass
+class PolicyLoss:
+    """The scalar to backpropagate and what to log about it (detached token means)."""
+
+    loss: torch.Tensor
+    clip_low: torch.Tensor  # tokens whose ratio fell under 1 - eps_low with a negative advantage
+    clip_high: torch.Tensor  # tokens whose ratio rose over 1 + eps_high with a positive advantage
+    clip_region: torch.Tensor  # either of the two: the tokens that got no gradient
+    kl: Optional[torch.Tensor]  # k3 estimate of KL(policy || reference), when a reference is given
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    aggregation: Aggregation = "token",
+    ref_logprobs: Optional[torch.Tensor] = None,
+    beta: float = 0.0,
+    max_length: Optional[int] = None,
+    normaliser: Optional[float] = None,
+) -> PolicyLoss:
+    """The clipped GRPO surrogate (PPO ratio, one advantage per completion), optionally + beta * KL.
+
+    Args:
+        logprobs: ``[N, T]`` current policy log-probs of the sampled tokens (with grad).
+        old_logprobs: ``[N, T]`` log-probs under the policy that sampled them (detached). With a single
+            update per rollout batch pass ``logprobs.detach()``: the ratio is 1 and the gradient is the
+            plain policy gradient.
+        advantages: ``[N]``, from :func:`group_advantages`.
+        mask: ``[N, T]`` 1 for completion tokens, 0 for padding.
+        eps_low / eps_high: the clip range ``[1 - eps_low, 1 + eps_high]`` (DAPO's clip-higher when
+            ``eps_high > eps_low``).
+        aggregation: how token losses become one number. ``token``: mean over every token of the
+            batch (DAPO; long completions weigh more). ``sequence``: mean over completions of each
+            completion's token mean (original GRPO; biased towards short wrong answers).
+            ``dr_grpo``: token sum divided by a constant ``max_length`` per completion (Dr. GRPO; unbiased).
+        ref_logprobs / beta: reference-policy log-probs and the KL coefficient (k3 estimator).
+        max_length: the constant of ``dr_grpo`` (the generation ceiling); defaults to ``T``.
+        normaliser: what the summed loss is divided by. Defaults to this batch's own count (tokens for
+            ``token``, completions otherwise); pass the whole mini-batch's count when accumulating
+            gradients over micro-batches, so their sum equals the loss of the mini-batch in one piece.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation={aggregation!r} is not one of {AGGREGATIONS}")
+    mask = mask.to(logprobs.dtype)
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantages = advantages.to(logprobs.dtype).unsqueeze(1)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
+    per_token = -torch.min(unclipped, clipped)
+
+    kl = None
+    if ref_logprobs is not None:
+        log_ratio_ref = ref_logprobs - logprobs
+        per_token_kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0
+        if beta:
+            per_token = per_token + beta * per_token_kl
+        kl = _masked_mean(per_token_kl.detach(), mask)
+
+    if aggregation == "token":
+        total = (per_token * mask).sum()
+        denominator = normaliser if normaliser is not None else mask.sum().clamp(min=1.0)
+    elif aggregation == "sequence":
+        total = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1.0)).sum()
+        denominator = normaliser if normaliser is not None else logprobs.shape[0]
+    else:
+        total = (per_token * mask).sum() / (max_length if max_length is not None else logprobs.shape[1])
+        denominator = normaliser if normaliser is not None else logprobs.shape[0]
+
+    with torch.no_grad():
+        low = (ratio < 1.0 - eps_low) & (advantages < 0)
+        high = (ratio > 1.0 + eps_high) & (advantages > 0)
+        clip_low, clip_high, clip_region = (_masked_mean(flags.to(mask.dtype), mask) for flags in (low, high, low | high))
+    return PolicyLoss(total / denominator, clip_low, clip_high, clip_region, kl)
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)

@@ -1,0 +1,64 @@
+"""The training task: compose config -> data, model, callbacks, trainer -> fit.
+
+``train(cfg)`` is a plain function (tests call it directly); ``main`` is the Hydra entry point used by
+the root ``train.py`` and the ``selfbudget-train`` console script.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_dict(section: DictConfig | None) -> list[Any]:
+    """Instantiate every named entry of a dict-of-configs group (callbacks, loggers); null entries are off."""
+    if not section:
+        return []
+    return [instantiate(entry, _convert_="all") for entry in section.values() if entry and "_target_" in entry]
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Train as ``cfg`` says; return the final logged metrics and the objects that were built."""
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    L.seed_everything(cfg.seed, workers=True)
+
+    output_format = instantiate(cfg.output_format)
+    model_loader = instantiate(cfg.model, _convert_="all")
+    module = instantiate(
+        cfg.module,
+        model_loader=model_loader,
+        output_format=output_format,
+        grader=instantiate(cfg.grader),
+        rollout=instantiate(cfg.rollout),
+        _convert_="all",
+    )
+    datamodule = instantiate(cfg.data, output_format=output_format, _convert_="all")
+    datamodule.connect(module.tokenizer)
+
+    # The reward callback runs before the metrics callbacks: they read the rewards it fills in.
+    callbacks = instantiate_dict(DictConfig({"reward": cfg.get("reward")})) + instantiate_dict(cfg.get("callbacks"))
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=instantiate_dict(cfg.get("logger")) or False,
+        strategy=instantiate(cfg.strategy),
+        _convert_="all",
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    metrics, _ = train(cfg)
+    log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
