@@ -38,7 +38,9 @@ def group_advantages(
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
         advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
-    return advantages.view(-1)
+    # Exactly zero, not mean-rounding noise divided by eps: these groups carry no signal.
+    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    return advantages.masked_fill(constant, 0.0).view(-1)
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
