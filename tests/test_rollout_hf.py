@@ -1,0 +1,165 @@
+"""HFRolloutBackend on the tiny model: grouping, prefill, ceiling, stops, determinism, padding, LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from selfbudget_pl.models import LoraSettings, apply_lora
+from selfbudget_pl.rollout.base import SamplingSettings
+from selfbudget_pl.rollout.hf import HFRolloutBackend, repeat_columns
+
+
+def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
+    """Init-scale weights give near-uniform logits and greedy repeats one token whatever the prompt;
+    sharper random weights make every output depend on its context, so comparisons mean something."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model(model_loader):
+    return _sharpen(model_loader.load_model())
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer):
+    texts = ["the sum of 3+4", "how many", "what is the total cost of 12+30+7 so"]
+    return [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+
+
+def test_shapes_grouping_and_columns(model, tokenizer, prompts):
+    backend = HFRolloutBackend(model, tokenizer, batch_size=4)  # 9 sequences: batches of 4, 4, 1
+    columns = {"id": ["a", "b", "c"], "b_max": [10, 20, 30]}
+    rollouts = backend.generate(prompts, 3, SamplingSettings(temperature=1.0, max_new_tokens=6, seed=0), columns=columns)
+    assert len(rollouts) == 9
+    assert rollouts.group_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert rollouts.prompt_ids == [p for p in prompts for _ in range(3)]
+    assert rollouts.columns == {"id": list("aaabbbccc"), "b_max": [10] * 3 + [20] * 3 + [30] * 3}
+    assert all(len(ids) <= 6 for ids in rollouts.completion_ids)
+    assert rollouts.generation_seconds > 0
+    for ids, text, truncated in zip(rollouts.completion_ids, rollouts.completions, rollouts.truncated):
+        assert text == tokenizer.decode(ids, skip_special_tokens=False)
+        assert tokenizer.eos_token_id not in ids
+        assert truncated == (len(ids) == 6)
+
+
+def test_columns_of_the_wrong_length_are_rejected():
+    with pytest.raises(ValueError, match="'id' has 2 values for 3 prompts"):
+        repeat_columns({"id": [1, 2]}, num_prompts=3, num_samples=2)
+
+
+def test_prefill_starts_every_completion_and_conditions_the_model(model, tokenizer, prompts):
+    backend = HFRolloutBackend(model, tokenizer)
+    prefill = "<budget>12</budget><solution>"
+    sampling = SamplingSettings(temperature=0.0, max_new_tokens=5)
+    rollouts = backend.generate(prompts, 2, sampling, prefill=prefill)
+    prefill_ids = tokenizer.encode(prefill, add_special_tokens=False)
+    assert all(text.startswith(prefill) for text in rollouts.completions)
+    assert all(ids[-len(prefill_ids) :] == prefill_ids for ids in rollouts.prompt_ids)
+    # The same tokens come out when the prefill is written into the prompt by hand.
+    by_hand = backend.generate([p + prefill_ids for p in prompts], 2, sampling)
+    assert by_hand.completion_ids == rollouts.completion_ids
+
+
+def test_max_new_tokens_is_a_hard_ceiling(model, tokenizer, prompts):
+    backend = HFRolloutBackend(model, tokenizer)
+    for max_new_tokens in (1, 7):
+        rollouts = backend.generate(prompts, 4, SamplingSettings(temperature=1.5, max_new_tokens=max_new_tokens, seed=1))
+        assert max(len(ids) for ids in rollouts.completion_ids) <= max_new_tokens
+        # An untrained model almost never emits EOS: most completions hit the ceiling.
+        assert any(rollouts.truncated)
+
+
+def test_greedy_is_deterministic_and_seeds_reproduce_sampling(model, tokenizer, prompts):
+    backend = HFRolloutBackend(model, tokenizer)
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
+    first = backend.generate(prompts, 2, greedy)
+    assert backend.generate(prompts, 2, greedy).completion_ids == first.completion_ids
+    assert all(first.completion_ids[i] == first.completion_ids[i + 1] for i in range(0, 6, 2))
+
+    sampled = [backend.generate(prompts, 2, SamplingSettings(temperature=1.0, max_new_tokens=8, seed=s)) for s in (3, 3, 4)]
+    assert sampled[0].completion_ids == sampled[1].completion_ids
+    assert sampled[0].completion_ids != sampled[2].completion_ids
+
+
+def test_seeded_sampling_leaves_the_global_rng_alone(model, tokenizer, prompts):
+    backend = HFRolloutBackend(model, tokenizer)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    backend.generate(prompts, 2, SamplingSettings(temperature=1.0, max_new_tokens=4, seed=9))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_left_padding_matches_unpadded_single_prompt_greedy(model, tokenizer, prompts):
+    backend = HFRolloutBackend(model, tokenizer)
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=10)
+    batched = backend.generate(prompts, 1, greedy).completion_ids
+    alone = [backend.generate([prompt], 1, greedy).completion_ids[0] for prompt in prompts]
+    assert batched == alone
+
+
+def test_stop_string_cuts_right_after_it(model, tokenizer, prompts):
+    backend = HFRolloutBackend(model, tokenizer)
+    greedy = dict(temperature=0.0, max_new_tokens=16)
+    ids = backend.generate(prompts[:1], 1, SamplingSettings(**greedy)).completion_ids[0]
+    text_of = lambda tokens: tokenizer.decode(tokens, skip_special_tokens=False)  # noqa: E731
+    # Stop on the text of a generated token that is whole characters and has not occurred before it.
+    cut = next(
+        k + 1
+        for k in range(1, len(ids) - 1)
+        if "\ufffd" not in text_of(ids[k : k + 1]) and text_of(ids[k : k + 1]) not in text_of(ids[:k])
+    )
+    stop = text_of(ids[cut - 1 : cut])
+    stopped = backend.generate(prompts[:1], 1, SamplingSettings(**greedy, stop=[stop]))
+    assert stopped.completion_ids[0] == ids[:cut]
+    assert stopped.completions[0].endswith(stop)
+    assert stopped.truncated == [False]
+
+
+def test_eos_ends_a_completion_and_is_stripped(model, tokenizer, prompts):
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
+    free = HFRolloutBackend(model, tokenizer).generate(prompts[:1], 1, greedy).completion_ids[0]
+    # Declare the 3rd greedy token an end-of-turn token, as chat checkpoints list several EOS ids.
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, free[2]]
+    try:
+        backend = HFRolloutBackend(model, tokenizer)
+    finally:
+        model.generation_config.eos_token_id = original
+    rollouts = backend.generate(prompts[:1], 1, greedy)
+    first = free.index(free[2])
+    assert rollouts.completion_ids == [free[:first]]
+    assert rollouts.truncated == [False]
+
+
+def test_restores_train_mode_and_keeps_gradients_off(model, tokenizer, prompts):
+    model.train()
+    HFRolloutBackend(model, tokenizer).generate(prompts, 1, SamplingSettings(temperature=0.0, max_new_tokens=2))
+    assert model.training
+    model.eval()
+    HFRolloutBackend(model, tokenizer).generate(prompts, 1, SamplingSettings(temperature=0.0, max_new_tokens=2))
+    assert not model.training
+
+
+def test_generates_with_a_peft_model_and_gradient_checkpointing(model_loader, tokenizer, prompts):
+    base = _sharpen(model_loader.load_model())
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    peft_model = apply_lora(base, LoraSettings(enabled=True, r=4))
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)
+    peft_model.train()
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=5)
+    with_adapters = HFRolloutBackend(peft_model, tokenizer).generate(prompts, 2, greedy)
+    with peft_model.disable_adapter():
+        without = HFRolloutBackend(peft_model, tokenizer).generate(prompts, 2, greedy)
+    assert with_adapters.completion_ids != without.completion_ids  # the adapters are sampled from
+    assert len(with_adapters) == 6 and peft_model.training
