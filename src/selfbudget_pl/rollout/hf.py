@@ -30,11 +30,7 @@ class HFRolloutBackend(RolloutBackend):
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        eos = model.generation_config.eos_token_id
-        if eos is None:
-            eos = tokenizer.eos_token_id
-        # Chat checkpoints often end turns with several tokens (Qwen: <|im_end|> and <|endoftext|>).
-        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
 
     def generate(
@@ -142,6 +138,15 @@ class HFRolloutBackend(RolloutBackend):
             else:
                 low = middle + 1
         return low
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every token that ends a completion: the generation config's (chat checkpoints often list
+    several, e.g. Qwen's <|im_end|> and <|endoftext|>), else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
 
 
 def repeat_columns(

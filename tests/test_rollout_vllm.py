@@ -1,0 +1,161 @@
+"""VLLMRolloutBackend without a GPU: lazy import, the install hint, request building, output conversion
+and the weight sync, against a stand-in ``vllm`` module that records what it is asked."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from selfbudget_pl.models import LoraSettings, apply_lora
+from selfbudget_pl.rollout.base import SamplingSettings
+from selfbudget_pl.rollout.vllm import full_weights, rollouts_from_outputs, sampling_params_kwargs
+
+
+def test_importing_the_module_does_not_import_vllm():
+    code = "import sys, selfbudget_pl.rollout.vllm; assert 'vllm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_building_without_vllm_names_the_install_command(monkeypatch, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail as if it were absent
+    with pytest.raises(ImportError, match=r"pip install -e \.\[vllm\]"):
+        VLLMRolloutBackend(torch.nn.Linear(1, 1), tokenizer)
+
+
+def test_sampling_params_give_each_completion_its_own_seed():
+    sampling = SamplingSettings(temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=32, stop=["</solution>"], seed=7)
+    kwargs = [sampling_params_kwargs(sampling, [1, 2], index) for index in range(3)]
+    assert [k["seed"] for k in kwargs] == [7, 8, 9]
+    assert kwargs[0] == {
+        "n": 1, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "stop": ["</solution>"],
+        "stop_token_ids": [1, 2], "include_stop_str_in_output": True, "seed": 7,
+    }
+    assert sampling_params_kwargs(SamplingSettings(seed=None), [1])["seed"] is None
+
+
+def _request(token_ids, finish_reason):
+    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=token_ids, finish_reason=finish_reason, text="ignored")])
+
+
+def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
+    eos = tokenizer.eos_token_id
+    hello = tokenizer.encode("the sum", add_special_tokens=False)
+    outputs = [_request(hello + [eos], "stop"), _request(hello, "length"), _request(hello[:1], "stop"), _request([], "stop")]
+    rollouts = rollouts_from_outputs(outputs, [[5], [5], [6], [6]], 2, tokenizer, [eos], prefill="<budget>3</budget>")
+    assert rollouts.completion_ids == [hello, hello, hello[:1], []]
+    assert rollouts.truncated == [False, True, False, False]
+    assert rollouts.group_index == [0, 0, 1, 1]
+    assert rollouts.completions[0] == "<budget>3</budget>the sum"
+    assert rollouts.completions[3] == "<budget>3</budget>"
+
+
+class _FakeLLM:
+    """Records calls; its in-process "engine model" is a copy of the policy, loaded via load_weights."""
+
+    instances: list["_FakeLLM"] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.calls: list[str] = []
+        self.requests = None
+        self.engine_model = None
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load_weights))
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+        _FakeLLM.instances.append(self)
+
+    def _load_weights(self, weights):
+        self.calls.append("load_weights")
+        self.loaded = {name: tensor.clone() for name, tensor in weights}
+
+    def generate(self, prompts, sampling_params, use_tqdm):
+        self.calls.append("generate")
+        self.requests = list(zip(prompts, sampling_params))
+        return [_request(request["prompt_token_ids"][-1:] * 2, "length") for request in prompts]
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+    def sleep(self, level):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self):
+        self.calls.append("wake_up")
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = SimpleNamespace(LLM=_FakeLLM, SamplingParams=lambda **kwargs: kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    _FakeLLM.instances.clear()
+    return module
+
+
+def test_generate_builds_one_request_per_completion(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    model = model_loader.load_model()
+    backend = VLLMRolloutBackend(model, tokenizer, gpu_memory_utilization=0.4, enforce_eager=True)
+    llm = _FakeLLM.instances[-1]
+    assert llm.kwargs["model"] == model.name_or_path
+    assert llm.kwargs["gpu_memory_utilization"] == 0.4 and llm.kwargs["enforce_eager"] is True
+    prefill_ids = tokenizer.encode("<budget>9</budget>", add_special_tokens=False)
+    rollouts = backend.generate(
+        [[11, 12], [13]], 2, SamplingSettings(temperature=1.0, seed=3), prefill="<budget>9</budget>",
+        columns={"id": ["a", "b"]},
+    )
+    assert [request["prompt_token_ids"] for request, _ in llm.requests] == [
+        [11, 12] + prefill_ids, [11, 12] + prefill_ids, [13] + prefill_ids, [13] + prefill_ids
+    ]
+    assert [params["seed"] for _, params in llm.requests] == [3, 4, 5, 6]
+    assert rollouts.columns == {"id": ["a", "a", "b", "b"]}
+    assert rollouts.truncated == [True] * 4 and rollouts.group_index == [0, 0, 1, 1]
+
+
+def test_sleep_mode_releases_memory_between_rollouts(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    model = model_loader.load_model()
+    backend = VLLMRolloutBackend(model, tokenizer, enable_sleep_mode=True)
+    llm = _FakeLLM.instances[-1]
+    backend.generate([[1]], 1, SamplingSettings())
+    backend.sync_weights(model)
+    backend.generate([[1]], 1, SamplingSettings())
+    assert llm.calls == [
+        "generate", "sleep1", "wake_up", "load_weights", "reset_prefix_cache", "sleep1", "wake_up", "generate", "sleep1"
+    ]
+
+
+def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    policy = apply_lora(model_loader.load_model(), LoraSettings(enabled=True, r=4))
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.1)
+    expected = copy.deepcopy(policy).merge_and_unload().state_dict()
+    before = {name: weight.clone() for name, weight in policy.state_dict().items()}
+
+    backend = VLLMRolloutBackend(policy, tokenizer)
+    backend.sync_weights(policy)
+    loaded = _FakeLLM.instances[-1].loaded
+    assert set(loaded) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(loaded[name], tensor)
+    # The adapters are unmerged again: training continues from the same weights.
+    for name, weight in policy.state_dict().items():
+        torch.testing.assert_close(weight, before[name])
+
+
+def test_full_weights_of_a_plain_model_is_its_state_dict(model_loader):
+    model = model_loader.load_model()
+    with full_weights(model) as weights:
+        assert weights.keys() == model.state_dict().keys()
+        assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
