@@ -1,0 +1,361 @@
+"""Stage 2: online GRPO with the budget-guided reward.
+
+One training step, for a batch of prompts:
+
+1. sample G = ``num_generations`` completions per prompt from the current policy (the rollout backend);
+2. score them: every callback with an ``on_rollouts`` hook runs, in ``trainer.callbacks`` order, and
+   the reward callback fills ``rollouts.rewards``;
+3. advantages: each reward minus its group's mean, divided by the group's std (``scale_rewards``; off
+   is Dr. GRPO);
+4. update: the clipped surrogate ``-min(r A, clip(r) A)`` on every completion token, aggregated per
+   ``loss_aggregation``, plus ``beta`` x KL(policy || reference) when ``beta > 0``;
+   ``num_iterations`` passes over the rollouts, one optimizer step per ``mini_batch_size`` completions,
+   gradients accumulated over ``micro_batch_size`` completions at a time;
+5. after every optimizer step the backend gets the new weights (a no-op for the HF backend).
+
+Paper defaults (``configs/module/grpo.yaml``): G = 5, temperature 0.6, beta = 0 (no reference model,
+no KL), one iteration (ratio = 1, so clipping never triggers and the loss is the plain policy gradient).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Any, Iterator, Optional
+
+import torch
+
+from selfbudget_pl.modules.base import _COLUMNS, PolicyModule, _sampling
+from selfbudget_pl.modules.losses import (
+    AGGREGATIONS,
+    Aggregation,
+    PolicyLoss,
+    entropy_from_logits,
+    group_advantages,
+    policy_loss,
+    token_logprobs,
+)
+from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
+
+
+@dataclass
+class Experience:
+    """Rollouts as training tensors: prompts left-padded, completions right-padded (EOS included
+    where the model emitted it, so learning when to stop is part of the objective)."""
+
+    prompt_ids: torch.Tensor  # [N, P]
+    prompt_mask: torch.Tensor  # [N, P]
+    completion_ids: torch.Tensor  # [N, T]
+    completion_mask: torch.Tensor  # [N, T]
+    advantages: torch.Tensor  # [N]
+    old_logprobs: Optional[torch.Tensor] = None  # [N, T], when the policy moves before these are trained on
+    ref_logprobs: Optional[torch.Tensor] = None  # [N, T], when beta > 0
+
+    def __len__(self) -> int:
+        return self.completion_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> "Experience":
+        """Completions ``start:stop``, with padding trimmed to their own longest prompt and completion."""
+        prompt_width = int(self.prompt_mask[start:stop].sum(1).max())
+        completion_width = max(1, int(self.completion_mask[start:stop].sum(1).max()))
+
+        def completion_part(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if tensor is None else tensor[start:stop, :completion_width]
+
+        return Experience(
+            prompt_ids=self.prompt_ids[start:stop, self.prompt_ids.shape[1] - prompt_width :],
+            prompt_mask=self.prompt_mask[start:stop, self.prompt_mask.shape[1] - prompt_width :],
+            completion_ids=completion_part(self.completion_ids),
+            completion_mask=completion_part(self.completion_mask),
+            advantages=self.advantages[start:stop],
+            old_logprobs=completion_part(self.old_logprobs),
+            ref_logprobs=completion_part(self.ref_logprobs),
+        )
+
+    def chunks(self, size: int) -> Iterator["Experience"]:
+        """Consecutive pieces of at most ``size`` completions (see :meth:`rows`)."""
+        for start in range(0, len(self), size):
+            yield self.rows(start, min(start + size, len(self)))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt_mask.sum() + self.completion_mask.sum())
+
+
+class GRPOModule(PolicyModule):
+    """Budget-guided GRPO. All arguments of :class:`PolicyModule`, plus:
+
+    Args:
+        num_generations: completions per prompt (G); the group that defines each advantage's baseline.
+        sampling: rollout sampling (temperature, top_p, top_k, max_new_tokens, stop).
+        num_iterations: passes over each batch of rollouts (PPO epochs); >1 reuses samples off-policy.
+        mini_batch_size: completions per optimizer step (None: all of a batch's rollouts in one step).
+        micro_batch_size: completions per forward/backward (None: a whole mini-batch at once).
+        epsilon_low / epsilon_high: the ratio clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
+        beta: KL coefficient; > 0 adds a reference policy (the adapters switched off under LoRA,
+            otherwise a frozen copy of the starting weights).
+        loss_aggregation: ``token`` (DAPO), ``sequence`` (original GRPO) or ``dr_grpo``.
+        scale_rewards: divide advantages by the group std (GRPO); False is Dr. GRPO.
+        advantage_eps: added to the group std.
+        rollout_seed: sampling seed, combined with the step and rank so each step draws fresh samples
+            and a resumed run draws the same ones as an uninterrupted run (None: the global RNG).
+        log_entropy: log the policy's mean token entropy (one extra log-softmax over the vocabulary).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        num_generations: int = 5,
+        sampling: Optional[SamplingSettings | dict] = None,
+        num_iterations: int = 1,
+        mini_batch_size: Optional[int] = None,
+        micro_batch_size: Optional[int] = None,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        beta: float = 0.0,
+        loss_aggregation: Aggregation = "token",
+        scale_rewards: bool = True,
+        advantage_eps: float = 1e-4,
+        rollout_seed: Optional[int] = 0,
+        log_entropy: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        if num_generations < 2:
+            raise ValueError(f"module.num_generations={num_generations}: GRPO needs at least 2 per prompt")
+        if loss_aggregation not in AGGREGATIONS:
+            raise ValueError(f"module.loss_aggregation={loss_aggregation!r} is not one of {AGGREGATIONS}")
+        if num_iterations < 1:
+            raise ValueError(f"module.num_iterations={num_iterations} must be >= 1")
+        # Several optimizer steps per batch of rollouts, each followed by a weight sync.
+        self.automatic_optimization = False
+        self.num_generations = num_generations
+        self.sampling = _sampling(sampling, temperature=0.6, max_new_tokens=8192)
+        self.num_iterations = num_iterations
+        self.mini_batch_size = mini_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.epsilon_low = epsilon_low
+        self.epsilon_high = epsilon_high
+        self.beta = beta
+        self.loss_aggregation = loss_aggregation
+        self.scale_rewards = scale_rewards
+        self.advantage_eps = advantage_eps
+        self.rollout_seed = rollout_seed
+        self.log_entropy = log_entropy
+        self.ref_model: Optional[torch.nn.Module] = None
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.beta > 0 and self.ref_model is None and not _is_peft(self.model):
+            # Loaded from the same checkpoint as the policy: the KL anchor is where training started.
+            self.ref_model = self.model_loader.load_model().eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "GRPOModule":
+        super().train(mode)
+        if self.ref_model is not None:
+            self.ref_model.eval()  # Lightning switches every submodule to train mode; the reference stays fixed
+        return self
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        # A resumed run's policy is not the checkpoint the backend loaded from disk.
+        self.rollout_backend.sync_weights(self.model)
+
+    # -- the step ------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollouts = self.sample_and_reward(batch)
+        advantages = group_advantages(
+            rollouts.rewards.to(self.device), self.num_generations, self.scale_rewards, self.advantage_eps
+        )
+        experience = self.make_experience(rollouts, advantages)
+        started = time.perf_counter()
+        stats = self.update_policy(experience)
+        stats["train/tokens_per_s"] = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
+        metrics = {**rollout_metrics(rollouts, experience, self.num_generations), **stats}
+        self.log_dict(metrics, on_step=True, batch_size=len(rollouts))
+
+    def sample_and_reward(self, batch: dict[str, Any]) -> Rollouts:
+        """Sample G completions per prompt, then let the rollout hooks (reward, metrics) annotate them."""
+        sampling = self.sampling
+        if self.rollout_seed is not None:
+            step_seed = self.rollout_seed + 100_003 * self.global_step + 1_009 * self.global_rank
+            sampling = replace(sampling, seed=step_seed)
+        columns = {key: batch[key] for key in _COLUMNS if key in batch}
+        rollouts = self.rollout_backend.generate(
+            batch["prompt_ids"], num_samples=self.num_generations, sampling=sampling, columns=columns
+        )
+        # Parsing and grading happen in the reward callback (it annotates before it scores).
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "on_rollouts"):
+                callback.on_rollouts(self.trainer, self, rollouts)
+        if rollouts.rewards is None:
+            raise RuntimeError(
+                "GRPO found no rewards on the rollouts: configure a reward callback (the `reward` config "
+                "group), which sets rollouts.rewards in on_rollouts()."
+            )
+        return rollouts
+
+    def make_experience(self, rollouts: Rollouts, advantages: torch.Tensor) -> Experience:
+        """Pad rollouts into tensors on the module's device; EOS goes back where the model emitted it."""
+        eos = self.tokenizer.eos_token_id
+        stops = self.sampling.stop
+        completions = [
+            # Not truncated and no stop string in the text: generation ended with EOS (which the
+            # backend strips), so the EOS token is trained too.
+            ids + [eos] if not truncated and not any(stop in text for stop in stops) else ids
+            for ids, text, truncated in zip(rollouts.completion_ids, rollouts.completions, rollouts.truncated)
+        ]
+        pad = self.tokenizer.pad_token_id
+        prompt_ids, prompt_mask = pad_sequences(rollouts.prompt_ids, pad, left=True)
+        completion_ids, completion_mask = pad_sequences(completions, pad, left=False)
+        return Experience(
+            prompt_ids.to(self.device), prompt_mask.to(self.device),
+            completion_ids.to(self.device), completion_mask.to(self.device), advantages,
+        )  # fmt: skip
+
+    def update_policy(self, experience: Experience) -> dict[str, float]:
+        """``num_iterations`` passes of optimizer steps over ``experience``; returns token-weighted stats."""
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        mini_batch = self.mini_batch_size or len(experience)
+        steps_per_batch = self.num_iterations * -(-len(experience) // mini_batch)
+        if steps_per_batch > 1:
+            # The policy moves after the first step: ratios need the log-probs that sampled the tokens.
+            experience.old_logprobs = self.score_completions(self.model, experience)
+        if self.beta > 0:
+            experience.ref_logprobs = self.reference_logprobs(experience)
+
+        totals: dict[str, float] = defaultdict(float)
+        for _ in range(self.num_iterations):
+            for mini in experience.chunks(mini_batch):
+                normaliser = self._normaliser(mini)
+                for micro in mini.chunks(self.micro_batch_size or len(mini)):
+                    loss, entropy = self.micro_batch_loss(micro, normaliser)
+                    self.manual_backward(loss.loss)
+                    _accumulate(totals, micro, loss, entropy)
+                self.configure_gradient_clipping(optimizer)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                self.rollout_backend.sync_weights(self.model)
+        return _token_means(totals, steps_per_batch)
+
+    def micro_batch_loss(self, micro: Experience, normaliser: float) -> tuple[PolicyLoss, Optional[torch.Tensor]]:
+        """Forward the policy on one micro-batch and build its share of the mini-batch loss."""
+        logits = self.completion_logits(self.model, micro)
+        logprobs = token_logprobs(logits, micro.completion_ids)
+        old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        loss = policy_loss(
+            logprobs, old, micro.advantages, micro.completion_mask,
+            eps_low=self.epsilon_low, eps_high=self.epsilon_high, aggregation=self.loss_aggregation,
+            ref_logprobs=micro.ref_logprobs, beta=self.beta,
+            max_length=self.sampling.max_new_tokens, normaliser=normaliser,
+        )  # fmt: skip
+        entropy = None
+        if self.log_entropy:
+            with torch.no_grad():
+                entropy = (entropy_from_logits(logits.detach()) * micro.completion_mask).sum()
+        return loss, entropy
+
+    # -- forward passes ------------------------------------------------------------------------
+    def completion_logits(self, model: torch.nn.Module, micro: Experience) -> torch.Tensor:
+        """Logits predicting each completion token, ``[n, T, V]``, scaled by the sampling temperature
+        (the distribution the tokens were drawn from)."""
+        input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
+        attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
+        # Positions as in generation, where left padding does not advance them.
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        width = micro.completion_ids.shape[1]
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            logits_to_keep=width + 1, use_cache=False,
+        ).logits[:, :-1]  # fmt: skip
+        if self.sampling.temperature > 0:
+            logits = logits / self.sampling.temperature
+        return logits
+
+    @torch.no_grad()
+    def score_completions(self, model: torch.nn.Module, experience: Experience) -> torch.Tensor:
+        """Log-probs of every completion token under ``model`` (no grad), ``[N, T]`` like the experience."""
+        scores = torch.zeros(experience.completion_ids.shape, dtype=torch.float32, device=self.device)
+        start = 0
+        for micro in experience.chunks(self.micro_batch_size or len(experience)):
+            logprobs = token_logprobs(self.completion_logits(model, micro), micro.completion_ids)
+            scores[start : start + len(micro), : logprobs.shape[1]] = logprobs
+            start += len(micro)
+        return scores
+
+    def reference_logprobs(self, experience: Experience) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.score_completions(self.ref_model, experience)
+        with self.model.disable_adapter():  # LoRA: the reference is the base model underneath
+            return self.score_completions(self.model, experience)
+
+    def _normaliser(self, mini: Experience) -> float:
+        if self.loss_aggregation == "token":
+            return float(mini.completion_mask.sum().clamp(min=1))
+        return float(len(mini))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_generation(batch)
+
+
+def pad_sequences(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ``(ids, mask)`` tensors ``[len(sequences), longest]``, padded on the left or right."""
+    width = max(1, max(len(ids) for ids in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, tokens in enumerate(sequences):
+        if tokens:
+            columns = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+            ids[row, columns] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, columns] = 1
+    return ids, mask
+
+
+def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int) -> dict[str, float]:
+    """What TRL logs about a batch of rollouts, under TRL's names, plus counts of dead weight."""
+    rewards = rollouts.rewards.float().view(-1, group_size)
+    lengths = experience.completion_mask.sum(1).float()
+    zero_std = (rewards == rewards[:, :1]).all(dim=1)
+    return {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std(dim=1).mean()),
+        "frac_reward_zero_std": float(zero_std.float().mean()),
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": sum(rollouts.truncated) / len(rollouts),
+        "rollout/zero_std_groups": float(zero_std.sum()),
+        "rollout/truncated": float(sum(rollouts.truncated)),
+        "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
+    }
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _accumulate(totals: dict[str, float], micro: Experience, loss: PolicyLoss, entropy: Optional[torch.Tensor]) -> None:
+    tokens = float(micro.completion_mask.sum())
+    totals["loss"] += float(loss.loss.detach())
+    totals["completion_tokens"] += tokens
+    totals["tokens"] += micro.num_tokens
+    totals["clip_ratio/low_mean"] += float(loss.clip_low) * tokens
+    totals["clip_ratio/high_mean"] += float(loss.clip_high) * tokens
+    totals["clip_ratio/region_mean"] += float(loss.clip_region) * tokens
+    if loss.kl is not None:
+        totals["kl"] += float(loss.kl) * tokens
+    if entropy is not None:
+        totals["entropy"] += float(entropy)
+
+
+def _token_means(totals: dict[str, float], optimizer_steps: int) -> dict[str, float]:
+    """Token-weighted means of the per-token stats; the loss averaged over optimizer steps."""
+    tokens = max(totals.pop("completion_tokens"), 1.0)
+    stats = {name: value / tokens for name, value in totals.items() if name not in ("loss", "tokens")}
+    stats["loss"] = totals["loss"] / optimizer_steps
+    stats["tokens"] = totals["tokens"]
+    return stats
