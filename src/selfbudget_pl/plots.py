@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -23,5 +23,45 @@ def budget_vs_length_figure(points: Sequence[tuple[float, float, bool]], title: 
     axes.set_ylabel("actual solution length (tokens)")
     axes.set_title(title)
     axes.legend(loc="upper left", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def difficulty_figure(
+    series: Mapping[str, Sequence[tuple[object, float, bool]]], title: str = "length and accuracy by difficulty"
+):
+    """Mean length and accuracy per difficulty level, one line per series (e.g. per pre-filled budget).
+
+    Each point is ``(difficulty, length, correct)``; points without a difficulty (None) are left out.
+    Numeric difficulties are placed at their value, anything else at evenly spaced categories.
+    """
+    figure, (length_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(9, 4))
+    levels = sorted({d for points in series.values() for d, _, _ in points if d is not None}, key=str)
+    numeric = all(isinstance(d, (int, float)) for d in levels)
+    if numeric:
+        levels.sort()
+    position = {level: (float(level) if numeric else index) for index, level in enumerate(levels)}
+    for label, points in series.items():
+        by_level: dict[object, list[tuple[float, bool]]] = {}
+        for difficulty, length, correct in points:
+            if difficulty is not None:
+                by_level.setdefault(difficulty, []).append((length, correct))
+        present = [level for level in levels if level in by_level]
+        if not present:
+            continue
+        xs = [position[level] for level in present]
+        lengths = [sum(n for n, _ in by_level[level]) / len(by_level[level]) for level in present]
+        accuracy = [sum(c for _, c in by_level[level]) / len(by_level[level]) for level in present]
+        length_axes.plot(xs, lengths, marker="o", label=label)
+        accuracy_axes.plot(xs, accuracy, marker="o", label=label)
+    for axes, ylabel in ((length_axes, "mean length (tokens)"), (accuracy_axes, "accuracy")):
+        axes.set_xlabel("difficulty")
+        axes.set_ylabel(ylabel)
+        if not numeric:
+            axes.set_xticks(range(len(levels)), [str(level) for level in levels])
+        if axes.has_data():
+            axes.legend(fontsize=8)
+    accuracy_axes.set_ylim(-0.02, 1.02)
+    figure.suptitle(title)
     figure.tight_layout()
     return figure

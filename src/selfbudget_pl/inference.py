@@ -1,0 +1,44 @@
+"""Prompts in, scored completions out: the step validation, evaluation and the pipeline share.
+
+``generate_and_annotate`` samples through any :class:`~selfbudget_pl.rollout.base.RolloutBackend` and
+fills in what the metrics need (parsed output, correctness, solution lengths), so a LightningModule
+and a plain script score completions the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+
+
+def encode_prompts(
+    problems: Sequence[str], tokenizer: Any, template: str = "{problem}", system_prompt: Optional[str] = None
+) -> list[list[int]]:
+    """Token ids of each problem's prompt, built and encoded exactly as for training."""
+    from selfbudget_pl.data.prompts import build_prompt, encode_prompt
+
+    return [encode_prompt(build_prompt(problem, tokenizer, template, system_prompt), tokenizer) for problem in problems]
+
+
+def generate_and_annotate(
+    backend: RolloutBackend,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingSettings,
+    output_format: OutputFormat,
+    grader: Any,
+    tokenizer: Any,
+    num_samples: int = 1,
+    prefill: Optional[str] = None,
+    columns: Optional[dict[str, Sequence[Any]]] = None,
+) -> Rollouts:
+    """Sample ``num_samples`` completions per prompt and annotate them (parse, grade, lengths).
+
+    ``columns`` are dataset columns, one value per prompt; ``answer`` is needed for grading.
+    """
+    from selfbudget_pl.scoring import annotate
+
+    rollouts = backend.generate(prompt_ids, num_samples=num_samples, sampling=sampling, prefill=prefill, columns=columns)
+    annotate(rollouts, output_format, grader, tokenizer)
+    return rollouts
