@@ -1,0 +1,130 @@
+"""A synthetic task that needs no files: sums of k operands, solved one step at a time.
+
+Problem ``3+5+7``; reference reasoning ``3+5=8;?8-5=3;8+7=15;\\boxed{15}``: one ``a+b=c;`` step per
+operand after the first, each followed by ``checks_min..checks_max`` redundant checks (``?c-b=a;``).
+The required reasoning grows with k (the difficulty), while the checks add length that never helps:
+a model fine-tuned on these solutions has length variance that RL can remove. The defaults (operands
+1..9, k 2..6, 0-2 checks) are what a ~0.3M-parameter model learns in minutes on a CPU; wider operand
+ranges or larger k make the harder variant.
+
+Splits cannot share problems: every problem string is assigned to train, val or test by a stable
+hash, and each split only draws problems assigned to it (from its own seeded stream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+from selfbudget_pl.data.records import MathRecord
+
+SPLITS = ("train", "val", "test")
+_MAX_DRAWS_PER_ROW = 10_000
+
+
+def split_of(problem: str, heldout_fraction: float) -> str:
+    """The split a problem belongs to: ``val`` and ``test`` each get ``heldout_fraction`` of problems."""
+    digest = hashlib.blake2b(problem.encode(), digest_size=8).digest()
+    position = int.from_bytes(digest, "big") / 2**64
+    if position < heldout_fraction:
+        return "val"
+    if position < 2 * heldout_fraction:
+        return "test"
+    return "train"
+
+
+def sum_reasoning(operands: list[int], rng: random.Random, checks_min: int, checks_max: int) -> str:
+    """Running partial sums with random redundant checks after each step, ending in ``\\boxed{sum}``."""
+    steps, total = [], operands[0]
+    for operand in operands[1:]:
+        previous, total = total, total + operand
+        steps.append(f"{previous}+{operand}={total};")
+        for _ in range(rng.randint(checks_min, checks_max)):
+            steps.append(rng.choice((f"?{total}-{operand}={previous};", f"?{total}-{previous}={operand};")))
+    steps.append(f"\\boxed{{{total}}}")
+    return "".join(steps)
+
+
+class SyntheticSource:
+    """Generates ``size`` sum problems for one split. Every knob of the task is an argument.
+
+    Args:
+        size: number of rows (problems may repeat within a split, each time with fresh checks).
+        split: ``train`` | ``val`` | ``test``; decides which problems may be drawn (see module doc).
+        seed: seeds this split's random stream (combined with ``split``, so splits differ anyway).
+        operand_min/operand_max: operand range, inclusive.
+        k_min/k_max: number of operands, drawn uniformly; it is the row's difficulty.
+        checks_min/checks_max: redundant checks after each step, drawn uniformly per step.
+        heldout_fraction: share of all problems reserved for val, and the same share for test.
+        name: prefix of ids and of the ``source`` field.
+    """
+
+    def __init__(
+        self,
+        size: int = 20_000,
+        split: str = "train",
+        seed: int = 0,
+        operand_min: int = 1,
+        operand_max: int = 9,
+        k_min: int = 2,
+        k_max: int = 6,
+        checks_min: int = 0,
+        checks_max: int = 2,
+        heldout_fraction: float = 0.1,
+        name: str = "synthetic",
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"SyntheticSource.split={split!r} is not one of {SPLITS}")
+        if not 0 <= operand_min <= operand_max:
+            raise ValueError(f"need 0 <= operand_min <= operand_max, got {operand_min}..{operand_max}")
+        if not 2 <= k_min <= k_max:
+            raise ValueError(f"need 2 <= k_min <= k_max, got {k_min}..{k_max}")
+        if not 0 <= checks_min <= checks_max:
+            raise ValueError(f"need 0 <= checks_min <= checks_max, got {checks_min}..{checks_max}")
+        if not 0 < heldout_fraction < 0.5:
+            raise ValueError(f"heldout_fraction must be in (0, 0.5), got {heldout_fraction}")
+        self.size = size
+        self.split = split
+        self.seed = seed
+        self.operand_min, self.operand_max = operand_min, operand_max
+        self.k_min, self.k_max = k_min, k_max
+        self.checks_min, self.checks_max = checks_min, checks_max
+        self.heldout_fraction = heldout_fraction
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"SyntheticSource(split={self.split!r}, size={self.size}, k={self.k_min}..{self.k_max})"
+
+    def load(self, **_: Any) -> list[MathRecord]:
+        """Generate the rows (deterministic for given arguments). Options for file sources are ignored."""
+        # A string seed is hashed deterministically by `random`, so each split has its own stream.
+        rng = random.Random(f"{self.seed}:{self.split}")
+        records: list[MathRecord] = []
+        for index in range(self.size):
+            operands = self._draw_operands(rng)
+            reasoning = sum_reasoning(operands, rng, self.checks_min, self.checks_max)
+            records.append(
+                MathRecord(
+                    id=f"{self.name}/{self.split}/{index}",
+                    problem="+".join(map(str, operands)),
+                    answer=str(sum(operands)),
+                    solution=reasoning,
+                    difficulty=float(len(operands)),
+                    source=f"{self.name}/{self.split}",
+                )
+            )
+        return records
+
+    def _draw_operands(self, rng: random.Random) -> list[int]:
+        k = rng.randint(self.k_min, self.k_max)
+        for _ in range(_MAX_DRAWS_PER_ROW):
+            operands = [rng.randint(self.operand_min, self.operand_max) for _ in range(k)]
+            if split_of("+".join(map(str, operands)), self.heldout_fraction) == self.split:
+                return operands
+        raise ValueError(
+            f"SyntheticSource: no {self.split} problem with k={k} found in {_MAX_DRAWS_PER_ROW} draws; "
+            f"operands {self.operand_min}..{self.operand_max} give too few problems for "
+            f"heldout_fraction={self.heldout_fraction}"
+        )
+
