@@ -7,6 +7,8 @@ the root ``train.py`` and the ``selfbudget-train`` console script.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -16,6 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+
+# configs/ sits at the repository root (the package is installed editable from a checkout).
+CONFIG_DIR = os.environ.get("SELFBUDGET_CONFIGS", str(Path(__file__).resolve().parents[2] / "configs"))
 
 
 def instantiate_dict(section: DictConfig | None) -> list[Any]:
@@ -58,7 +63,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     metrics, _ = train(cfg)
     log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
