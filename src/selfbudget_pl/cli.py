@@ -75,12 +75,13 @@ def _generate(args: argparse.Namespace) -> int:
     tokenizer = loader.load_tokenizer()
     model = loader.load_model().to(args.device)
     prompt = build_prompt(args.problem, tokenizer, template=args.template, system_prompt=args.system_prompt)
+    output_format = OutputFormat()
     display = _Display(sys.stdout, sys.stderr)
     events = stream_generation(
         model,
         tokenizer,
         prompt,
-        OutputFormat(),
+        output_format,
         max_tokens=args.max_tokens,
         budget=args.budget,
         temperature=args.temperature,
@@ -92,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
             if isinstance(event, BudgetEvent):
                 display.budget(event)
                 if event.source == "prefill":
-                    display.text(OutputFormat().budget_prefix(event.budget), None)
+                    display.text(output_format.budget_prefix(event.budget), None)
             elif isinstance(event, TokenEvent):
                 n_tokens = event.n_tokens
                 display.text(event.text, event)
@@ -121,15 +122,16 @@ class _Display:
         self.column = 0  # cursor column at the end of the text (shared terminal)
         self.status_drawn = False
         self.current_budget: Optional[int] = None
+        self.budget_source = ""
         self.started = time.perf_counter()
         self.last: Optional[TokenEvent] = None
 
     def budget(self, event: BudgetEvent) -> None:
         self.current_budget = event.budget
-        source = "pre-filled" if event.source == "prefill" else "the model's forecast"
+        self.budget_source = "pre-filled" if event.source == "prefill" else "the model's forecast"
         if not self.shared_tty:
             self._clear_status()
-            self.err.write(f"budget: {self.current_budget} tokens ({source})\n")
+            self.err.write(f"budget: {self.current_budget} tokens ({self.budget_source})\n")
             self.err.flush()
 
     def text(self, piece: str, event: Optional[TokenEvent]) -> None:
@@ -149,7 +151,7 @@ class _Display:
         self.out.flush()
         elapsed = time.perf_counter() - self.started
         note = {"eos": "done", "ceiling": "stopped at the --max-tokens ceiling", "interrupted": "interrupted"}[reason]
-        line = f"{note}: {n_tokens} tokens in {elapsed:.1f} s"
+        line = f"{note}: {n_tokens} tokens in {elapsed:.2f} s"
         spent = self.last.solution_tokens if self.last is not None else None
         if self.current_budget is not None and spent is not None:
             line += f"; solution {spent}/{self.current_budget} budgeted tokens ({spent / self.current_budget:.0%})"
@@ -167,7 +169,7 @@ class _Display:
         fraction = min(1.0, spent / self.current_budget)
         bar = "#" * int(20 * fraction) + "-" * (20 - int(20 * fraction))
         eta_text = f"ETA {event.eta_s:.1f} s" if event.eta_s is not None else "ETA ?"
-        return f"[{bar}] {spent}/{self.current_budget} budgeted tokens, {rate}, {eta_text}"
+        return f"budget {self.current_budget} ({self.budget_source}) [{bar}] {spent}/{self.current_budget}, {rate}, {eta_text}"
 
     def _draw_status(self) -> None:
         if not self.err_tty or self.last is None:
