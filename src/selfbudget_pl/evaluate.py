@@ -94,7 +94,8 @@ def evaluate_model(
         out_dir: where the files listed in the module docstring go; None writes nothing.
         output_format / grader: the answer format and the answer checker (defaults: ``OutputFormat()``,
             ``MathGrader()``).
-        backend: a rollout backend on ``model``; default ``HFRolloutBackend(model, tokenizer)``.
+        backend: a rollout backend on ``model``; default: a PolicyModule's own, else
+            ``HFRolloutBackend(model, tokenizer)``.
         sampling: default greedy, 1024 new tokens.
         budgets: conditions to run: None (the model's own budget) and/or positive ints to pre-fill.
         batch_size: prompts per ``backend.generate`` call (one progress-bar step).
@@ -109,7 +110,7 @@ def evaluate_model(
         ``{"rows": [one dict per (dataset, budget) with the MAIN_TABLE/CONTROL_TABLE keys and every
         BudgetAdherence value], "markdown": the summary table, "out_dir": str or None}``.
     """
-    model, tokenizer, output_format, grader = _unwrap(model, tokenizer, output_format, grader)
+    model, tokenizer, output_format, grader, backend = _unwrap(model, tokenizer, output_format, grader, backend)
     if not isinstance(datasets, Mapping):
         datasets = {"eval": datasets}
     budgets = check_budgets(budgets)
@@ -168,15 +169,21 @@ def check_budgets(value: Union[None, int, Sequence[Budget]]) -> list[Budget]:
     for item in values:
         if item is not None and (isinstance(item, bool) or not isinstance(item, int) or item < 1):
             raise ValueError(f"budget must be null, a positive int or a list of them; got {item!r}")
+    if len(set(values)) < len(values):
+        raise ValueError(f"budget={values} repeats a condition")
     return values
 
 
-def _unwrap(model: Any, tokenizer: Any, output_format: Optional[OutputFormat], grader: Any) -> tuple:
-    """Take tokenizer, format and grader from a PolicyModule when the caller did not give them."""
+def _unwrap(
+    model: Any, tokenizer: Any, output_format: Optional[OutputFormat], grader: Any, backend: Optional[RolloutBackend]
+) -> tuple:
+    """Take tokenizer, format, grader and rollout backend (e.g. its vLLM engine, already holding the
+    trained weights) from a PolicyModule when the caller did not give them."""
     if hasattr(model, "model_loader") and hasattr(model, "output_format"):
         tokenizer = tokenizer if tokenizer is not None else model.tokenizer
         output_format = output_format or model.output_format
         grader = grader if grader is not None else model.grader
+        backend = backend or model.rollout_backend
         model = model.model
     if tokenizer is None:
         raise ValueError("evaluate_model needs `tokenizer` when `model` is not a PolicyModule")
@@ -184,7 +191,7 @@ def _unwrap(model: Any, tokenizer: Any, output_format: Optional[OutputFormat], g
         from selfbudget_pl.rewards.grader import MathGrader
 
         grader = MathGrader()
-    return model, tokenizer, output_format or OutputFormat(), grader
+    return model, tokenizer, output_format or OutputFormat(), grader, backend
 
 
 def _run_condition(
