@@ -12,7 +12,7 @@ import torch
 
 from selfbudget_pl.models import LoraSettings, ModelLoader
 from selfbudget_pl.modules.grpo import GRPOModule, pad_sequences
-from selfbudget_pl.modules.losses import group_advantages, policy_loss
+from selfbudget_pl.modules.losses import group_advantages
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
 
 PROMPTS = ["the sum of 3+4", "how many", "what is the total cost of 12+30+7 so", "each has more"]
@@ -47,7 +47,8 @@ class FirstTokenReward(L.Callback):
         self.seen: list[Rollouts] = []
 
     def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Rollouts) -> None:
-        rollouts.rewards = torch.tensor([float(bool(ids) and ids[0] in self.targets) for ids in rollouts.completion_ids])
+        starts = [ids[0] if ids else None for ids in rollouts.completion_ids]
+        rollouts.rewards = torch.tensor([float(start in self.targets) for start in starts])
         self.seen.append(rollouts)
 
 

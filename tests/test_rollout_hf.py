@@ -35,7 +35,8 @@ def prompts(tokenizer):
 def test_shapes_grouping_and_columns(model, tokenizer, prompts):
     backend = HFRolloutBackend(model, tokenizer, batch_size=4)  # 9 sequences: batches of 4, 4, 1
     columns = {"id": ["a", "b", "c"], "b_max": [10, 20, 30]}
-    rollouts = backend.generate(prompts, 3, SamplingSettings(temperature=1.0, max_new_tokens=6, seed=0), columns=columns)
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=6, seed=0)
+    rollouts = backend.generate(prompts, 3, sampling, columns=columns)
     assert len(rollouts) == 9
     assert rollouts.group_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert rollouts.prompt_ids == [p for p in prompts for _ in range(3)]
@@ -69,7 +70,8 @@ def test_prefill_starts_every_completion_and_conditions_the_model(model, tokeniz
 def test_max_new_tokens_is_a_hard_ceiling(model, tokenizer, prompts):
     backend = HFRolloutBackend(model, tokenizer)
     for max_new_tokens in (1, 7):
-        rollouts = backend.generate(prompts, 4, SamplingSettings(temperature=1.5, max_new_tokens=max_new_tokens, seed=1))
+        sampling = SamplingSettings(temperature=1.5, max_new_tokens=max_new_tokens, seed=1)
+        rollouts = backend.generate(prompts, 4, sampling)
         assert max(len(ids) for ids in rollouts.completion_ids) <= max_new_tokens
         # An untrained model almost never emits EOS: most completions hit the ceiling.
         assert any(rollouts.truncated)
@@ -82,7 +84,9 @@ def test_greedy_is_deterministic_and_seeds_reproduce_sampling(model, tokenizer, 
     assert backend.generate(prompts, 2, greedy).completion_ids == first.completion_ids
     assert all(first.completion_ids[i] == first.completion_ids[i + 1] for i in range(0, 6, 2))
 
-    sampled = [backend.generate(prompts, 2, SamplingSettings(temperature=1.0, max_new_tokens=8, seed=s)) for s in (3, 3, 4)]
+    sampled = [
+        backend.generate(prompts, 2, SamplingSettings(temperature=1.0, max_new_tokens=8, seed=seed)) for seed in (3, 3, 4)
+    ]
     assert sampled[0].completion_ids == sampled[1].completion_ids
     assert sampled[0].completion_ids != sampled[2].completion_ids
 

@@ -47,7 +47,9 @@ def _request(token_ids, finish_reason):
 def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
     eos = tokenizer.eos_token_id
     hello = tokenizer.encode("the sum", add_special_tokens=False)
-    outputs = [_request(hello + [eos], "stop"), _request(hello, "length"), _request(hello[:1], "stop"), _request([], "stop")]
+    outputs = [
+        _request(hello + [eos], "stop"), _request(hello, "length"), _request(hello[:1], "stop"), _request([], "stop")
+    ]
     rollouts = rollouts_from_outputs(outputs, [[5], [5], [6], [6]], 2, tokenizer, [eos], prefill="<budget>3</budget>")
     assert rollouts.completion_ids == [hello, hello, hello[:1], []]
     assert rollouts.truncated == [False, True, False, False]
@@ -67,7 +69,8 @@ class _FakeLLM:
         self.requests = None
         self.engine_model = None
         runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load_weights))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner)))
+        worker = SimpleNamespace(model_runner=runner)
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker))
         _FakeLLM.instances.append(self)
 
     def _load_weights(self, weights):

@@ -142,7 +142,7 @@ def policy_loss(
     with torch.no_grad():
         low = (ratio < 1.0 - eps_low) & (advantages < 0)
         high = (ratio > 1.0 + eps_high) & (advantages > 0)
-        clip_low, clip_high, clip_region = (_masked_mean(flags.to(mask.dtype), mask) for flags in (low, high, low | high))
+        clip_low, clip_high, clip_region = (_masked_mean(flag.to(mask.dtype), mask) for flag in (low, high, low | high))
     return PolicyLoss(total / denominator, clip_low, clip_high, clip_region, kl)
 
 
