@@ -165,6 +165,17 @@ def test_kl_penalty_is_k3_and_enters_the_loss_with_beta():
     assert policy_loss(logprobs, logprobs, torch.tensor([1.0]), mask).kl is None
 
 
+def test_padding_with_extreme_log_probs_cannot_poison_the_loss():
+    logprobs = torch.tensor([[-1.0, -500.0]], requires_grad=True)  # position 1 is padding
+    old = torch.tensor([[-1.0, 0.0]])
+    ref = torch.tensor([[-1.2, 0.0]])
+    mask = torch.tensor([[1.0, 0.0]])
+    result = policy_loss(logprobs, old, torch.tensor([1.0]), mask, ref_logprobs=ref, beta=0.1)
+    result.loss.backward()
+    assert torch.isfinite(result.loss) and torch.isfinite(result.kl)
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[0, 1] == 0.0
+
+
 def test_unknown_aggregation_is_named_in_the_error():
     with pytest.raises(ValueError, match="'mean'"):
         policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), aggregation="mean")

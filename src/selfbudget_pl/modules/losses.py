@@ -114,8 +114,11 @@ def policy_loss(
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"loss aggregation={aggregation!r} is not one of {AGGREGATIONS}")
+    # Log-ratios are zeroed at padding before exp(): padding log-probs can be anything (-1e3 from a
+    # trained model, 0 where a cache was never filled), and inf * 0 would be NaN.
+    real = mask.bool()
     mask = mask.to(logprobs.dtype)
-    ratio = torch.exp(logprobs - old_logprobs)
+    ratio = torch.exp(torch.where(real, logprobs - old_logprobs, 0.0))
     advantages = advantages.to(logprobs.dtype).unsqueeze(1)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
@@ -123,7 +126,7 @@ def policy_loss(
 
     kl = None
     if ref_logprobs is not None:
-        log_ratio_ref = ref_logprobs - logprobs
+        log_ratio_ref = torch.where(real, ref_logprobs - logprobs, 0.0)
         per_token_kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1.0
         if beta:
             per_token = per_token + beta * per_token_kl
