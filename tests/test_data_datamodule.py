@@ -64,7 +64,8 @@ def test_sft_batch_supervises_exactly_the_response_and_eos(tokenizer):
 def test_sft_val_batches_also_carry_prompts_and_columns(tokenizer):
     dm = _datamodule(tokenizer, val_batch_size=5)
     batch = next(iter(dm.val_dataloader()))
-    assert {"input_ids", "labels", "budget", "prompt_input_ids", "prompt_ids", "answer", "difficulty", "b_max"} <= set(batch)
+    expected = {"input_ids", "labels", "budget", "prompt_input_ids", "prompt_ids", "answer", "difficulty", "b_max"}
+    assert expected <= set(batch)
     assert len(batch["answer"]) == 5 == batch["input_ids"].shape[0]
     for row, prompt_ids in enumerate(batch["prompt_ids"]):
         assert batch["input_ids"][row, : len(prompt_ids)].tolist() == prompt_ids
@@ -221,7 +222,8 @@ def test_lightning_fit_runs_without_a_val_split(tokenizer):
 
 
 def test_synthetic_config_instantiates_and_overrides_reach_every_split(tokenizer):
-    cfg = OmegaConf.load(CONFIGS / "synthetic.yaml")
+    root = OmegaConf.create({"data": OmegaConf.load(CONFIGS / "synthetic.yaml")})  # mounted as in train.yaml
+    cfg = root.data
     cfg.train[0].size, cfg.val[0].size, cfg.test[0].size = 32, 8, 8
     cfg.train[0].k_max = 3  # one override; val/test follow by interpolation
     dm = instantiate(cfg, _convert_="all")
@@ -247,6 +249,13 @@ def test_real_data_configs_instantiate_and_load(name, shared_data, tokenizer):
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     assert batch["input_ids"].shape[0] == 6 and all(batch["answer"])
+
+
+def test_hub_config_builds_hf_sources_without_loading():
+    dm = instantiate(OmegaConf.load(CONFIGS / "math_hub.yaml"), _convert_="all")
+    names = [(source.name_or_path, source.schema) for split in ("train", "val") for source in dm.sources[split]]
+    assert names == [("openai/gsm8k", "gsm8k"), ("DigitalLearningGmbH/MATH-lighteval", "math"),
+                     ("HuggingFaceH4/MATH-500", "math500")]
 
 
 def test_data_root_defaults_to_the_environment(monkeypatch):

@@ -61,7 +61,8 @@ def test_rounded_label_and_custom_tags(tokenizer):
 
 def test_label_records_drops_rows_that_cannot_be_targets(tokenizer):
     dropped = DroppedRows()
-    already = {**_record("x"), "response": "<budget>3</budget><solution>\\boxed{1}</solution>", "budget": 3, "b_max": None}
+    response = "<budget>3</budget><solution>\\boxed{1}</solution>"
+    already = {**_record("x"), "response": response, "budget": 3, "b_max": None}
     records = [
         _record("3+5=8;8+7=15;\\boxed{15}"),
         {**_record(None), "id": "no-solution"},

@@ -80,6 +80,15 @@ def test_jsonl_sources_normalise_shared_files(shared_data, relative, schema, exp
     assert len({record["id"] for record in limited}) == 20
 
 
+def test_auto_schema_reads_aime_and_amc_answers(shared_data):
+    aime = JsonlSource("aime24/test.jsonl").load(root=str(shared_data))
+    amc = JsonlSource("amc23/test.jsonl").load(root=str(shared_data))
+    assert (len(aime), len(amc)) == (30, 40)
+    assert aime[0]["answer"] == "204" and all(record["answer"].isdigit() for record in aime)
+    assert all("." not in record["answer"] for record in amc)  # 27.0 -> "27"
+    assert amc[0]["solution"] is None and math.isnan(amc[0]["difficulty"])
+
+
 def test_math_level_is_difficulty_and_unknown_level_is_nan(tmp_path):
     path = _write_jsonl(
         tmp_path / "m.jsonl",
@@ -126,13 +135,15 @@ def test_unextractable_answer_is_dropped_and_counted_or_an_error(tmp_path):
     dropped = DroppedRows()
     records = JsonlSource(str(path), schema="gsm8k", name="g").load(dropped=dropped)
     assert [record["answer"] for record in records] == ["2", "3"]
-    assert dropped.count("g", "unextractable_answer") == 1 and dropped.examples[("g", "unextractable_answer")] == f"{path}:2"
+    assert dropped.count("g", "unextractable_answer") == 1
+    assert dropped.examples[("g", "unextractable_answer")] == f"{path}:2"
     with pytest.raises(UnextractableAnswer, match=re.escape(f"{path}:2")):
         JsonlSource(str(path), schema="gsm8k").load(on_bad_answer="error")
 
 
 def test_answer_given_as_float_is_written_as_an_integer(tmp_path):
-    path = _write_jsonl(tmp_path / "amc.jsonl", [{"id": 7, "problem": "p", "answer": 27.0}, {"problem": "q", "answer": 0.5}])
+    rows = [{"id": 7, "problem": "p", "answer": 27.0}, {"problem": "q", "answer": 0.5}]
+    path = _write_jsonl(tmp_path / "amc.jsonl", rows)
     first, second = JsonlSource(str(path)).load()
     assert (first["id"], first["answer"], first["solution"]) == ("7", "27", None)
     assert second["answer"] == "0.5"

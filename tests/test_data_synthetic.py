@@ -37,7 +37,9 @@ def test_reasoning_is_correct_arithmetic_ending_in_the_boxed_sum():
 
 
 def test_knobs_bound_operands_k_and_checks():
-    source = SyntheticSource(size=400, seed=1, operand_min=10, operand_max=99, k_min=3, k_max=8, checks_min=1, checks_max=1)
+    source = SyntheticSource(
+        size=400, seed=1, operand_min=10, operand_max=99, k_min=3, k_max=8, checks_min=1, checks_max=1
+    )
     records = source.load()
     ks = {int(record["difficulty"]) for record in records}
     assert ks == set(range(3, 9))

@@ -20,7 +20,9 @@ IGNORE_INDEX = -100
 COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source")
 
 
-def pad(sequences: Sequence[Sequence[int] | np.ndarray], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(
+    sequences: Sequence[Sequence[int] | np.ndarray], value: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest sequence; returns ``(ids, attention_mask)`` as long tensors [B, T]."""
     width = max((len(sequence) for sequence in sequences), default=0)
     ids = torch.full((len(sequences), width), value, dtype=torch.long)

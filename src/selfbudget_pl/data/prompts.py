@@ -12,7 +12,9 @@ def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def build_prompt(problem: str, tokenizer: Any, template: str = PROBLEM_FIELD, system_prompt: Optional[str] = None) -> str:
+def build_prompt(
+    problem: str, tokenizer: Any, template: str = PROBLEM_FIELD, system_prompt: Optional[str] = None
+) -> str:
     """The prompt text for a problem: ``template`` with ``{problem}`` filled in, inside the tokenizer's
     chat template (with the generation prompt) when it has one, else the filled template alone (after
     ``system_prompt`` and a blank line, if given).

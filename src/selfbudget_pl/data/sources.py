@@ -26,7 +26,16 @@ from selfbudget_pl.data.answers import brace_boxed, extract_gsm8k_answer, extrac
 from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
 from selfbudget_pl.data.synthetic import SyntheticSource
 
-__all__ = ["DataError", "HFSource", "JsonlSource", "SCHEMAS", "Source", "SyntheticSource", "records_from_rows"]
+__all__ = [
+    "DataError",
+    "HFSource",
+    "JsonlSource",
+    "SCHEMAS",
+    "Source",
+    "SyntheticSource",
+    "UnextractableAnswer",
+    "records_from_rows",
+]
 
 SCHEMAS = ("gsm8k", "math", "math500", "labelled", "auto")
 BAD_ANSWER_POLICIES = ("drop", "error")
@@ -167,12 +176,13 @@ def detect_schema(row: dict[str, Any], where: str) -> str:
     """The schema a row's fields fit (see module doc)."""
     if "response" in row and "budget" in row:
         return "labelled"
-    if "question" in row and "answer" in row:
-        return "gsm8k"
+    # "problem" first: AIME/AMC files also carry a "question" copy of the problem.
     if "problem" in row and "answer" in row:
         return "math500"
     if "problem" in row and "solution" in row:
         return "math"
+    if "question" in row and "answer" in row:
+        return "gsm8k"
     raise DataError(f"{where}: cannot tell the schema from fields {sorted(row)}; set schema= explicitly")
 
 
