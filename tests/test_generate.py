@@ -135,7 +135,8 @@ def test_ctrl_c_inside_the_model_ends_with_the_partial_text(tokenizer, prompt):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message", [({"budget": 0}, "budget=0"), ({"max_tokens": 0}, "max_tokens=0"), ({"temperature": -1}, "temperature")]
+    "kwargs, message",
+    [({"budget": 0}, "budget=0"), ({"max_tokens": 0}, "max_tokens=0"), ({"temperature": -1}, "temperature")],
 )
 def test_bad_arguments_name_the_field(tokenizer, prompt, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -169,7 +169,8 @@ class _Display:
         fraction = min(1.0, spent / self.current_budget)
         bar = "#" * int(20 * fraction) + "-" * (20 - int(20 * fraction))
         eta_text = f"ETA {event.eta_s:.1f} s" if event.eta_s is not None else "ETA ?"
-        return f"budget {self.current_budget} ({self.budget_source}) [{bar}] {spent}/{self.current_budget}, {rate}, {eta_text}"
+        budget = f"budget {self.current_budget} ({self.budget_source})"
+        return f"{budget} [{bar}] {spent}/{self.current_budget}, {rate}, {eta_text}"
 
     def _draw_status(self) -> None:
         if not self.err_tty or self.last is None:

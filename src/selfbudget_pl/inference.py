@@ -39,6 +39,8 @@ def generate_and_annotate(
     """
     from selfbudget_pl.scoring import annotate
 
-    rollouts = backend.generate(prompt_ids, num_samples=num_samples, sampling=sampling, prefill=prefill, columns=columns)
+    rollouts = backend.generate(
+        prompt_ids, num_samples=num_samples, sampling=sampling, prefill=prefill, columns=columns
+    )
     annotate(rollouts, output_format, grader, tokenizer)
     return rollouts
