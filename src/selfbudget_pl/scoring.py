@@ -1,0 +1,93 @@
+"""The one place completions are parsed, graded and measured, for rewards, validation and evaluation.
+
+:func:`annotate` fills ``rollouts.parsed``, ``rollouts.correct`` and ``rollouts.solution_lengths``;
+:func:`resolve_annotations` gives reward functions the same three lists, taken from their keyword
+arguments when the caller annotated already, computed otherwise (a reward used on its own, TRL style).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from selfbudget_pl.data.budget_labels import count_solution_tokens
+from selfbudget_pl.format import OutputFormat, ParsedOutput
+from selfbudget_pl.rewards.grader import Grader
+from selfbudget_pl.rollout.base import Rollouts
+
+
+def grade_parsed(parsed: Sequence[ParsedOutput], golds: Sequence[Optional[str]], grader: Grader) -> list[bool]:
+    """Correctness per completion: only a well-formed completion with a gold answer can be right."""
+    gradable = [
+        index
+        for index, (output, gold) in enumerate(zip(parsed, golds))
+        if output.well_formed and isinstance(gold, str) and gold.strip()
+    ]
+    correct = [False] * len(parsed)
+    verdicts = grader.grade_batch([parsed[i].answer for i in gradable], [str(golds[i]) for i in gradable])
+    for index, verdict in zip(gradable, verdicts):
+        correct[index] = bool(verdict)
+    return correct
+
+
+def solution_length(completion: str, parsed: ParsedOutput, tokenizer: Any) -> int:
+    """Tokens spent on the solution: the text after ``</budget>``, or the whole completion without one."""
+    text = parsed.solution if parsed.solution is not None else completion
+    return count_solution_tokens(text if isinstance(text, str) else "", tokenizer)
+
+
+def annotate(rollouts: Rollouts, output_format: OutputFormat, grader: Grader, tokenizer: Any) -> None:
+    """Parse, grade and measure every completion in place. Gold answers: ``rollouts.columns["answer"]``."""
+    if "answer" not in rollouts.columns:
+        raise ValueError(
+            "annotate: rollouts.columns has no 'answer' column; the DataModule must pass gold answers "
+            f"through (columns present: {sorted(rollouts.columns)})."
+        )
+    parsed = [output_format.parse(completion) for completion in rollouts.completions]
+    rollouts.parsed = parsed
+    rollouts.correct = grade_parsed(parsed, rollouts.columns["answer"], grader)
+    rollouts.solution_lengths = [
+        solution_length(completion, output, tokenizer) for completion, output in zip(rollouts.completions, parsed)
+    ]
+
+
+def is_annotated(rollouts: Rollouts) -> bool:
+    """Whether :func:`annotate` (or an equivalent) already ran on these rollouts."""
+    size = len(rollouts.completions)
+    return len(rollouts.parsed) == len(rollouts.correct) == len(rollouts.solution_lengths) == size
+
+
+def resolve_annotations(
+    completions: Sequence[str],
+    columns: dict[str, Any],
+    output_format: Optional[OutputFormat] = None,
+    grader: Optional[Grader] = None,
+) -> tuple[list[ParsedOutput], list[bool], list[int]]:
+    """``(parsed, correct, solution_lengths)`` for a reward function's call.
+
+    Uses the ``parsed``/``correct``/``solution_lengths`` keyword arguments when given. Otherwise parses
+    with ``output_format`` (default :class:`OutputFormat`), grades against the ``answer`` column with
+    ``grader`` (required then), and takes lengths from ``completion_ids`` (TRL passes them; they count
+    the budget tag too, which is the best available without a tokenizer).
+    """
+    parsed = columns.get("parsed")
+    if parsed is None:
+        parsed = [(output_format or OutputFormat()).parse(completion) for completion in completions]
+    correct = columns.get("correct")
+    if correct is None:
+        if grader is None or "answer" not in columns:
+            raise ValueError(
+                "This reward needs correctness: pass `correct=[...]`, or give the reward a `grader` and "
+                "pass the gold `answer` column."
+            )
+        correct = grade_parsed(parsed, columns["answer"], grader)
+    lengths = columns.get("solution_lengths")
+    if lengths is None:
+        if columns.get("completion_ids") is None:
+            raise ValueError("This reward needs lengths: pass `solution_lengths=[...]` or `completion_ids=[...]`.")
+        lengths = [len(ids) for ids in columns["completion_ids"]]
+    if not len(parsed) == len(correct) == len(lengths) == len(completions):
+        raise ValueError(
+            f"Reward inputs disagree in length: {len(completions)} completions, {len(parsed)} parsed, "
+            f"{len(correct)} correct, {len(lengths)} solution_lengths."
+        )
+    return list(parsed), [bool(c) for c in correct], [int(n) for n in lengths]

@@ -1,0 +1,313 @@
+"""Reward functions, their weighted composition, the reward callback and the reward configs."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from selfbudget_pl.callbacks.reward import RewardCallback, RolloutHook, training_progress
+from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.rewards.budget import BudgetGuidedReward, annealed, cosine_interpolation
+from selfbudget_pl.rewards.combine import WeightedRewards, reward_statistics
+from selfbudget_pl.rewards.grader import MathGrader
+from selfbudget_pl.rewards.length_control import L1ExactReward, L1MaxReward, SoftOverlongPenalty
+from selfbudget_pl.rewards.simple import AccuracyReward, FormatReward
+from selfbudget_pl.rollout.base import Rollouts
+from selfbudget_pl.scoring import annotate, resolve_annotations
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FORMAT = OutputFormat()
+
+
+def completion(budget: int, answer: str = "7") -> str:
+    return FORMAT.render(budget, f" 3+4=7 \\boxed{{{answer}}} ")
+
+
+# -- the SelfBudgeter reward, against method.md's formula ------------------------------------------
+
+
+def reference_reward(well_formed, budget, length, correct, b_max, alpha):
+    """method.md's default parameterisation, written out independently of the implementation."""
+    if not well_formed:
+        return -1.0
+    t = budget * 0.9 if correct else budget * 1.1
+    r0, rx = (1.0, 0.5) if correct else (-0.5, -1.0)
+    width = alpha * budget
+    x = min(abs(length - t), width)
+    value = rx + (r0 - rx) * (1 + math.cos(math.pi * x / width)) / 2
+    return value + (-0.5 if b_max is not None and budget > b_max else 0.0)
+
+
+@pytest.mark.parametrize("correct", [True, False])
+@pytest.mark.parametrize("length", [0, 45, 90, 100, 110, 150, 400, 10_000])
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+def test_budget_guided_matches_method_formula(correct, length, progress):
+    reward = BudgetGuidedReward()
+    alpha = 6.0 + (0.1 - 6.0) * progress
+    for b_max in (None, 50, 100, 1000):
+        expected = reference_reward(True, 100, length, correct, b_max, alpha)
+        assert reward.score(True, 100, length, correct, b_max, progress) == pytest.approx(expected)
+
+
+def test_budget_guided_peaks_under_budget_when_correct_and_over_when_wrong():
+    reward = BudgetGuidedReward()
+    assert reward.score(True, 100, 90, True, progress=1.0) == pytest.approx(1.0)
+    assert reward.score(True, 100, 110, False, progress=1.0) == pytest.approx(-0.5)
+    assert reward.score(True, 100, 300, True, progress=1.0) == pytest.approx(0.5)  # outside the width: s_min
+    # a correct answer over its cap still beats every wrong one (the constraint)
+    assert reward.score(True, 100, 300, True, b_max=10, progress=1.0) >= reward.score(True, 100, 110, False)
+
+
+def test_budget_guided_call_uses_annotations_and_penalises_malformed():
+    reward = BudgetGuidedReward()
+    parsed = [FORMAT.parse(completion(100)), FORMAT.parse("no tags at all"), FORMAT.parse(completion(100))]
+    values = reward(
+        completions=["a", "b", "c"], parsed=parsed, correct=[True, False, False], solution_lengths=[90, 5, 110],
+        b_max=[None, None, float("inf")], progress=1.0,
+    )
+    assert values == pytest.approx([1.0, -1.0, -0.5])
+
+
+def test_budget_cap_nan_or_none_means_no_cap():
+    reward = BudgetGuidedReward()
+    capped = reward.score(True, 100, 90, True, b_max=50, progress=1.0)
+    assert capped == pytest.approx(0.5)
+    assert reward.score(True, 100, 90, True, b_max=float("nan"), progress=1.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("schedule, mid", [("linear", 3.05), ("cosine", 3.05), ("constant", 6.0)])
+def test_alpha_schedules(schedule, mid):
+    assert annealed(6.0, 0.1, 0.0, schedule) == pytest.approx(6.0)
+    assert annealed(6.0, 0.1, 0.5, schedule) == pytest.approx(mid)
+    assert annealed(6.0, 0.1, 1.0, schedule) == pytest.approx(0.1 if schedule != "constant" else 6.0)
+    assert annealed(6.0, 0.1, 7.0, schedule) == annealed(6.0, 0.1, 1.0, schedule)  # progress is clamped
+
+
+def test_cosine_schedule_differs_from_linear_off_the_midpoint():
+    assert annealed(6.0, 0.1, 0.25, "cosine") > annealed(6.0, 0.1, 0.25, "linear")
+
+
+def test_cosine_interpolation_endpoints():
+    assert cosine_interpolation(0, 10, 1.0, 0.5) == 1.0
+    assert cosine_interpolation(10, 10, 1.0, 0.5) == 0.5
+    assert cosine_interpolation(5, 10, 1.0, 0.5) == pytest.approx(0.75)
+
+
+def test_constraint_violation_names_the_fields():
+    with pytest.raises(ValueError, match=r"`correct_min` \+ `budget_penalty` must be >= `wrong_max`"):
+        BudgetGuidedReward(correct_min=0.1, budget_penalty=-1.0, wrong_max=-0.5)
+    with pytest.raises(ValueError, match="alpha_schedule"):
+        BudgetGuidedReward(alpha_schedule="exponential")
+    with pytest.raises(ValueError, match="alpha_start"):
+        BudgetGuidedReward(alpha_end=0.0)
+
+
+def test_budget_guided_standalone_grades_itself():
+    reward = BudgetGuidedReward(grader=MathGrader(workers=0))
+    completions = [completion(10, r"\frac{1}{2}"), completion(10, "0.3")]
+    values = reward(completions=completions, answer=["0.5", "0.5"], completion_ids=[[0] * 9, [0] * 11])
+    assert values[0] > 0 > values[1]
+
+
+# -- L1 / DAPO / simple --------------------------------------------------------------------------
+
+
+def test_l1_exact_and_max():
+    parsed = [FORMAT.parse(completion(1000))] * 3
+    kwargs = dict(parsed=parsed, correct=[True, True, False], solution_lengths=[1000, 3000, 1000])
+    assert L1ExactReward()(["x"] * 3, **kwargs) == pytest.approx([1.0, 1.0 - 0.0003 * 2000, 0.0])
+    assert L1MaxReward()(["x"] * 3, **kwargs) == pytest.approx([0.5, 0.0, 0.0])
+    # the target_length column overrides the completion's own budget
+    with_target = L1MaxReward()(["x"] * 3, target_length=[3000, 3000, 3000], **kwargs)
+    assert with_target == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_l1_without_any_target_gets_no_target_reward():
+    kwargs = dict(parsed=[FORMAT.parse("no budget")], correct=[False], solution_lengths=[10])
+    assert L1ExactReward(no_target_reward=-2.0)(["no budget"], **kwargs) == [-2.0]
+
+
+def test_soft_overlong_penalty():
+    reward = SoftOverlongPenalty(max_length=100, cache_length=20)
+    assert reward(["x"] * 4, completion_ids=[[0] * n for n in (50, 80, 90, 130)]) == pytest.approx([0, 0, -0.5, -1])
+    with pytest.raises(ValueError, match="cache_length"):
+        SoftOverlongPenalty(max_length=10, cache_length=20)
+
+
+def test_accuracy_and_format():
+    parsed = [FORMAT.parse(completion(5)), FORMAT.parse("<budget>-5</budget>")]
+    assert AccuracyReward()(["a", "b"], correct=[True, False]) == [1.0, 0.0]
+    assert FormatReward()(["a", "b"], parsed=parsed) == [0.0, -1.0]
+    assert FormatReward()([completion(5), "junk"]) == [0.0, -1.0]
+    with pytest.raises(ValueError, match="grader"):
+        AccuracyReward()(["a"])
+
+
+def test_rewards_pickle_with_stable_names():
+    for reward in (BudgetGuidedReward(), L1ExactReward(), L1MaxReward(), AccuracyReward(), FormatReward(),
+                   SoftOverlongPenalty(10, 5)):
+        copy = pickle.loads(pickle.dumps(reward))
+        assert copy.__name__ == copy.name == reward.name
+
+
+def test_resolve_annotations_needs_correctness_or_grader():
+    with pytest.raises(ValueError, match="needs correctness"):
+        resolve_annotations(["x"], {"solution_lengths": [1]})
+    with pytest.raises(ValueError, match="needs lengths"):
+        resolve_annotations(["x"], {"correct": [True]})
+    with pytest.raises(ValueError, match="disagree in length"):
+        resolve_annotations(["x", "y"], {"correct": [True], "solution_lengths": [1, 2]})
+
+
+# -- composition -------------------------------------------------------------------------------
+
+
+def trl_style_length_penalty(completions, **kwargs):
+    """A reward written for TRL: ignores the columns it does not know; abstains on empty text."""
+    return [None if not text else -len(text) / 100 for text in completions]
+
+
+def test_weighted_rewards_sum_with_weights_and_nan_abstention():
+    combined = WeightedRewards(
+        {"accuracy": AccuracyReward(), "length": trl_style_length_penalty}, {"accuracy": 2.0}
+    )
+    total, components = combined(["abcd", ""], correct=[True, False], answer=["1", "2"], progress=0.3)
+    assert total.dtype == torch.float32
+    assert total.tolist() == pytest.approx([2.0 - 0.04, 0.0])
+    assert components["accuracy"] == [1.0, 0.0]
+    assert components["length"][0] == pytest.approx(-0.04) and math.isnan(components["length"][1])
+    stats = reward_statistics(components)
+    assert stats["rewards/accuracy/mean"] == 0.5
+    assert stats["rewards/accuracy/std"] == pytest.approx(math.sqrt(0.5))
+    assert stats["rewards/length/mean"] == pytest.approx(-0.04) and math.isnan(stats["rewards/length/std"])
+
+
+def test_weighted_rewards_rejects_bad_configs_and_outputs():
+    with pytest.raises(ValueError, match=r"\['typo'\]"):
+        WeightedRewards({"accuracy": AccuracyReward()}, {"typo": 1.0})
+    with pytest.raises(ValueError, match="`short` returned 1 values for 2"):
+        WeightedRewards({"short": lambda completions, **_: [1.0]})(["a", "b"])
+    with pytest.raises(ValueError, match="infinite"):
+        WeightedRewards({"inf": lambda completions, **_: [math.inf]})(["a"])
+
+
+# -- configs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["selfbudgeter", "l1_exact", "l1_max", "correctness"])
+def test_reward_configs_instantiate(name):
+    callback = instantiate(OmegaConf.load(CONFIGS / "reward" / f"{name}.yaml"))
+    assert isinstance(callback, RewardCallback)
+    assert set(callback.rewards.weights) == set(callback.rewards.functions)
+
+
+def test_selfbudgeter_config_holds_the_paper_defaults():
+    callback = instantiate(OmegaConf.load(CONFIGS / "reward" / "selfbudgeter.yaml"))
+    configured = callback.rewards.functions["budget_guided"]
+    assert vars(configured) == vars(BudgetGuidedReward())  # every constant spelled out, equal to the code's
+
+
+def test_grader_and_callbacks_configs_instantiate(tmp_path):
+    grader = instantiate(OmegaConf.load(CONFIGS / "grader" / "math_verify.yaml"))
+    assert isinstance(grader, MathGrader) and grader._pool is None  # no pool until first use
+    callbacks_cfg = OmegaConf.merge(
+        {"paths": {"output_dir": str(tmp_path)}}, {"callbacks": OmegaConf.load(CONFIGS / "callbacks" / "default.yaml")}
+    )
+    callbacks = {name: instantiate(cfg) for name, cfg in callbacks_cfg.callbacks.items()}
+    assert callbacks["model_checkpoint"].dirpath == str(tmp_path / "checkpoints")
+    assert callbacks["budget_metrics"].metric.difficulty_buckets == [1, 2, 3, 4, 5, 6]
+
+
+# -- the callback inside a real training loop ------------------------------------------------------
+
+
+class CharTokenizer:
+    """One token per character: enough for counting solution tokens."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+
+class HookedModule(pl.LightningModule):
+    """What GRPO does, minus the policy: make rollouts, run the rollout hooks, use the rewards."""
+
+    def __init__(self, completions, answers):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.output_format, self.grader, self.tokenizer = FORMAT, MathGrader(workers=0), CharTokenizer()
+        self.completions, self.answers = completions, answers
+        self.seen: list[Rollouts] = []
+
+    def training_step(self, batch, batch_idx):
+        n = len(self.completions)
+        rollouts = Rollouts(
+            prompt_ids=[[1]] * n, completion_ids=[[2] * len(c) for c in self.completions],
+            completions=list(self.completions), truncated=[False] * n, group_index=[0] * n,
+            columns={"answer": list(self.answers), "b_max": [None] * n, "problem": ["q"] * n},
+        )
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RolloutHook):
+                callback.on_rollouts(self.trainer, self, rollouts)
+        self.seen.append(rollouts)
+        return (self.weight * rollouts.rewards.mean()) ** 2 + self.weight**2
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_reward_callback_in_a_training_loop():
+    completions = [completion(40, r"\frac{1}{2}"), completion(40, "3"), "<budget>1e99</budget> \\boxed{0.5}",
+                   "no tags \\boxed{0.5}"]
+    module = HookedModule(completions, ["0.5"] * 4)
+    callback = RewardCallback({"budget_guided": BudgetGuidedReward(), "accuracy": AccuracyReward()},
+                              {"accuracy": 0.0})
+    trainer = pl.Trainer(max_steps=4, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+
+    rollouts = module.seen[-1]
+    assert rollouts.correct == [True, False, False, False]
+    assert [p.well_formed for p in rollouts.parsed] == [True, True, False, False]
+    assert rollouts.solution_lengths[0] == len(completions[0].split("</budget>", 1)[1])
+    assert rollouts.solution_lengths[2] == len(" \\boxed{0.5}")  # after the (bad) budget tag
+    assert rollouts.solution_lengths[3] == len(completions[3])  # no budget tag: the whole completion
+    assert rollouts.rewards.dtype == torch.float32
+    assert rollouts.rewards.tolist() == pytest.approx(rollouts.reward_components["budget_guided"])
+    assert rollouts.reward_components["budget_guided"][2:] == [-1.0, -1.0]
+    logged = trainer.logged_metrics
+    assert float(logged["rewards/accuracy/mean"]) == pytest.approx(1 / 4)
+    assert "rewards/budget_guided/std" in logged
+    # the tolerance narrowed as training progressed: same completions, lower reward at the last step
+    first, last = module.seen[0].rewards[0].item(), module.seen[-1].rewards[0].item()
+    assert first > last
+
+
+def test_training_progress_falls_back_to_zero():
+    class NoLimits:
+        max_steps, global_step = -1, 5
+
+        @property
+        def estimated_stepping_batches(self):
+            return float("inf")
+
+    class Limited(NoLimits):
+        max_steps = 20
+
+    assert training_progress(NoLimits()) == 0.0
+    assert training_progress(Limited()) == 0.25
+
+
+def test_annotate_requires_the_answer_column():
+    rollouts = Rollouts(prompt_ids=[[1]], completion_ids=[[1]], completions=["x"], truncated=[False], group_index=[0])
+    with pytest.raises(ValueError, match="'answer'"):
+        annotate(rollouts, FORMAT, MathGrader(workers=0), CharTokenizer())
