@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import encode_prompts, generate_and_annotate
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+from selfbudget_pl.train import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
@@ -465,7 +466,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             grader.close()
 
 
-@hydra.main(version_base="1.3", config_path="../../configs", config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
     summary = evaluate(cfg)
     print(summary["markdown"])
+
+
+if __name__ == "__main__":
+    main()

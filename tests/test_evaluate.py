@@ -1,0 +1,149 @@
+"""Evaluation of the tiny model: every completion written, the summary table, plots, budget sweeps, baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from selfbudget_pl.data.sources import SyntheticSource
+from selfbudget_pl.evaluate import check_budgets, evaluate, evaluate_model, load_datasets
+from selfbudget_pl.rewards.grader import MathGrader
+from selfbudget_pl.rollout.base import SamplingSettings
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MAIN_HEADER = (
+    "| dataset | budget | n | accuracy % | mean tokens | compression % | Δ accuracy (pts) | budget MAE "
+    "| within ±10 % | within ±20 % | ρ(budget, difficulty) |"
+)
+
+
+@pytest.fixture(scope="module")
+def model(model_loader):
+    return model_loader.load_model()
+
+
+@pytest.fixture(scope="module")
+def grader():
+    with MathGrader(workers=0) as grader:
+        yield grader
+
+
+@pytest.fixture(scope="module")
+def records():
+    return SyntheticSource(size=6, split="test").load()
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_hydra_eval_of_20_problems_writes_every_output(tiny_model_dir, tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                f"model_path={tiny_model_dir}",
+                f"paths.output_dir={tmp_path}",
+                "limit=20",
+                "batch_size=8",
+                "sampling.max_new_tokens=6",
+                "grader.workers=0",
+                "progress=false",
+            ],
+        )
+    summary = evaluate(cfg)
+
+    completions = _rows(tmp_path / "completions.jsonl")
+    expected = instantiate(cfg.datasets.synthetic).load()[:20]
+    assert [row["id"] for row in completions] == [record["id"] for record in expected]
+    for row in completions:
+        assert row["dataset"] == "synthetic" and row["requested_budget"] is None
+        assert isinstance(row["correct"], bool) and row["difficulty"] in {2.0, 3.0, 4.0, 5.0, 6.0}
+        assert isinstance(row["text"], str) and 0 < row["response_tokens"] <= 6
+    (row,) = summary["rows"]
+    assert row["n"] == 20 and row["budget"] is None
+    assert row["mean_tokens"] == pytest.approx(sum(r["response_tokens"] for r in completions) / 20)
+    assert row["accuracy"] == pytest.approx(sum(r["correct"] for r in completions) / 20)
+    for key in ("budget_mae", "within_10", "within_20", "spearman_budget_difficulty", "format_error_rate"):
+        assert key in row
+
+    markdown = (tmp_path / "summary.md").read_text()
+    assert MAIN_HEADER in markdown
+    assert "| synthetic | model | 20 |" in markdown
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"] == summary["rows"]
+    for figure in ("budget_vs_length_synthetic.png", "by_difficulty_synthetic.png"):
+        assert (tmp_path / figure).read_bytes().startswith(b"\x89PNG")
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_prefilled_budgets_appear_verbatim_and_are_reported_per_budget(model, tokenizer, grader, records, tmp_path):
+    summary = evaluate_model(
+        model, {"sums": records}, tokenizer, out_dir=tmp_path, grader=grader, budgets=[5, 40],
+        sampling=SamplingSettings(temperature=0.0, max_new_tokens=8), batch_size=4, progress=False, tensorboard=False,
+    )
+    completions = _rows(tmp_path / "completions.jsonl")
+    assert len(completions) == 2 * len(records)
+    for row in completions:
+        n = row["requested_budget"]
+        assert row["text"].startswith(f"<budget>{n}</budget><solution>")
+        assert row["budget"] == n and row["budget_ratio"] == pytest.approx(row["length"] / n)
+    rows = {row["budget"]: row for row in summary["rows"]}
+    assert sorted(rows) == [5, 40]
+    for n, row in rows.items():
+        ratios = [c["length"] / n for c in completions if c["requested_budget"] == n]
+        assert row["mean_budget_ratio"] == pytest.approx(sum(ratios) / len(ratios))
+    # At most 8 new tokens against a budget of 40: nothing can land within ±10 %.
+    assert rows[40]["within_10"] == 0.0
+    assert "## Pre-filled budgets (controllability)" in summary["markdown"]
+    assert "| sums | 40 | 6 |" in summary["markdown"]
+
+
+def test_baseline_gives_compression_and_accuracy_change(model, tokenizer, grader, records, tmp_path):
+    def run(out: Path, max_new_tokens: int, baseline=None) -> dict:
+        return evaluate_model(
+            model, records, tokenizer, out_dir=out, grader=grader, baseline=baseline, progress=False, tensorboard=False,
+            sampling=SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens),
+        )
+
+    base = run(tmp_path / "base", 8)
+    short = run(tmp_path / "short", 4, baseline=tmp_path / "base")  # a run directory, as on the command line
+    (row,) = short["rows"]
+    (base_row,) = base["rows"]
+    assert row["mean_tokens"] < base_row["mean_tokens"]
+    assert row["compression"] == pytest.approx(1 - row["mean_tokens"] / base_row["mean_tokens"])
+    assert row["accuracy_change"] == pytest.approx(100 * (row["accuracy"] - base_row["accuracy"]))
+    assert "compression" not in base_row
+
+
+def test_config_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown dataset\(s\) \['gsm9k'\]; known: \['gsm8k', 'synthetic'\]"):
+        load_datasets({"gsm8k": {}, "synthetic": {}}, ["gsm9k"])
+    for bad in (0, -3, [100, 0], "100", True):
+        with pytest.raises(ValueError, match="budget must be null, a positive int"):
+            check_budgets(bad)
+    with pytest.raises(ValueError, match="repeats a condition"):
+        check_budgets([100, 100])
+    assert check_budgets(None) == [None] and check_budgets([None, 200]) == [None, 200]
+    with pytest.raises(FileNotFoundError, match="baseline="):
+        evaluate_model(object(), [], tokenizer=object(), grader=object(), baseline=tmp_path / "missing")
+
+
+def test_selfbudget_eval_command_runs_hydra_main(tiny_model_dir, tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "selfbudget_pl.cli", "eval", f"model_path={tiny_model_dir}", "limit=3",
+            "sampling.max_new_tokens=4", "budget=[7]", "grader.workers=0", "progress=false", "tensorboard=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "| synthetic | 7 | 3 |" in result.stdout
+    assert len(_rows(tmp_path / "completions.jsonl")) == 3
