@@ -27,7 +27,7 @@ def instantiate_dict(section: DictConfig | None) -> list[Any]:
     """Instantiate every named entry of a dict-of-configs group (callbacks, loggers); null entries are off."""
     if not section:
         return []
-    return [instantiate(entry, _convert_="all") for entry in section.values() if entry and "_target_" in entry]
+    return [instantiate(entry, _convert_="object") for entry in section.values() if entry and "_target_" in entry]
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -37,16 +37,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(cfg.seed, workers=True)
 
     output_format = instantiate(cfg.output_format)
-    model_loader = instantiate(cfg.model, _convert_="all")
+    model_loader = instantiate(cfg.model, _convert_="object")
     module = instantiate(
         cfg.module,
         model_loader=model_loader,
         output_format=output_format,
         grader=instantiate(cfg.grader),
         rollout=instantiate(cfg.rollout),
-        _convert_="all",
+        _convert_="object",
     )
-    datamodule = instantiate(cfg.data, output_format=output_format, _convert_="all")
+    datamodule = instantiate(cfg.data, output_format=output_format, _convert_="object")
     datamodule.connect(module.tokenizer)
 
     # The reward callback runs before the metrics callbacks: they read the rewards it fills in.
@@ -56,7 +56,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         callbacks=callbacks,
         logger=instantiate_dict(cfg.get("logger")) or False,
         strategy=instantiate(cfg.strategy),
-        _convert_="all",
+        _convert_="object",
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}

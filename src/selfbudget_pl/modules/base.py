@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.models import ModelLoader, export_pretrained
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
 
@@ -69,7 +70,7 @@ class PolicyModule(L.LightningModule):
         self.output_format = output_format or OutputFormat()
         self.grader = grader
         self.rollout_factory = rollout
-        self.val_sampling = _sampling(val_sampling, temperature=0.0)
+        self.val_sampling = sampling_settings(val_sampling, temperature=0.0)
         self.export_dir = export_dir
         self.merge_lora_on_export = merge_lora_on_export
         self.tokenizer = model_loader.load_tokenizer()
@@ -81,7 +82,8 @@ class PolicyModule(L.LightningModule):
         # Lightning calls this inside the strategy's init context (FSDP shards as it loads) and
         # again on resume; loading once keeps it idempotent.
         if self.model is None:
-            self.model = self.model_loader.load_model()
+            # from_pretrained returns eval mode; Lightning toggles train/eval itself from here on.
+            self.model = self.model_loader.load_model().train()
 
     @property
     def rollout_backend(self) -> RolloutBackend:
@@ -123,14 +125,10 @@ class PolicyModule(L.LightningModule):
         self, batch: dict[str, Any], sampling: SamplingSettings, num_samples: int = 1, prefill: Optional[str] = None
     ) -> Rollouts:
         """Sample completions for a batch of prompts and annotate them (parse, grade, lengths)."""
-        from selfbudget_pl.scoring import annotate
-
-        columns = {key: batch[key] for key in _COLUMNS if key in batch}
-        rollouts = self.rollout_backend.generate(
-            batch["prompt_ids"], num_samples=num_samples, sampling=sampling, prefill=prefill, columns=columns
-        )
-        annotate(rollouts, self.output_format, self.grader, self.tokenizer)
-        return rollouts
+        return generate_and_annotate(
+            self.rollout_backend, batch["prompt_ids"], sampling, self.output_format, self.grader, self.tokenizer,
+            num_samples=num_samples, prefill=prefill, columns=rollout_columns(batch),
+        )  # fmt: skip
 
     def validation_generation(self, batch: dict[str, Any]) -> Rollouts:
         from selfbudget_pl.metrics import update_from_rollouts
@@ -188,10 +186,19 @@ class PolicyModule(L.LightningModule):
         return path
 
 
-_COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source", "budget")
+ROLLOUT_COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source", "budget")
 
 
-def _sampling(value: Optional[SamplingSettings | dict], **defaults: Any) -> SamplingSettings:
+def rollout_columns(batch: dict[str, Any]) -> dict[str, list[Any]]:
+    """The per-prompt dataset columns of a batch that travel with its rollouts (tensors become lists)."""
+    return {
+        key: batch[key].tolist() if isinstance(batch[key], torch.Tensor) else list(batch[key])
+        for key in ROLLOUT_COLUMNS
+        if key in batch
+    }
+
+
+def sampling_settings(value: Optional[SamplingSettings | dict], **defaults: Any) -> SamplingSettings:
     if isinstance(value, SamplingSettings):
         return value
     return SamplingSettings(**{**defaults, **dict(value or {})})

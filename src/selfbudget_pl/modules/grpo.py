@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from selfbudget_pl.modules.base import _COLUMNS, PolicyModule, _sampling
+from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS,
     Aggregation,
@@ -131,7 +131,7 @@ class GRPOModule(PolicyModule):
         # Several optimizer steps per batch of rollouts, each followed by a weight sync.
         self.automatic_optimization = False
         self.num_generations = num_generations
-        self.sampling = _sampling(sampling, temperature=0.6, max_new_tokens=8192)
+        self.sampling = sampling_settings(sampling, temperature=0.6, max_new_tokens=8192)
         self.num_iterations = num_iterations
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
@@ -181,7 +181,7 @@ class GRPOModule(PolicyModule):
         if self.rollout_seed is not None:
             step_seed = self.rollout_seed + 100_003 * self.global_step + 1_009 * self.global_rank
             sampling = replace(sampling, seed=step_seed)
-        columns = {key: batch[key] for key in _COLUMNS if key in batch}
+        columns = rollout_columns(batch)
         rollouts = self.rollout_backend.generate(
             batch["prompt_ids"], num_samples=self.num_generations, sampling=sampling, columns=columns
         )
