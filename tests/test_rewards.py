@@ -248,7 +248,7 @@ class HookedModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         n = len(self.completions)
         rollouts = Rollouts(
-            prompt_ids=[[1]] * n, completion_ids=[[2] * len(c) for c in self.completions],
+            prompt_ids=[[1]] * n, completion_ids=[[2] * (len(c) + 1) for c in self.completions],
             completions=list(self.completions), truncated=[False] * n, group_index=[0] * n,
             columns={"answer": list(self.answers), "b_max": [None] * n, "problem": ["q"] * n},
         )
@@ -280,7 +280,7 @@ def test_reward_callback_in_a_training_loop():
     assert [p.well_formed for p in rollouts.parsed] == [True, True, False, False]
     assert rollouts.solution_lengths[0] == len(completions[0].split("</budget>", 1)[1])
     assert rollouts.solution_lengths[2] == len(" \\boxed{0.5}")  # after the (bad) budget tag
-    assert rollouts.solution_lengths[3] == len(completions[3])  # no budget tag: the whole completion
+    assert rollouts.solution_lengths[3] == len(rollouts.completion_ids[3])  # no budget tag: all generated tokens
     assert rollouts.rewards.dtype == torch.float32
     assert rollouts.rewards.tolist() == pytest.approx(rollouts.reward_components["budget_guided"])
     assert rollouts.reward_components["budget_guided"][2:] == [-1.0, -1.0]

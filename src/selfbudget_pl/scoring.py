@@ -29,10 +29,17 @@ def grade_parsed(parsed: Sequence[ParsedOutput], golds: Sequence[Optional[str]],
     return correct
 
 
-def solution_length(completion: str, parsed: ParsedOutput, tokenizer: Any) -> int:
-    """Tokens spent on the solution: the text after ``</budget>``, or the whole completion without one."""
+def solution_length(completion: str, parsed: ParsedOutput, tokenizer: Any, completion_ids: Optional[Sequence[int]] = None) -> int:
+    """Tokens spent on the solution: the text after ``</budget>`` under ``tokenizer``. Without a budget
+    tag, the whole completion: its generated ``completion_ids`` when known (exact, and free even for
+    a megabyte of text), else its token count."""
+    if parsed.solution is None and completion_ids is not None:
+        return len(completion_ids)
     text = parsed.solution if parsed.solution is not None else completion
-    return count_solution_tokens(text if isinstance(text, str) else "", tokenizer)
+    if not isinstance(text, str):
+        return 0
+    # Lone surrogates (possible in untrusted text, never in decoded tokens) make fast tokenizers raise.
+    return count_solution_tokens(text.encode("utf-8", errors="replace").decode("utf-8"), tokenizer)
 
 
 def annotate(rollouts: Rollouts, output_format: OutputFormat, grader: Grader, tokenizer: Any) -> None:
@@ -45,8 +52,10 @@ def annotate(rollouts: Rollouts, output_format: OutputFormat, grader: Grader, to
     parsed = [output_format.parse(completion) for completion in rollouts.completions]
     rollouts.parsed = parsed
     rollouts.correct = grade_parsed(parsed, rollouts.columns["answer"], grader)
+    ids = rollouts.completion_ids if len(rollouts.completion_ids) == len(parsed) else [None] * len(parsed)
     rollouts.solution_lengths = [
-        solution_length(completion, output, tokenizer) for completion, output in zip(rollouts.completions, parsed)
+        solution_length(completion, output, tokenizer, completion_ids)
+        for completion, output, completion_ids in zip(rollouts.completions, parsed, ids)
     ]
 
 
