@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from selfbudget_pl.data.budget_labels import label_record, label_records
 from selfbudget_pl.data.collate import GRPOCollator, SFTCollator
+from selfbudget_pl.data.loader import ResumableDataLoader
 from selfbudget_pl.data.prompts import build_prompt, encode_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
 from selfbudget_pl.data.sources import BAD_ANSWER_POLICIES, Source
@@ -218,7 +219,7 @@ class BudgetMathDataModule(L.LightningDataModule):
         return SFTCollator(pad_token_id, include_prompts=split == "val")
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(
             self.datasets[split],
             batch_size=batch_size,
             # A RandomSampler (shuffle=True) is what Lightning swaps for a DistributedSampler under DDP.
