@@ -49,8 +49,8 @@ class Grader(Protocol):
 
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 # Spacing/sizing commands and escaped dollar signs change nothing about the value;
-# `(?![a-zA-Z])` keeps \leftarrow intact.
-_NOISE = re.compile(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|\\[,;:! $]|~|\s+")
+# `(?![a-zA-Z])` keeps \leftarrow intact, `(?<!\\)` keeps a row break `\\` intact when a space follows it.
+_NOISE = re.compile(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|(?<!\\)\\[,;:! $]|~|\s+")
 _FRACTION_VARIANTS = re.compile(r"\\[dt]frac(?![a-zA-Z])")
 # Thousands groups need a non-zero lead digit: "0,111" is a decimal comma, not 111.
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:[1-9]\d{0,2}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
@@ -81,19 +81,73 @@ def plain_number(text: str) -> Optional[Fraction]:
     return Fraction(text.replace(",", ""))
 
 
+_FRACTION_LITERAL = re.compile(r"([+-]?)(?:\\frac(?:\{([+-]?\d{1,20})\}\{(\d{1,20})\}|(\d)(\d))|(\d{1,20})/(\d{1,20}))")
+
+
+def rational_literal(text: str) -> Optional[Fraction]:
+    """The exact value of a plain number or a fraction literal (``\\frac{3}{4}``, ``\\frac34``,
+    ``-3/4``) in normalised text, else None (zero denominators included: math-verify decides those)."""
+    number = plain_number(text)
+    if number is not None:
+        return number
+    match = _FRACTION_LITERAL.fullmatch(text)
+    if not match:
+        return None
+    sign, numerator, denominator = match[1], match[2] or match[4] or match[6], match[3] or match[5] or match[7]
+    if int(denominator) == 0:
+        return None
+    value = Fraction(int(numerator), int(denominator))
+    return -value if sign == "-" else value
+
+
+def _top_level_terms(text: str) -> Optional[list[str]]:
+    """Summands of a top-level sum (``+`` outside every bracket), or None when it is not a plain sum."""
+    # Lists, relations, matrices and plus-minus have a '+' that does not join summands of one sum.
+    if not text or any(mark in text for mark in ",;=<>|&") or any(cmd in text for cmd in ("\\pm", "\\mp", "\\begin")):
+        return None
+    terms, depth, start = [], 0, 0
+    for position, char in enumerate(text):
+        if char in "{([":
+            depth += 1
+        elif char in "})]":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif char == "+" and depth == 0:
+            terms.append(text[start:position])
+            start = position + 1
+    terms.append(text[start:])
+    if depth != 0 or len(terms) < 2 or not all(terms):
+        return None
+    return sorted(terms)
+
+
 def fast_verdict(prediction: str, gold: str, numeric_rel_tol: float = 0.0) -> Optional[bool]:
-    """Decide without sympy when possible: True/False, or None when math-verify must look."""
+    """Decide without sympy when it is safe: True/False, or None when math-verify must look.
+
+    Decides: equal normalised strings; plain numbers (exactly, or within ``numeric_rel_tol``); fraction
+    literals against numbers or fractions, except a decimal against a fraction that differs from it,
+    which math-verify judges with rounding (0.333333 = 1/3 at 6 places); the same summands in another
+    order (True only).
+    """
     pred, ref = normalise_answer(prediction), normalise_answer(gold)
     if not pred or not ref:
         return False
     if pred == ref:
         return True
-    pred_value, ref_value = plain_number(pred), plain_number(ref)
-    if pred_value is None or ref_value is None:
-        return None
-    if numeric_rel_tol <= 0:
-        return pred_value == ref_value
-    return abs(pred_value - ref_value) <= Fraction(numeric_rel_tol) * max(abs(pred_value), abs(ref_value))
+    pred_value, ref_value = rational_literal(pred), rational_literal(ref)
+    if pred_value is not None and ref_value is not None:
+        if numeric_rel_tol > 0:
+            return abs(pred_value - ref_value) <= Fraction(numeric_rel_tol) * max(abs(pred_value), abs(ref_value))
+        if pred_value == ref_value:
+            return True
+        both_plain = plain_number(pred) is not None and plain_number(ref) is not None
+        has_decimal = "." in pred or "." in ref
+        return False if both_plain or not has_decimal else None
+    pred_terms = _top_level_terms(pred)
+    if pred_terms is not None and pred_terms == _top_level_terms(ref):
+        return True  # addition commutes; a different order of the same summands is the same sum
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +351,23 @@ class MathGrader:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def start(self) -> None:
+        """Start the worker pool now and wait until it grades (otherwise the first batch pays for it:
+        a few seconds while workers import math-verify). A no-op when grading is in-process."""
+        if self.workers > 0 and not multiprocessing.current_process().daemon:
+            with self._lock:
+                pool = self._ensure_pool()
+                ready = pool.starmap_async(_verify_chunk, [([("0", "0")], self._settings)] * self.workers, chunksize=1)
+                try:
+                    ready.get(timeout=self.STARTUP_ALLOWANCE_S)
+                except multiprocessing.TimeoutError:
+                    self.close()
+                    raise RuntimeError(
+                        f"MathGrader: grading workers did not start within {self.STARTUP_ALLOWANCE_S:.0f} s "
+                        f"(start_method={self.start_method!r}; a script run from stdin cannot be re-imported "
+                        "by workers, so use a file or workers=0)."
+                    ) from None
 
     def close(self) -> None:
         """Stop the worker pool (a later call starts a new one)."""
