@@ -43,3 +43,38 @@ def test_two_steps_on_datamodule_batches_carry_the_columns(model_loader, tokeniz
         assert {"id", "answer", "b_max"} <= set(columns)
         ids = columns["id"]
         assert len(ids) == 6 and ids[0] == ids[1] == ids[2] != ids[3] == ids[4] == ids[5]
+
+
+class RecordRollouts(LengthReward):
+    def on_rollouts(self, trainer, pl_module, rollouts) -> None:
+        self.rollouts = getattr(self, "rollouts", []) + [rollouts]
+        super().on_rollouts(trainer, pl_module, rollouts)
+
+
+def test_prefilled_budgets_start_whole_groups_below_b_max(model_loader, tokenizer):
+    data = BudgetMathDataModule(train=[SyntheticSource(split="train", size=8, seed=0)], mode="grpo", batch_size=4)
+    data.connect(tokenizer)
+    module = GRPOModule(
+        model_loader=model_loader, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), num_generations=2,
+        sampling=dict(temperature=1.0, max_new_tokens=4), prefill_fraction=1.0, prefill_budget_range=(0.5, 0.9),
+    )  # fmt: skip
+    recorder = RecordRollouts()
+    trainer = L.Trainer(
+        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    (rollouts,) = recorder.rollouts
+    assert all(rollouts.columns["prefilled"])
+    for index, text in enumerate(rollouts.completions):
+        budget = module.output_format.parse(text + "\\boxed{1}").budget
+        b_max = rollouts.columns["b_max"][index]
+        assert text.startswith(module.output_format.budget_prefix(budget))
+        assert 0.5 * b_max - 1 <= budget <= 0.9 * b_max + 1
+        # The prefix is conditioning, not a trained completion: it sits at the end of the prompt ids.
+        prefix_ids = tokenizer.encode(module.output_format.budget_prefix(budget), add_special_tokens=False)
+        assert rollouts.prompt_ids[index][-len(prefix_ids):] == prefix_ids
+    # Both completions of a group share one budget.
+    assert rollouts.completions[0].split("</budget>")[0] == rollouts.completions[1].split("</budget>")[0]
+    off = GRPOModule(model_loader=model_loader, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    assert off.choose_prefills([10, 20], 2, None) == [None, None]

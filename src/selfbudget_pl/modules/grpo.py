@@ -101,6 +101,12 @@ class GRPOModule(PolicyModule):
         rollout_seed: sampling seed, combined with the step and rank so each step draws fresh samples
             and a resumed run draws the same ones as an uninterrupted run (None: the global RNG).
         log_entropy: log the policy's mean token entropy (one extra log-softmax over the vocabulary).
+        prefill_fraction: share of prompts whose G completions all start from a pre-filled budget
+            ``<budget>N</budget><solution>``, N drawn uniformly from ``prefill_budget_range`` x the
+            prompt's b_max (prompts without b_max are never pre-filled). The precise-budget reward
+            then trains the model to follow budgets it did not choose, which is what pre-filling at
+            inference relies on; 0 (the paper's setting as we read it) trains on own budgets only.
+        prefill_budget_range: ``(low, high)`` fractions of b_max that pre-filled budgets span.
     """
 
     def __init__(
@@ -119,6 +125,8 @@ class GRPOModule(PolicyModule):
         advantage_eps: float = 1e-4,
         rollout_seed: Optional[int] = 0,
         log_entropy: bool = True,
+        prefill_fraction: float = 0.0,
+        prefill_budget_range: tuple[float, float] = (0.5, 1.0),
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -143,6 +151,14 @@ class GRPOModule(PolicyModule):
         self.advantage_eps = advantage_eps
         self.rollout_seed = rollout_seed
         self.log_entropy = log_entropy
+        low, high = prefill_budget_range
+        if not 0.0 <= prefill_fraction <= 1.0 or not 0.0 < low <= high:
+            raise ValueError(
+                f"module.prefill_fraction={prefill_fraction} must be in [0, 1] and "
+                f"module.prefill_budget_range={prefill_budget_range} must satisfy 0 < low <= high"
+            )
+        self.prefill_fraction = prefill_fraction
+        self.prefill_budget_range = (float(low), float(high))
         self.ref_model: Optional[torch.nn.Module] = None
 
     def configure_model(self) -> None:
@@ -178,13 +194,25 @@ class GRPOModule(PolicyModule):
     def sample_and_reward(self, batch: dict[str, Any]) -> Rollouts:
         """Sample G completions per prompt, then let the rollout hooks (reward, metrics) annotate them."""
         sampling = self.sampling
+        generator = None
         if self.rollout_seed is not None:
             step_seed = self.rollout_seed + 100_003 * self.global_step + 1_009 * self.global_rank
             sampling = replace(sampling, seed=step_seed)
+            generator = torch.Generator().manual_seed(step_seed)
         columns = rollout_columns(batch)
+        prefills = self.choose_prefills(columns.get("b_max"), len(batch["prompt_ids"]), generator)
+        prompt_ids = [
+            list(ids) + (self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else [])
+            for ids, prefix in zip(batch["prompt_ids"], prefills)
+        ]
         rollouts = self.rollout_backend.generate(
-            batch["prompt_ids"], num_samples=self.num_generations, sampling=sampling, columns=columns
+            prompt_ids, num_samples=self.num_generations, sampling=sampling, columns=columns
         )
+        # A pre-filled budget is part of the prompt (never trained) but of the text that gets parsed.
+        rollouts.completions = [
+            (prefills[group] or "") + text for group, text in zip(rollouts.group_index, rollouts.completions)
+        ]
+        rollouts.columns["prefilled"] = [prefills[group] is not None for group in rollouts.group_index]
         # Parsing and grading happen in the reward callback (it annotates before it scores).
         for callback in self.trainer.callbacks:
             if hasattr(callback, "on_rollouts"):
@@ -195,6 +223,21 @@ class GRPOModule(PolicyModule):
                 "group), which sets rollouts.rewards in on_rollouts()."
             )
         return rollouts
+
+    def choose_prefills(
+        self, b_max: Optional[list[Optional[int]]], num_prompts: int, generator: Optional[torch.Generator]
+    ) -> list[Optional[str]]:
+        """Per prompt, a budget prefix to start all its completions from, or None (the model's own budget)."""
+        if self.prefill_fraction <= 0 or b_max is None:
+            return [None] * num_prompts
+        draws = torch.rand(num_prompts, 2, generator=generator).tolist()
+        low, high = self.prefill_budget_range
+        return [
+            self.output_format.budget_prefix(max(1, round(cap * (low + (high - low) * spread))))
+            if cap and pick < self.prefill_fraction
+            else None
+            for cap, (pick, spread) in zip(b_max, draws)
+        ]
 
     def make_experience(self, rollouts: Rollouts, advantages: torch.Tensor) -> Experience:
         """Pad rollouts into tensors on the module's device; EOS goes back where the model emitted it."""
@@ -328,6 +371,7 @@ def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int)
         "completions/clipped_ratio": sum(rollouts.truncated) / len(rollouts),
         "rollout/zero_std_groups": float(zero_std.sum()),
         "rollout/truncated": float(sum(rollouts.truncated)),
+        "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }
 
