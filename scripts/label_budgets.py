@@ -1,4 +1,5 @@
-"""Write budget-labelled cold-start data (JSONL, the ``labelled`` schema) from reference solutions.
+"""Write budget-labelled cold-start data (JSONL, the ``labelled`` schema) from reference solutions,
+or (``--samples K``, the paper's way) from the model's own correct answers among K samples per problem.
 
 Each row gets ``response = <budget>N</budget><solution>{reference}</solution>``, where N counts the
 solution's tokens under the model's tokenizer, and ``budget = b_max = N``. Rows whose answer cannot be
@@ -7,6 +8,8 @@ extracted, or whose rendered target would not parse back to the gold answer, are
   python scripts/label_budgets.py --jsonl ../shared/data/gsm8k/train.jsonl --schema gsm8k \\
       --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --output data/gsm8k_train_labelled.jsonl
   python scripts/label_budgets.py --source-config my_source.yaml --output labelled.jsonl   # tiny model
+  python scripts/label_budgets.py --jsonl ../shared/data/gsm8k/train.jsonl --schema gsm8k --samples 4 \
+      --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --device cuda --output data/gsm8k_self.jsonl
 
 The DataModule reads the output with ``JsonlSource(path, schema="labelled")``.
 """
@@ -40,6 +43,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--round-to", type=int, default=1, help="round budgets up to a multiple of this")
     parser.add_argument("--on-bad-answer", default="drop", choices=("drop", "error"))
     parser.add_argument("--output", required=True, help="where to write the labelled JSONL")
+    sampled = parser.add_argument_group("labelling from the model's own samples (--samples K)")
+    sampled.add_argument("--samples", type=int, default=0, help="K answers per problem (0: reference solutions)")
+    sampled.add_argument("--choose", default="shortest", choices=("shortest", "random"), help="which correct one")
+    sampled.add_argument("--temperature", type=float, default=0.6)
+    sampled.add_argument("--max-new-tokens", type=int, default=4096)
+    sampled.add_argument("--batch-size", type=int, default=16, help="problems per generate call")
+    sampled.add_argument("--prompt-template", default="{problem}", help="user turn; {problem} is replaced")
+    sampled.add_argument("--dtype", default="float32", help="model weights dtype (bfloat16 on GPUs)")
+    sampled.add_argument("--device", default="cpu")
+    sampled.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -54,10 +67,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from omegaconf import OmegaConf
 
         source = instantiate(OmegaConf.load(args.source_config))
-    tokenizer = ModelLoader(name_or_path=args.model).load_tokenizer()
+    loader = ModelLoader(name_or_path=args.model, dtype=args.dtype)
+    tokenizer = loader.load_tokenizer()
     dropped = DroppedRows()
     records = source.load(on_bad_answer=args.on_bad_answer, dropped=dropped, root=args.data_root)
-    labelled = label_records(records, tokenizer, OutputFormat(), args.round_to, dropped)
+    if args.samples:
+        labelled = label_with_samples(args, loader, tokenizer, records, dropped)
+    else:
+        labelled = label_records(records, tokenizer, OutputFormat(), args.round_to, dropped)
     rows = write_jsonl(labelled, args.output)
     dropped.log_summary(log)
     budgets = [record["budget"] for record in labelled]
@@ -68,6 +85,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         statistics.median(budgets) if budgets else 0, max(budgets, default=0),
     )
     return 0
+
+
+def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer, records, dropped) -> list:
+    from selfbudget_pl.data.self_labels import label_from_samples
+    from selfbudget_pl.rewards.grader import MathGrader
+    from selfbudget_pl.rollout.base import SamplingSettings
+    from selfbudget_pl.rollout.hf import HFRolloutBackend
+
+    model = loader.load_model().to(args.device)
+    sampling = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    with MathGrader() as grader:
+        return label_from_samples(
+            records, HFRolloutBackend(model, tokenizer), tokenizer, grader, samples=args.samples,
+            choose=args.choose, sampling=sampling, prompt_template=args.prompt_template,
+            round_to=args.round_to, batch_size=args.batch_size, seed=args.seed, dropped=dropped,
+        )  # fmt: skip
 
 
 if __name__ == "__main__":
