@@ -55,7 +55,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         cfg.trainer,
         callbacks=callbacks,
         logger=instantiate_dict(cfg.get("logger")) or False,
-        strategy=instantiate(cfg.strategy),
+        strategy=instantiate(cfg.strategy, model=model_loader),  # fsdp wraps the model's own layers
         _convert_="object",
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
