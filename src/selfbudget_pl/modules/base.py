@@ -43,7 +43,7 @@ class PolicyModule(L.LightningModule):
         grader: checks final answers against gold (used in validation and rewards).
         rollout: a partial rollout backend, finished with ``(model=..., tokenizer=...)``.
         val_sampling: sampling settings for validation generation (greedy by default).
-        export_dir: where ``on_fit_end`` writes a ``save_pretrained`` export (None: no export).
+        export_dir: where ``on_train_end`` writes a ``save_pretrained`` export (None: no export).
         merge_lora_on_export: fold LoRA adapters into the exported weights.
     """
 
@@ -173,17 +173,44 @@ class PolicyModule(L.LightningModule):
             torch.set_rng_state(rng)
             self._rng_to_restore = None
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        # Not on_fit_end: by then the strategy has torn down, and under FSDP the sharded model that the
+        # export must gather from is no longer the one the strategy holds.
         if self.export_dir:
             self.export(self.export_dir)
 
     def export(self, out_dir: str | Path) -> Optional[Path]:
-        """``save_pretrained`` the current weights and tokenizer (full weights; rank 0 writes)."""
+        """``save_pretrained`` the current weights and tokenizer (full weights; rank 0 writes).
+
+        Under FSDP every rank must call it: the shards are gathered collectively, then rank 0 loads
+        them into a fresh copy of the model (LoRA included, so the merge works as unsharded).
+        """
+        model = self.model
+        full = full_state_dict(self.trainer.model, prefix="model.")
         if not self.trainer.is_global_zero:
             return None
-        path = export_pretrained(self.model, self.tokenizer, out_dir, merge_lora=self.merge_lora_on_export)
+        if full is not None:
+            model = self.model_loader.load_model()
+            model.load_state_dict(full)
+        path = export_pretrained(model, self.tokenizer, out_dir, merge_lora=self.merge_lora_on_export)
         log.info("exported model to %s", path)
         return path
+
+
+def full_state_dict(root: torch.nn.Module, prefix: str) -> Optional[dict[str, torch.Tensor]]:
+    """The unsharded weights of ``root``'s submodule at ``prefix`` (keys without it), on CPU, when
+    ``root`` is sharded by FSDP (wrapper or ``fully_shard``); None when it is not (single device, DDP).
+
+    Collective under FSDP: every rank must call it. Only rank 0 gets the tensors (the others an empty
+    dict), so one full copy sits in host memory rather than one per rank.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if not any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in root.modules()):
+        return None
+    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 ROLLOUT_COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source", "budget")

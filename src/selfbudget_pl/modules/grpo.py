@@ -15,16 +15,24 @@ One training step, for a batch of prompts:
 
 Paper defaults (``configs/module/grpo.yaml``): G = 5, temperature 0.6, beta = 0 (no reference model,
 no KL), one iteration (ratio = 1, so clipping never triggers and the loss is the plain policy gradient).
+
+Under DDP or FSDP each rank samples for its own prompts (the DistributedSampler gives every rank a
+different slice of the batch) with its own rollout seed, and all G completions of a prompt are drawn
+on the rank that holds it: a group never straddles ranks, so step 3 is local and exact, with no
+gather. Gradients are all-reduced once per optimizer step (micro-batches before the last accumulate
+locally), so every rank takes the same step; the logged scalars are averaged across ranks.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Optional
+from typing import Any, ContextManager, Iterator, Optional
 
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
 from selfbudget_pl.modules.losses import (
@@ -189,7 +197,8 @@ class GRPOModule(PolicyModule):
         stats = self.update_policy(experience)
         stats["train/tokens_per_s"] = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
         metrics = {**rollout_metrics(rollouts, experience, self.num_generations), **stats}
-        self.log_dict(metrics, on_step=True, batch_size=len(rollouts))
+        # Each rank saw different prompts: log the mean over ranks, not rank 0's share.
+        self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
     def sample_and_reward(self, batch: dict[str, Any]) -> Rollouts:
         """Sample G completions per prompt, then let the rollout hooks (reward, metrics) annotate them."""
@@ -272,9 +281,11 @@ class GRPOModule(PolicyModule):
         for _ in range(self.num_iterations):
             for mini in experience.chunks(mini_batch):
                 normaliser = self._normaliser(mini)
-                for micro in mini.chunks(self.micro_batch_size or len(mini)):
-                    loss, entropy = self.micro_batch_loss(micro, normaliser)
-                    self.manual_backward(loss.loss)
+                micros = list(mini.chunks(self.micro_batch_size or len(mini)))
+                for index, micro in enumerate(micros):
+                    with self._gradient_sync(last=index == len(micros) - 1):
+                        loss, entropy = self.micro_batch_loss(micro, normaliser)
+                        self.manual_backward(loss.loss)
                     _accumulate(totals, micro, loss, entropy)
                 self.configure_gradient_clipping(optimizer)
                 optimizer.step()
@@ -282,6 +293,13 @@ class GRPOModule(PolicyModule):
                 scheduler.step()
                 self.rollout_backend.sync_weights(self.model)
         return _token_means(totals, steps_per_batch)
+
+    def _gradient_sync(self, last: bool) -> ContextManager[None]:
+        """All-reduce gradients only on a mini-batch's last backward; earlier ones accumulate locally."""
+        strategy = self.trainer.strategy
+        if last or not isinstance(strategy, ParallelStrategy):
+            return nullcontext()
+        return strategy.block_backward_sync()
 
     def micro_batch_loss(self, micro: Experience, normaliser: float) -> tuple[PolicyLoss, Optional[torch.Tensor]]:
         """Forward the policy on one micro-batch and build its share of the mini-batch loss."""
