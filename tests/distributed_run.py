@@ -1,0 +1,96 @@
+"""Run ``train(cfg)`` as one rank of a two-process CPU DDP job and write what that rank ended with.
+
+    python -m tests.distributed_run <experiment> <output_dir> [overrides...]
+
+Lightning's DDP launcher re-runs this module once per extra rank; each rank writes
+``<output_dir>/rank<N>.json`` (final metrics, a digest of its weights, the examples it trained on; rank 0 adds a digest of its export),
+which tests/test_distributed.py compares across ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import open_dict
+
+from selfbudget_pl.train import train
+from tests.test_train import compose_small
+
+
+class RecordExamples(L.Callback):
+    """Keeps the starting weights' digest and an identity for every training example this rank saw:
+    its dataset id (GRPO batches carry one) or a digest of its tokens (SFT batches)."""
+
+    def __init__(self) -> None:
+        self.examples: list[Any] = []
+        self.initial_sha256 = ""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial_sha256 = weights_digest(pl_module.model)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if "id" in batch:
+            ids = batch["id"]
+            self.examples.extend(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
+            return
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            self.examples.append(hashlib.sha1(ids[mask.bool()].numpy().tobytes()).hexdigest()[:16])
+
+
+class EvenTokenReward:
+    """Share of even token ids in a completion: a reward the untrained tiny model's samples differ on
+    (the task rewards are all the format penalty for it), so GRPO advantages are non-zero and weights move."""
+
+    __name__ = "even_tokens"
+
+    def __call__(self, completions: list[str], completion_ids: list[list[int]], **columns: Any) -> list[float]:
+        return [sum(token % 2 == 0 for token in ids) / max(len(ids), 1) for ids in completion_ids]
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every tensor of the state dict, in key order: equal digests mean bitwise-equal weights."""
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(experiment: str, output_dir: str, *overrides: str) -> None:
+    cfg = compose_small(experiment, Path(output_dir), "strategy=ddp", "trainer.devices=2", *overrides)
+    with open_dict(cfg):
+        cfg.callbacks.record_examples = {"_target_": f"{__name__}.RecordExamples"}
+        cfg.module.export_dir = str(Path(output_dir, "export"))  # not the experiment's shared logs/ path
+        if cfg.module.get("num_generations"):
+            cfg.reward = {
+                "_target_": "selfbudget_pl.callbacks.reward.RewardCallback",
+                "functions": {"even_tokens": {"_target_": f"{__name__}.EvenTokenReward"}},
+                "sync_dist": True,
+            }
+    metrics, objects = train(cfg)
+    trainer = objects["trainer"]
+    recorder = next(callback for callback in trainer.callbacks if isinstance(callback, RecordExamples))
+    result = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "metrics": metrics,
+        "initial_sha256": recorder.initial_sha256,
+        "weights_sha256": weights_digest(objects["module"].model),
+        "examples": recorder.examples,
+    }
+    if trainer.is_global_zero:
+        from transformers import AutoModelForCausalLM
+
+        result["export_sha256"] = weights_digest(AutoModelForCausalLM.from_pretrained(cfg.module.export_dir))
+    Path(output_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
