@@ -36,6 +36,7 @@ def compose_small(experiment: str, output_dir: Path, *overrides: str):
             for source in cfg.data.get(split) or []:
                 key = "size" if "size" in source else "limit"
                 source[key] = 24
+        cfg.module.export_dir = str(output_dir / "export")  # never the shared logs/<experiment>/export
         cfg.module.val_sampling.max_new_tokens = 12
         if "sampling" in cfg.module:
             cfg.module.sampling.max_new_tokens = 12
