@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -129,8 +130,11 @@ def check_targets(results: dict[str, Any], targets: DictConfig) -> list[dict[str
 
 def report_markdown(figures: dict[str, Any], out: Path) -> str:
     """The reproduction report: targets, the main table, the sweep, the plots."""
-    lines = ["# SelfBudgeter on the tiny model (CPU reproduction)", "", "## Targets", "",
-             "| target | measured | goal | met |", "|---|---|---|---|"]  # fmt: skip
+    command = " ".join(["selfbudget-reproduce", *sys.argv[1:]]) if sys.argv[0].endswith("reproduce") else None
+    lines = ["# SelfBudgeter on the tiny model (CPU reproduction)", ""]
+    lines += [f"Command: `{command}`", ""] if command else []
+    lines += ["## Targets", "",
+              "| target | measured | goal | met |", "|---|---|---|---|"]  # fmt: skip
     for check in figures["checks"]:
         measured = "n/a" if check["measured"] is None else f"{check['measured']:.3f}"
         lines.append(f"| {check['target']} | {measured} | {check['goal']} | "
