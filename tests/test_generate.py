@@ -17,19 +17,15 @@ from selfbudget_pl.generate import BudgetEvent, DoneEvent, TokenEvent, stream_ge
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
 
+from .conftest import sharpen
+
 PROBLEM = "the sum of 3+4"
 
 
 @pytest.fixture(scope="module")
 def model(model_loader):
     """The tiny model with sharper random weights, so greedy output depends on its context."""
-    model = model_loader.load_model()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0.0, 0.2)
-    return model
+    return sharpen(model_loader.load_model())
 
 
 class ScriptedModel(torch.nn.Module):

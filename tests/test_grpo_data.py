@@ -23,6 +23,15 @@ class LengthReward(L.Callback):
         rollouts.rewards = -torch.tensor([float(len(ids)) for ids in rollouts.completion_ids])
 
 
+def fit(module: GRPOModule, data: BudgetMathDataModule, hook: L.Callback, max_steps: int) -> L.Trainer:
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[hook],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
 def test_two_steps_on_datamodule_batches_carry_the_columns(model_loader, tokenizer):
     data = BudgetMathDataModule(train=[SyntheticSource(split="train", size=8, seed=0)], mode="grpo", batch_size=2)
     data.connect(tokenizer)
@@ -33,12 +42,7 @@ def test_two_steps_on_datamodule_batches_carry_the_columns(model_loader, tokeniz
         sampling=dict(temperature=1.0, max_new_tokens=4),
     )
     reward = LengthReward()
-    trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[reward],
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
-    assert trainer.global_step == 2
+    assert fit(module, data, reward, max_steps=2).global_step == 2
     for columns in reward.columns:
         assert {"id", "answer", "b_max"} <= set(columns)
         ids = columns["id"]
@@ -59,11 +63,7 @@ def test_prefilled_budgets_start_whole_groups_below_b_max(model_loader, tokenize
         sampling=dict(temperature=1.0, max_new_tokens=4), prefill_fraction=1.0, prefill_budget_range=(0.5, 0.9),
     )  # fmt: skip
     recorder = RecordRollouts()
-    trainer = L.Trainer(
-        max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
+    fit(module, data, recorder, max_steps=1)
     (rollouts,) = recorder.rollouts
     assert all(rollouts.columns["prefilled"])
     for index, text in enumerate(rollouts.completions):

@@ -9,21 +9,12 @@ from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend, repeat_columns
 
-
-def _sharpen(model: torch.nn.Module) -> torch.nn.Module:
-    """Init-scale weights give near-uniform logits and greedy repeats one token whatever the prompt;
-    sharper random weights make every output depend on its context, so comparisons mean something."""
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for weight in model.parameters():
-            if weight.dim() == 2:
-                weight.normal_(0.0, 0.2)
-    return model
+from .conftest import sharpen
 
 
 @pytest.fixture(scope="module")
 def model(model_loader):
-    return _sharpen(model_loader.load_model())
+    return sharpen(model_loader.load_model())
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +143,7 @@ def test_restores_train_mode_and_keeps_gradients_off(model, tokenizer, prompts):
 
 
 def test_generates_with_a_peft_model_and_gradient_checkpointing(model_loader, tokenizer, prompts):
-    base = _sharpen(model_loader.load_model())
+    base = sharpen(model_loader.load_model())
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
     peft_model = apply_lora(base, LoraSettings(enabled=True, r=4))
