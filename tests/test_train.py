@@ -91,3 +91,10 @@ def test_bad_override_gives_a_readable_error(override, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_debug_fast_runs_one_batch(tmp_path, tiny_cache):
+    cfg = compose_small("sft_toy", tmp_path, "debug=fast")
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert not list(tmp_path.rglob("*.ckpt"))  # fast_dev_run writes no checkpoint
