@@ -97,4 +97,4 @@ def test_debug_fast_runs_one_batch(tmp_path, tiny_cache):
     cfg = compose_small("sft_toy", tmp_path, "debug=fast")
     _, objects = train(cfg)
     assert objects["trainer"].global_step == 1
-    assert not list(tmp_path.rglob("*.ckpt"))  # fast_dev_run writes no checkpoint
+    assert not list(tmp_path.rglob("*.ckpt"))  # no checkpoint
