@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from selfbudget_pl.models import LoraSettings, ModelLoader
-from selfbudget_pl.modules.grpo import GRPOModule, pad_sequences
+from selfbudget_pl.data.collate import pad
+from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.losses import group_advantages
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
 
@@ -253,9 +254,11 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(sharp_loader, pro
         torch.testing.assert_close(weight, expected[name], msg=name)
 
 
-def test_pad_sequences_handles_empty_rows():
-    ids, mask = pad_sequences([[1, 2], []], pad_id=0, left=True)
+def test_pad_handles_empty_rows_and_a_minimum_width():
+    ids, mask = pad([[1, 2], []], 0, left=True, min_width=1)
     assert ids.tolist() == [[1, 2], [0, 0]] and mask.tolist() == [[1, 1], [0, 0]]
+    ids, mask = pad([[], []], 0, min_width=1)
+    assert ids.shape == (2, 1) and mask.tolist() == [[0], [0]]
 
 
 def test_rejects_settings_that_cannot_work(sharp_loader):

@@ -21,10 +21,11 @@ COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source")
 
 
 def pad(
-    sequences: Sequence[Sequence[int] | np.ndarray], value: int, left: bool = False
+    sequences: Sequence[Sequence[int] | np.ndarray], value: int, left: bool = False, min_width: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to the longest sequence; returns ``(ids, attention_mask)`` as long tensors [B, T]."""
-    width = max((len(sequence) for sequence in sequences), default=0)
+    """Pad to the longest sequence (at least ``min_width``); returns ``(ids, attention_mask)`` as long
+    tensors [B, T]. Used for batches, rollout prompts and GRPO experience alike."""
+    width = max(min_width, max((len(sequence) for sequence in sequences), default=0))
     ids = torch.full((len(sequences), width), value, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, sequence in enumerate(sequences):

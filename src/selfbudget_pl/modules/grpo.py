@@ -34,6 +34,7 @@ from typing import Any, ContextManager, Iterator, Optional
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
+from selfbudget_pl.data.collate import pad as pad_tokens
 from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS,
@@ -259,8 +260,9 @@ class GRPOModule(PolicyModule):
             for ids, text, truncated in zip(rollouts.completion_ids, rollouts.completions, rollouts.truncated)
         ]
         pad = self.tokenizer.pad_token_id
-        prompt_ids, prompt_mask = pad_sequences(rollouts.prompt_ids, pad, left=True)
-        completion_ids, completion_mask = pad_sequences(completions, pad, left=False)
+        # min_width 1: a batch whose completions are all empty still has a token axis.
+        prompt_ids, prompt_mask = pad_tokens(rollouts.prompt_ids, pad, left=True, min_width=1)
+        completion_ids, completion_mask = pad_tokens(completions, pad, min_width=1)
         return Experience(
             prompt_ids.to(self.device), prompt_mask.to(self.device),
             completion_ids.to(self.device), completion_mask.to(self.device), advantages,
@@ -359,19 +361,6 @@ class GRPOModule(PolicyModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_generation(batch)
-
-
-def pad_sequences(sequences: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> ``(ids, mask)`` tensors ``[len(sequences), longest]``, padded on the left or right."""
-    width = max(1, max(len(ids) for ids in sequences))
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, tokens in enumerate(sequences):
-        if tokens:
-            columns = slice(width - len(tokens), width) if left else slice(0, len(tokens))
-            ids[row, columns] = torch.tensor(tokens, dtype=torch.long)
-            mask[row, columns] = 1
-    return ids, mask
 
 
 def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int) -> dict[str, float]:

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
 
 
@@ -72,13 +73,8 @@ class HFRolloutBackend(RolloutBackend):
 
     def _generate_batch(self, contexts: list[list[int]], sampling: SamplingSettings) -> list[list[int]]:
         device = _device_of(self.model)
-        width = max(len(ids) for ids in contexts)
-        input_ids = torch.full((len(contexts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(contexts), width), dtype=torch.long)
-        for row, ids in enumerate(contexts):
-            if ids:
-                input_ids[row, width - len(ids) :] = torch.tensor(ids)
-                attention_mask[row, width - len(ids) :] = 1
+        input_ids, attention_mask = pad(contexts, self.pad_token_id, left=True)
+        width = input_ids.shape[1]
         output = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
