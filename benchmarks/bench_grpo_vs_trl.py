@@ -23,7 +23,8 @@ import lightning as L
 import torch
 
 from selfbudget_pl.models import ModelLoader
-from selfbudget_pl.modules.grpo import GRPOModule, pad_sequences
+from selfbudget_pl.data.collate import pad
+from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
 
@@ -141,7 +142,7 @@ def rollout_throughput(loader: ModelLoader, prompt_ids: list[list[int]], args: a
     backend = HFRolloutBackend(model, tokenizer, batch_size=len(prompt_ids) * args.num_generations)
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=args.max_new_tokens)
     expanded = [ids for ids in prompt_ids for _ in range(args.num_generations)]
-    input_ids, attention_mask = pad_sequences(expanded, tokenizer.pad_token_id, left=True)
+    input_ids, attention_mask = pad(expanded, tokenizer.pad_token_id, left=True)
     ours, bare = [], []
     for _ in range(args.rounds * 2):
         started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Sampling with transformers ``generate`` on the training model itself (KV cache, left padding).
+"""Sampling on the training model itself (KV cache, left padding): transformers ``generate``, or for
+Llama-style decoders the leaner loop of :mod:`selfbudget_pl.rollout.fused_decode`.
 
 The backend shares the policy's weights, so there is nothing to sync after an optimizer step; it is
 the default on CPU and for small models. For large models on GPUs see :mod:`selfbudget_pl.rollout.vllm`.
@@ -7,27 +8,38 @@ the default on CPU and for small models. For large models on GPUs see :mod:`self
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from selfbudget_pl.data.collate import pad
+from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+
+log = logging.getLogger(__name__)
+DECODERS = ("auto", "fused", "generate")
 
 
 class HFRolloutBackend(RolloutBackend):
-    """Samples completions with ``model.generate``.
+    """Samples completions from the training model.
 
     Args:
         model: a transformers causal LM, or a peft model wrapping one (sampling uses its adapters).
         tokenizer: the model's tokenizer (pad id, EOS, decoding, stop strings).
         batch_size: most sequences (prompts x samples) per ``generate`` call; bounds KV-cache memory.
+        decoder: ``fused`` (the lean loop; Qwen2/Llama/Qwen3 only), ``generate`` (``model.generate``,
+            any model), or ``auto``: fused where the model allows it, else generate.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64, decoder: str = "auto") -> None:
         if batch_size < 1:
             raise ValueError(f"rollout.batch_size={batch_size} must be >= 1")
+        if decoder not in DECODERS:
+            raise ValueError(f"rollout.decoder={decoder!r} must be one of {DECODERS}")
+        self.decoder = decoder
+        self._told_fallback = False
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -74,6 +86,12 @@ class HFRolloutBackend(RolloutBackend):
     def _generate_batch(self, contexts: list[list[int]], sampling: SamplingSettings) -> list[list[int]]:
         device = _device_of(self.model)
         input_ids, attention_mask = pad(contexts, self.pad_token_id, left=True)
+        if self._fused():
+            stopped = (lambda row: self._end_of_first_stop(row, sampling.stop) is not None) if sampling.stop else None
+            return fused_decode.sample(
+                self.model, input_ids.to(device), attention_mask.to(device), sampling,
+                self.eos_token_ids, self.pad_token_id, stopped=stopped,
+            )  # fmt: skip
         width = input_ids.shape[1]
         output = self.model.generate(
             input_ids=input_ids.to(device),
@@ -81,6 +99,20 @@ class HFRolloutBackend(RolloutBackend):
             **self._generate_kwargs(sampling),
         )
         return output[:, width:].tolist()
+
+    def _fused(self) -> bool:
+        """Whether this call uses the fused loop (asked per call: the model may be wrapped after init)."""
+        if self.decoder == "generate":
+            return False
+        reason = fused_decode.unsupported_reason(self.model)
+        if reason is None:
+            return True
+        if self.decoder == "fused":
+            raise ValueError(f"rollout.decoder=fused cannot run this model: {reason}; use decoder=auto or generate")
+        if not self._told_fallback:
+            log.info("rollout: sampling with model.generate (%s)", reason)
+            self._told_fallback = True
+        return False
 
     def _generate_kwargs(self, sampling: SamplingSettings) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

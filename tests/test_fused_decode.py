@@ -1,0 +1,139 @@
+"""The fused sampling loop against transformers ``generate``: same tokens (greedy), same distribution
+(sampled), on Qwen2, Llama with grouped-query attention, Qwen3, and LoRA; fallback for other models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from selfbudget_pl.data.collate import pad
+from selfbudget_pl.models import LoraSettings, apply_lora
+from selfbudget_pl.rollout import fused_decode
+from selfbudget_pl.rollout.base import SamplingSettings
+from selfbudget_pl.rollout.hf import HFRolloutBackend
+
+from .conftest import sharpen
+
+PAD = 0
+
+
+def _random_model(config: transformers.PretrainedConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return sharpen(transformers.AutoModelForCausalLM.from_config(config).eval())
+
+
+def _small(kind: str) -> torch.nn.Module:
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
+    if kind == "llama_gqa":
+        return _random_model(transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common))
+    if kind == "qwen3":
+        return _random_model(transformers.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common))
+    raise ValueError(kind)
+
+
+def _prompts(vocab: int = 64) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for length in (2, 7, 4, 11)]
+
+
+def _generate(model, prompts, max_new_tokens: int, eos: list[int]) -> list[list[int]]:
+    input_ids, mask = pad(prompts, PAD, left=True)
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+            eos_token_id=eos, pad_token_id=PAD,
+        )  # fmt: skip
+    return output[:, input_ids.shape[1] :].tolist()
+
+
+def _fused(model, prompts, max_new_tokens: int, eos: list[int], **sampling) -> list[list[int]]:
+    input_ids, mask = pad(prompts, PAD, left=True)
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, **{"temperature": 0.0, **sampling})
+    return fused_decode.sample(model, input_ids, mask, settings, eos, PAD)
+
+
+def _assert_greedy_matches_generate(model, prompts) -> None:
+    unused = model.config.vocab_size - 1
+    free = _generate(model, prompts, 24, eos=[unused])
+    assert _fused(model, prompts, 24, eos=[unused]) == free
+    # A token row 0 emits early becomes EOS: rows then finish at different steps (and leave the fused
+    # batch), and the rest of each finished row is padding, exactly as generate pads it.
+    eos = [next(token for token in free[0][2:] if token not in (PAD, unused))]
+    expected = _generate(model, prompts, 24, eos=eos)
+    assert _fused(model, prompts, 24, eos=eos) == expected
+    assert PAD in expected[0] and any(PAD not in row for row in expected)
+
+
+def test_greedy_matches_generate_on_the_tiny_qwen2(model_loader):
+    model = sharpen(model_loader.load_model()).eval()
+    assert fused_decode.unsupported_reason(model) is None
+    _assert_greedy_matches_generate(model, _prompts(vocab=400))
+
+
+@pytest.mark.parametrize("kind", ["llama_gqa", "qwen3"])
+def test_greedy_matches_generate_on_other_llama_style_decoders(kind):
+    model = _small(kind)
+    assert fused_decode.unsupported_reason(model) is None
+    _assert_greedy_matches_generate(model, _prompts())
+
+
+def test_lora_adapters_are_sampled_and_can_be_disabled(model_loader):
+    model = sharpen(model_loader.load_model()).eval()
+    plain = _generate(model, _prompts(400), 16, eos=[1])
+    peft_model = apply_lora(model, LoraSettings(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, weight in peft_model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.5)  # peft starts B at zero, which would make the adapters a no-op
+    with_adapters = _generate(peft_model, _prompts(400), 16, eos=[1])
+    assert with_adapters != plain
+    assert _fused(peft_model, _prompts(400), 16, eos=[1]) == with_adapters
+    with peft_model.disable_adapter():
+        assert _fused(peft_model, _prompts(400), 16, eos=[1]) == plain
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.7), dict(temperature=1.0, top_k=5), dict(temperature=1.3, top_p=0.6)])
+def test_sampled_tokens_follow_the_warped_distribution(settings):
+    """The first sampled token of 6,000 rows against softmax(logits / T) cut by top-k / top-p, as
+    transformers' warpers compute it."""
+    model = _small("llama_gqa")
+    prompt = _prompts()[1]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    warpers = transformers.LogitsProcessorList(
+        [transformers.TemperatureLogitsWarper(settings["temperature"])]
+        + ([transformers.TopKLogitsWarper(settings["top_k"])] if "top_k" in settings else [])
+        + ([transformers.TopPLogitsWarper(settings["top_p"])] if "top_p" in settings else [])
+    )
+    expected = warpers(torch.tensor([prompt]), logits[None].clone())[0].softmax(-1)
+
+    torch.manual_seed(0)
+    rows = 6000
+    tokens = torch.tensor(_fused(model, [prompt] * rows, 1, eos=[1], **settings))[:, 0]
+    observed = torch.bincount(tokens, minlength=expected.numel()).float() / rows
+    assert observed[expected == 0].sum() == 0  # nothing outside top-k / top-p is ever drawn
+    total_variation = 0.5 * (observed - expected).abs().sum()
+    assert total_variation < 0.05, total_variation
+
+
+def test_seeded_backend_calls_repeat_and_differ_across_seeds(model_loader, tokenizer):
+    backend = HFRolloutBackend(sharpen(model_loader.load_model()), tokenizer, decoder="fused")
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=12, seed=5)
+    first = backend.generate(_prompts(400), 3, sampling).completion_ids
+    assert backend.generate(_prompts(400), 3, sampling).completion_ids == first
+    sampling.seed = 6
+    assert backend.generate(_prompts(400), 3, sampling).completion_ids != first
+
+
+def test_other_architectures_fall_back_to_generate(tokenizer):
+    gpt2 = _random_model(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2))
+    assert "gpt2" in fused_decode.unsupported_reason(gpt2)
+    auto = HFRolloutBackend(gpt2, tokenizer, decoder="auto")
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=5)
+    assert len(auto.generate([[5, 6, 7]], 1, greedy).completion_ids[0]) <= 5
+    with pytest.raises(ValueError, match="decoder=fused cannot run this model: model_type 'gpt2'"):
+        HFRolloutBackend(gpt2, tokenizer, decoder="fused").generate([[5, 6, 7]], 1, greedy)
+    with pytest.raises(ValueError, match="rollout.decoder='vllm' must be one of"):
+        HFRolloutBackend(gpt2, tokenizer, decoder="vllm")
