@@ -115,3 +115,25 @@ def test_sharded_weights_gather_and_export_like_unsharded(tmp_path, tiny_cache, 
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["sharded_parameters"] > 0, "fully_shard left every parameter whole"
     assert report["gathered_equals_unsharded"] and report["export_equals_unsharded"]
+
+
+def test_vllm_weight_sync_gives_every_rank_the_full_weights_under_fsdp(tmp_path, tiny_cache, model_loader):
+    # FSDP2 fully_shard and the FSDP1 wrapper (Lightning's), each plain and with LoRA: every rank's
+    # stand-in engine receives the unsharded (LoRA-merged) weights under the checkpoint's names.
+    model_loader.path  # build the tiny model before two processes read it
+    env = {**os.environ, "SELFBUDGET_CACHE": str(tiny_cache), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+         "-m", "tests.fsdp_weight_sync_run", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(reports[0]) == sorted(reports[1]) == ["fsdp1", "fsdp1_lora", "fsdp2", "fsdp2_lora"]
+    for case in reports[0]:
+        rank0, rank1 = reports[0][case], reports[1][case]
+        assert rank0["digest"] == rank1["digest"], f"{case}: the ranks' engines hold different weights"
+        for report in (rank0, rank1):
+            checks = {key: value for key, value in report.items() if key not in ("digest", "chunks")}
+            assert all(checks.values()), f"{case}: {checks}"
+            assert report["chunks"] > 1, f"{case}: the weights went to the engine in one piece"

@@ -1,5 +1,6 @@
 """VLLMRolloutBackend without a GPU: lazy import, the install hint, request building, output conversion
-and the weight sync, against a stand-in ``vllm`` module that records what it is asked."""
+and the weight sync, against a stand-in ``vllm`` module that records what it is asked. The sync under
+FSDP (two processes) is in tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.rollout.base import SamplingSettings
-from selfbudget_pl.rollout.vllm import full_weights, rollouts_from_outputs, sampling_params_kwargs
+from selfbudget_pl.rollout.vllm import rollouts_from_outputs, sampling_params_kwargs
+from selfbudget_pl.weights import iter_full_weights
 
 
 def test_importing_the_module_does_not_import_vllm():
@@ -68,6 +70,7 @@ class _FakeLLM:
         self.calls: list[str] = []
         self.requests = None
         self.engine_model = None
+        self.loads: list[list[tuple[str, torch.Tensor]]] = []
         runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load_weights))
         worker = SimpleNamespace(model_runner=runner)
         self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker))
@@ -75,7 +78,14 @@ class _FakeLLM:
 
     def _load_weights(self, weights):
         self.calls.append("load_weights")
-        self.loaded = {name: tensor.clone() for name, tensor in weights}
+        # Copied, as vLLM copies into its own parameters; every call's pairs are kept, in order.
+        self.loads.append([(name, tensor.detach().clone()) for name, tensor in weights])
+
+    @property
+    def loaded(self) -> dict[str, torch.Tensor]:
+        pairs = [pair for chunk in self.loads for pair in chunk]
+        assert len({name for name, _ in pairs}) == len(pairs), "a weight was sent twice"
+        return dict(pairs)
 
     def generate(self, prompts, sampling_params, use_tqdm):
         self.calls.append("generate")
@@ -135,9 +145,29 @@ def test_sleep_mode_releases_memory_between_rollouts(fake_vllm, model_loader, to
     ]
 
 
+def assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert loaded.keys() == expected.keys(), set(loaded) ^ set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_sync_weights_streams_a_plain_model_state_dict_in_chunks(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    model = model_loader.load_model()
+    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    backend = VLLMRolloutBackend(model, tokenizer, weight_sync_chunk_mb=0.1)
+    backend.sync_weights(model)
+    llm = _FakeLLM.instances[-1]
+    assert_same(llm.loaded, expected)
+    assert len(llm.loads) > 1, "the weights went to the engine in one piece"
+    assert all(sum(t.numel() * t.element_size() for _, t in chunk[:-1]) < 0.1 * 2**20 for chunk in llm.loads)
+
+
 def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm, model_loader, tokenizer):
     from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
 
+    torch.manual_seed(0)
     policy = apply_lora(model_loader.load_model(), LoraSettings(enabled=True, r=4))
     with torch.no_grad():
         for name, weight in policy.named_parameters():
@@ -146,19 +176,53 @@ def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm
     expected = copy.deepcopy(policy).merge_and_unload().state_dict()
     before = {name: weight.clone() for name, weight in policy.state_dict().items()}
 
-    backend = VLLMRolloutBackend(policy, tokenizer)
+    backend = VLLMRolloutBackend(policy, tokenizer, weight_sync_chunk_mb=0.1)
     backend.sync_weights(policy)
-    loaded = _FakeLLM.instances[-1].loaded
-    assert set(loaded) == set(expected)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(loaded[name], tensor)
-    # The adapters are unmerged again: training continues from the same weights.
+    llm = _FakeLLM.instances[-1]
+    assert_same(llm.loaded, expected)  # exactly peft's merge, under the HF checkpoint's names
+    assert len(llm.loads) > 1
+    # The adapters were never merged into the training weights.
     for name, weight in policy.state_dict().items():
-        torch.testing.assert_close(weight, before[name])
+        assert torch.equal(weight, before[name]), name
+    assert not any(layer.merged for layer in policy.modules() if hasattr(layer, "merged_adapters"))
 
 
-def test_full_weights_of_a_plain_model_is_its_state_dict(model_loader):
-    model = model_loader.load_model()
-    with full_weights(model) as weights:
-        assert weights.keys() == model.state_dict().keys()
-        assert all(torch.equal(weights[name], tensor) for name, tensor in model.state_dict().items())
+class _Holder(torch.nn.Module):
+    """The LightningModule's layout: the policy at ``model``, a frozen reference beside it."""
+
+    def __init__(self, model: torch.nn.Module, ref_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.ref_model = ref_model
+
+
+def test_full_weights_strip_wrapper_names_and_stay_inside_the_prefix(model_loader):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from selfbudget_pl.strategies import decoder_layer_classes
+
+    torch.manual_seed(0)
+    policy = apply_lora(model_loader.load_model(), LoraSettings(enabled=True, r=4))
+    with torch.no_grad():
+        for name, weight in policy.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, 0.1)
+    raw = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
+    expected = copy.deepcopy(policy).merge_and_unload().state_dict()
+    reference = model_loader.load_model()
+    with torch.no_grad():
+        for weight in reference.parameters():
+            weight.add_(1.0)  # different values under the same names: a leak from it would show
+    root = _Holder(policy, reference)
+    # What Lightning's activation checkpointing does: decoder layers wrapped in CheckpointWrapper.
+    layers = tuple(decoder_layer_classes(model_loader))
+    apply_activation_checkpointing(root, check_fn=lambda module: isinstance(module, layers))
+    assert any("_checkpoint_wrapped_module" in name for name, _ in root.named_parameters())
+
+    streamed = {}
+    for name, tensor in iter_full_weights(root, "model."):
+        assert torch.is_grad_enabled(), "the walk's grad mode leaked into the caller"
+        streamed[name] = tensor.clone()
+    assert_same(streamed, expected)
+    # Unmerged: the peft model's own state dict (what the export loads into a fresh copy).
+    assert_same({name: t.clone() for name, t in iter_full_weights(root, "model.", merge_lora=False)}, raw)

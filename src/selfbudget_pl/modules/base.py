@@ -19,6 +19,7 @@ from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.models import ModelLoader, export_pretrained
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+from selfbudget_pl.weights import is_sharded, iter_full_weights
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,15 @@ class PolicyModule(L.LightningModule):
         if self.export_dir:
             self.export(self.export_dir)
 
+    def weights_source(self) -> tuple[torch.nn.Module, str]:
+        """Where the policy's full weights are read from, as ``(module, attribute prefix)``: the strategy's
+        root and ``"model."`` when it shards (FSDP: reading is a collective), else the policy itself."""
+        trainer = self._trainer
+        root = trainer.strategy.model if trainer is not None else None
+        if root is not None and is_sharded(root):
+            return root, "model."
+        return self.model, ""
+
     def export(self, out_dir: str | Path) -> Optional[Path]:
         """``save_pretrained`` the current weights and tokenizer (full weights; rank 0 writes).
 
@@ -186,7 +196,7 @@ class PolicyModule(L.LightningModule):
         them into a fresh copy of the model (LoRA included, so the merge works as unsharded).
         """
         model = self.model
-        full = full_state_dict(self.trainer.model, prefix="model.")
+        full = full_state_dict(*self.weights_source())
         if not self.trainer.is_global_zero:
             return None
         if full is not None:
@@ -198,19 +208,23 @@ class PolicyModule(L.LightningModule):
 
 
 def full_state_dict(root: torch.nn.Module, prefix: str) -> Optional[dict[str, torch.Tensor]]:
-    """The unsharded weights of ``root``'s submodule at ``prefix`` (keys without it), on CPU, when
-    ``root`` is sharded by FSDP (wrapper or ``fully_shard``); None when it is not (single device, DDP).
+    """The unsharded weights of ``root``'s submodule at ``prefix`` (keys without it, as in that
+    submodule's ``state_dict()``, LoRA adapters separate), on CPU, when ``root`` is sharded by FSDP
+    (wrapper or ``fully_shard``); None when it is not (single device, DDP).
 
-    Collective under FSDP: every rank must call it. Only rank 0 gets the tensors (the others an empty
-    dict), so one full copy sits in host memory rather than one per rank.
+    Collective under FSDP: every rank must call it. The weights are gathered one FSDP unit or parameter at
+    a time (:func:`selfbudget_pl.weights.iter_full_weights`, which the vLLM weight sync streams from too)
+    and only rank 0 keeps them (the others get an empty dict), so one full copy sits in host memory
+    rather than one per rank.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    if not any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in root.modules()):
+    if not is_sharded(root):
         return None
-    state = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_full_weights(root, prefix, merge_lora=False):
+        if keep:
+            state[name] = tensor.to("cpu", copy=True)
+    return state
 
 
 ROLLOUT_COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source", "budget")

@@ -185,7 +185,7 @@ class GRPOModule(PolicyModule):
     def on_train_start(self) -> None:
         super().on_train_start()
         # A resumed run's policy is not the checkpoint the backend loaded from disk.
-        self.rollout_backend.sync_weights(self.model)
+        self.rollout_backend.sync_weights(*self.weights_source())
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -293,7 +293,7 @@ class GRPOModule(PolicyModule):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                self.rollout_backend.sync_weights(self.model)
+                self.rollout_backend.sync_weights(*self.weights_source())
         return _token_means(totals, steps_per_batch)
 
     def _gradient_sync(self, last: bool) -> ContextManager[None]:

@@ -69,5 +69,9 @@ class RolloutBackend(ABC):
     ) -> Rollouts:
         """Sample ``num_samples`` completions for each prompt (token ids, unpadded)."""
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Make the backend sample from ``model``'s current weights (no-op when it shares them)."""
+    def sync_weights(self, model: torch.nn.Module, prefix: str = "") -> None:
+        """Make the backend sample from the policy's current weights (no-op when it shares them).
+
+        ``model`` is the policy itself, or the (FSDP-sharded) module that holds it at attribute path
+        ``prefix``; see :meth:`selfbudget_pl.modules.base.PolicyModule.weights_source`.
+        """

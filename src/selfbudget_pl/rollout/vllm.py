@@ -1,24 +1,26 @@
 """Sampling with a colocated vLLM engine (same process, same GPU as training).
 
 The engine loads the checkpoint from disk once, then receives the policy's current weights after every
-optimizer step through :meth:`VLLMRolloutBackend.sync_weights` (gathered to full tensors under FSDP,
-LoRA merged in). ``vllm`` is imported only when the backend is built, so this module imports on CPU;
-install it with ``pip install -e .[vllm]``.
+optimizer step through :meth:`VLLMRolloutBackend.sync_weights`: streamed from
+:func:`selfbudget_pl.weights.full_weight_chunks` (gathered per FSDP unit or parameter, LoRA merged in
+arithmetically, under the HF checkpoint's names) and loaded a chunk at a time. Every rank has its own
+engine and loads the full weights into it.
+
+``vllm`` is imported only when the backend is built, so this module imports on CPU; install it with
+``pip install -e .[vllm]``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
 from selfbudget_pl.rollout.hf import eos_token_ids, repeat_columns
-
-_PEFT_NAME_FIXES = (("base_model.model.", ""), (".base_layer", ""), ("modules_to_save.default.", ""))
+from selfbudget_pl.weights import full_weight_chunks
 
 
 def import_vllm() -> Any:
@@ -47,6 +49,8 @@ class VLLMRolloutBackend(RolloutBackend):
         max_model_len: prompt + completion ceiling; defaults to the model config's.
         dtype: vLLM weights dtype (``auto`` follows the checkpoint).
         seed: engine seed; per-request seeds come from ``SamplingSettings.seed``.
+        weight_sync_chunk_mb: the weight sync hands the engine this many MiB of tensors per
+            ``load_weights`` call (an FSDP1 unit's end also closes a chunk).
         engine_kwargs: anything else ``vllm.LLM`` accepts (e.g. ``enforce_eager``, ``max_num_seqs``).
     """
 
@@ -60,9 +64,11 @@ class VLLMRolloutBackend(RolloutBackend):
         max_model_len: Optional[int] = None,
         dtype: str = "auto",
         seed: int = 0,
+        weight_sync_chunk_mb: float = 512,
         **engine_kwargs: Any,
     ) -> None:
         vllm = import_vllm()
+        self.weight_sync_chunk_bytes = max(1, int(weight_sync_chunk_mb * 2**20))
         self.tokenizer = tokenizer
         self.enable_sleep_mode = enable_sleep_mode
         self.eos_token_ids = eos_token_ids(model, tokenizer)
@@ -112,11 +118,16 @@ class VLLMRolloutBackend(RolloutBackend):
         rollouts.generation_seconds = time.perf_counter() - started
         return rollouts
 
-    def sync_weights(self, model: torch.nn.Module) -> None:
-        """Load ``model``'s current weights into the engine (call after every optimizer step)."""
+    def sync_weights(self, model: torch.nn.Module, prefix: str = "") -> None:
+        """Load the policy's current weights into the engine (call after every optimizer step).
+
+        ``model`` is the policy, or under FSDP the sharded root that holds it at ``prefix`` (the
+        LightningModule's ``trainer.model`` and ``"model."``): then this is a collective, and every rank
+        gathers the full weights and loads them into its own engine.
+        """
         self._wake()
-        with full_weights(model) as weights:
-            self._load_weights(list(weights.items()))
+        for chunk in full_weight_chunks(model, prefix, merge_lora=True, max_bytes=self.weight_sync_chunk_bytes):
+            self._load_weights(chunk)
         # Cached prompt prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         self._sleep()
@@ -187,36 +198,3 @@ def rollouts_from_outputs(
         truncated=truncated,
         group_index=[index // num_samples for index in range(len(contexts))],
     )
-
-
-@contextlib.contextmanager
-def full_weights(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
-    """The policy's full (unsharded) weights under its checkpoint's names, with LoRA merged in.
-
-    A context manager because merged LoRA weights exist only inside it (the adapters are unmerged
-    on exit), and the tensors may alias the parameters: use them before leaving.
-    """
-    from peft import PeftModel
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    is_peft = isinstance(model, PeftModel)
-    if is_peft:
-        model.merge_adapter()
-    try:
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        if is_peft:
-            state = {
-                _checkpoint_name(name): tensor
-                for name, tensor in state.items()
-                if "lora_" not in name and "original_module" not in name
-            }
-        yield state
-    finally:
-        if is_peft:
-            model.unmerge_adapter()
-
-
-def _checkpoint_name(peft_name: str) -> str:
-    for old, new in _PEFT_NAME_FIXES:
-        peft_name = peft_name.replace(old, new)
-    return peft_name

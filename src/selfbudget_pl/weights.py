@@ -1,0 +1,209 @@
+"""The policy's full (unsharded) weights, streamed one tensor at a time: the one place that knows how to
+read them, whatever holds the model (a plain module, peft LoRA, an FSDP1 wrapper or FSDP2 ``fully_shard``).
+
+Used by the export (:func:`selfbudget_pl.modules.base.full_state_dict`: raw names, LoRA kept as is) and by
+the vLLM weight sync (:class:`selfbudget_pl.rollout.vllm.VLLMRolloutBackend`: the HF checkpoint's names,
+LoRA merged in).
+
+Memory stays bounded by one gather unit: an FSDP1 unit is unsharded with ``summon_full_params(recurse=False)``
+(its own flat parameter only, nested units one at a time inside it), an FSDP2 parameter with
+``DTensor.full_tensor()``. LoRA is merged arithmetically on the gathered tensors (``W + scaling * B @ A``),
+never with peft's ``merge_adapter`` on shards, so the training weights are never touched.
+
+Under FSDP every function here is a collective: every rank must iterate to the end, in the same order
+(the module tree fixes it), and every rank gets the full tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+# Wrapper modules whose attribute name is not part of the checkpoint's names.
+TRANSPARENT_CHILDREN = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+# Yielded by _walk just before gathered storage is released (an FSDP1 unit is resharded): tensors
+# yielded since the previous marker may alias that storage and must be used before iteration resumes.
+_RELEASE = object()
+
+
+def is_sharded(root: torch.nn.Module) -> bool:
+    """Whether ``root`` holds FSDP-sharded modules (the FSDP1 wrapper or FSDP2 ``fully_shard``)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in root.modules())
+
+
+def iter_full_weights(
+    root: torch.nn.Module, prefix: str = "", merge_lora: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, full tensor)`` for every entry of the state dict of ``root``'s submodule at ``prefix``.
+
+    Args:
+        root: the module to read: the policy itself, or the (FSDP-sharded) module that holds it.
+        prefix: the policy's attribute path in ``root`` (``"model."`` for the LightningModule); names are
+            yielded without it, and modules outside it are skipped (never gathered).
+        merge_lora: fold active LoRA adapters into their base weights and yield the base model's names
+            (``model.layers.0.self_attn.q_proj.weight``, as in the HF checkpoint); False yields the
+            peft model's own state-dict names and tensors (adapters separate).
+
+    A yielded tensor may alias the parameter (or gathered FSDP1 storage that is released as soon as the
+    iteration moves on): copy it before asking for the next one. Use :func:`full_weight_chunks` to hold
+    several at once.
+    """
+    for item in _walk_root(root, prefix, merge_lora):
+        if item is not _RELEASE:
+            yield item
+
+
+def full_weight_chunks(
+    root: torch.nn.Module, prefix: str = "", merge_lora: bool = True, max_bytes: int = 512 * 2**20
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """:func:`iter_full_weights` in lists of about ``max_bytes`` (at least one tensor each).
+
+    Every tensor of a list stays valid until the next list is asked for: a list is cut early where FSDP1
+    releases gathered storage, so memory stays within one gather unit plus one list.
+    """
+    chunk: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for item in _walk_root(root, prefix, merge_lora):
+        if item is not _RELEASE:
+            name, tensor = item
+            chunk.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+        if chunk and (item is _RELEASE or size >= max_bytes):
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _walk_root(root: torch.nn.Module, prefix: str, merge_lora: bool) -> Iterator:
+    # No torch.no_grad() around the walk: a grad mode set inside a generator would leak into the
+    # caller's code between items. Gathers and merges are wrapped individually instead.
+    for item in _walk(root, "", prefix, merge_lora):
+        if item is _RELEASE:
+            yield item
+        else:
+            name, tensor = item
+            yield name[len(prefix) :], tensor.detach()
+
+
+def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> Iterator:
+    """Pre-order over ``module`` (at dotted ``path``, wrapper names left out), yielding ``(path + name,
+    full tensor)`` for its state dict entries under ``prefix`` and ``_RELEASE`` before storage goes."""
+    if not (path.startswith(prefix) or prefix.startswith(path)):
+        return  # outside the policy (e.g. a frozen reference model): never gathered
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(module, FullyShardedDataParallel):
+        # Only this unit's own flat parameter; nested units are unsharded one at a time as the walk
+        # reaches them. writeback=False: nothing here modifies the parameters.
+        with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
+            yield from _walk(module._fsdp_wrapped_module, path, prefix, merge_lora)
+            yield _RELEASE
+        return
+    peft = _peft_classes() if merge_lora else None
+    if peft is not None:
+        if isinstance(module, peft["LoraLayer"]):
+            yield from _merged_lora_layer(module, path, peft)
+            return
+        if isinstance(module, peft["ModulesToSaveWrapper"]):
+            # The trained copy stands in for the original under the original's name.
+            active = module.active_adapters[0] if module.active_adapters else None
+            use_copy = active is not None and not module.disable_adapters and active in module.modules_to_save
+            chosen = module.modules_to_save[active] if use_copy else module.original_module
+            yield from _walk(chosen, path, prefix, merge_lora)
+            return
+    for name, parameter in module._parameters.items():
+        if parameter is not None and not _is_flat_parameter(parameter) and (path + name).startswith(prefix):
+            yield path + name, _full(parameter)
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set and (path + name).startswith(prefix):
+            yield path + name, _full(buffer)
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        transparent = name in TRANSPARENT_CHILDREN or (
+            peft is not None
+            and ((isinstance(module, peft["PeftModel"]) and name == "base_model")
+                 or (isinstance(module, peft["BaseTuner"]) and name == "model"))
+        )  # fmt: skip
+        yield from _walk(child, path if transparent else f"{path}{name}.", prefix, merge_lora)
+
+
+def _merged_lora_layer(layer: torch.nn.Module, path: str, peft: dict[str, type]) -> Iterator:
+    """The base layer's weight (and bias) with every active, unmerged adapter added: ``W + s * B @ A``,
+    computed in float32 and cast back to W's dtype, as ``merge_and_unload`` would leave it."""
+    if not isinstance(layer, peft["LoraLinear"]):
+        raise NotImplementedError(
+            f"merging {type(layer).__name__} LoRA layers ({path.rstrip('.')}) for the weight sync is not "
+            "supported; target Linear layers only (model.lora.target_modules)."
+        )
+    base = layer.get_base_layer()
+    unexpected = set(name for name, _ in base.named_parameters()) - {"weight", "bias"}
+    if unexpected or list(base.buffers()):
+        raise NotImplementedError(f"LoRA base layer {type(base).__name__} at {path.rstrip('.')} is not a plain Linear")
+    weight = _full(base.weight)
+    bias = _full(base.bias) if getattr(base, "bias", None) is not None else None
+    adapters = [] if layer.disable_adapters else layer.active_adapters
+    merged_weight, merged_bias = weight.float(), None if bias is None else bias.float()
+    for adapter in adapters:
+        if adapter not in layer.lora_A or adapter in layer.merged_adapters:
+            continue  # not a LoRA adapter of this layer, or already folded into W by peft
+        if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
+            raise NotImplementedError(f"merging LoRA variants (DoRA, ...) is not supported ({path.rstrip('.')})")
+        scaling = layer.scaling[adapter]
+        lora_a = _full(layer.lora_A[adapter].weight)
+        lora_b = _full(layer.lora_B[adapter].weight)
+        with torch.no_grad():
+            delta = lora_b.float() @ lora_a.float()
+            if layer.fan_in_fan_out:
+                delta = delta.T
+            merged_weight = merged_weight + delta * scaling
+        if getattr(layer, "lora_bias", {}).get(adapter, False):
+            with torch.no_grad():
+                merged_bias = merged_bias + _full(layer.lora_B[adapter].bias).float() * scaling
+    yield path + "weight", merged_weight.to(weight.dtype)
+    if bias is not None:
+        yield path + "bias", merged_bias.to(bias.dtype)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 (or any DTensor) shard is all-gathered (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor.detach()
+    with torch.no_grad():
+        return tensor.full_tensor()
+
+
+def _is_flat_parameter(tensor: torch.Tensor) -> bool:
+    from torch.distributed.fsdp._flat_param import FlatParameter
+
+    return isinstance(tensor, FlatParameter)
+
+
+_PEFT: Optional[dict[str, type]] = None
+
+
+def _peft_classes() -> Optional[dict[str, type]]:
+    """peft's classes the walk recognises, or None without peft (then nothing is a LoRA model)."""
+    global _PEFT
+    if _PEFT is None:
+        try:
+            from peft import PeftModel
+            from peft.tuners.lora import Linear as LoraLinear
+            from peft.tuners.lora import LoraLayer
+            from peft.tuners.tuners_utils import BaseTuner
+            from peft.utils import ModulesToSaveWrapper
+        except ImportError:
+            _PEFT = {}
+        else:
+            _PEFT = {
+                "PeftModel": PeftModel, "BaseTuner": BaseTuner, "LoraLayer": LoraLayer, "LoraLinear": LoraLinear,
+                "ModulesToSaveWrapper": ModulesToSaveWrapper,
+            }  # fmt: skip
+    return _PEFT or None
