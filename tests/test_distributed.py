@@ -137,3 +137,29 @@ def test_vllm_weight_sync_gives_every_rank_the_full_weights_under_fsdp(tmp_path,
             checks = {key: value for key, value in report.items() if key not in ("digest", "chunks")}
             assert all(checks.values()), f"{case}: {checks}"
             assert report["chunks"] > 1, f"{case}: the weights went to the engine in one piece"
+
+
+def test_hf_rollouts_from_a_sharded_policy_match_the_unsharded_model(tmp_path, tiny_cache):
+    # FSDP1 (fp32 and bfloat16 mixed precision) and FSDP2: greedy completions on each rank, through the
+    # HF backend, equal the unsharded model's; the inner model's generate alone (the old call) fails.
+    from selfbudget_pl.models import ModelLoader
+
+    # Built here, where the runner's ModelLoader() looks ($SELFBUDGET_CACHE/tiny_models, not model_loader's
+    # directory): two ranks building it at once race, and rank 1's save_pretrained writes no weights.
+    ModelLoader().path
+    env = {**os.environ, "SELFBUDGET_CACHE": str(tiny_cache), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+         "-m", "tests.fsdp_rollout_run", str(tmp_path)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for report in reports:
+        assert sorted(report) == ["fsdp1", "fsdp1_bf16", "fsdp2"]
+        for case, checks in report.items():
+            checks = {key: value for key, value in checks.items() if key != "inner_generate_error"}
+            assert all(checks.values()), f"{case}: {checks}"
+            assert checks["inner_generate_fails"], f"{case}: the unfixed call worked, so the test shows nothing"
+            if case != "fsdp1_bf16":
+                assert checks["after_step"] and checks["weights_moved"], case

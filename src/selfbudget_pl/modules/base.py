@@ -126,6 +126,12 @@ class PolicyModule(L.LightningModule):
         self, batch: dict[str, Any], sampling: SamplingSettings, num_samples: int = 1, prefill: Optional[str] = None
     ) -> Rollouts:
         """Sample completions for a batch of prompts and annotate them (parse, grade, lengths)."""
+        from selfbudget_pl.rollout.hf import HFRolloutBackend
+
+        if isinstance(self.rollout_backend, HFRolloutBackend):
+            # Validation can sample before any sync (SFT never syncs; the sanity check and trainer.validate
+            # come before GRPO's on_train_start): the backend must know the FSDP root. Free for this backend.
+            self.rollout_backend.sync_weights(*self.weights_source())
         return generate_and_annotate(
             self.rollout_backend, batch["prompt_ids"], sampling, self.output_format, self.grader, self.tokenizer,
             num_samples=num_samples, prefill=prefill, columns=rollout_columns(batch),

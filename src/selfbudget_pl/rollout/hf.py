@@ -3,6 +3,11 @@ Llama-style decoders the leaner loop of :mod:`selfbudget_pl.rollout.fused_decode
 
 The backend shares the policy's weights, so there is nothing to sync after an optimizer step; it is
 the default on CPU and for small models. For large models on GPUs see :mod:`selfbudget_pl.rollout.vllm`.
+
+Under FSDP the backend samples with the inner policy, whose ``generate`` never runs the forward of the
+FSDP unit that holds it (the root wrapping the LightningModule): that unit's own parameters (embeddings,
+final norm, lm_head) would be read as shards. ``sync_weights(root, prefix)`` tells the backend where the
+policy sits; each ``generate`` call then runs inside that unit's forward (see :func:`_through_forward`).
 """
 
 from __future__ import annotations
@@ -10,13 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+from selfbudget_pl.weights import TRANSPARENT_CHILDREN, is_sharded
 
 log = logging.getLogger(__name__)
 DECODERS = ("auto", "fused", "generate")
@@ -45,6 +51,15 @@ class HFRolloutBackend(RolloutBackend):
         self.batch_size = batch_size
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_ids[0]
+        self._root: Optional[torch.nn.Module] = None
+        self._prefix = ""
+        self._warned_root = False
+
+    def sync_weights(self, model: torch.nn.Module, prefix: str = "") -> None:
+        """Nothing to copy (the weights are shared); remember where the policy sits (``model`` at ``prefix``,
+        e.g. the FSDP root and ``"model."``), so sampling can unshard the FSDP units above it."""
+        _units_above(model, prefix, self.model)  # fail here, not mid-training, if the policy is not there
+        self._root, self._prefix = model, prefix
 
     def generate(
         self,
@@ -62,10 +77,25 @@ class HFRolloutBackend(RolloutBackend):
         started = time.perf_counter()
         prefill_ids = self.tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
         contexts = [list(prompt) + prefill_ids for prompt in prompt_ids for _ in range(num_samples)]
-        generated: list[list[int]] = []
-        with _inference(self.model), _seeded(sampling.seed, _device_of(self.model)):
+        root = self._root if self._root is not None else self.model
+        units = _units_above(root, self._prefix if self._root is not None else "", self.model)
+        if self._root is None and not units and not self._warned_root and is_sharded(self.model):
+            log.warning(
+                "rollout: sampling a sharded (FSDP) model whose FSDP root is unknown; outside the root's "
+                "forward its parameters are shards. Call sync_weights(root, prefix) first."
+            )
+            self._warned_root = True
+        synced = is_sharded(self.model) and _world_size() > 1
+
+        def sample() -> list[list[int]]:
+            generated: list[list[int]] = []
             for start in range(0, len(contexts), self.batch_size):
-                generated.extend(self._generate_batch(contexts[start : start + self.batch_size], sampling))
+                batch = contexts[start : start + self.batch_size]
+                generated.extend(self._generate_batch(batch, sampling, synced))
+            return generated
+
+        with _inference(root), _seeded(sampling.seed, _device_of(self.model)):
+            generated = _through_forward(units, sample)
 
         completion_ids, truncated = [], []
         for row in generated:
@@ -83,7 +113,9 @@ class HFRolloutBackend(RolloutBackend):
             generation_seconds=time.perf_counter() - started,
         )
 
-    def _generate_batch(self, contexts: list[list[int]], sampling: SamplingSettings) -> list[list[int]]:
+    def _generate_batch(
+        self, contexts: list[list[int]], sampling: SamplingSettings, synced: bool = False
+    ) -> list[list[int]]:
         device = _device_of(self.model)
         input_ids, attention_mask = pad(contexts, self.pad_token_id, left=True)
         if self._fused():
@@ -97,6 +129,10 @@ class HFRolloutBackend(RolloutBackend):
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
             **self._generate_kwargs(sampling),
+            # Sharded layers all-gather in every step: a rank whose rows have all finished must keep
+            # stepping until every rank has. transformers turns this on only where it finds the private
+            # marks torch (2.x) leaves on FSDP-managed modules; said here, it does not depend on them.
+            **({"synced_gpus": True} if synced else {}),
         )
         return output[:, width:].tolist()
 
@@ -193,16 +229,122 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _units_above(root: torch.nn.Module, prefix: str, policy: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP units from ``root`` down to ``policy`` (at attribute path ``prefix``) whose forward
+    ``policy.generate`` does not run, outermost first: every FSDP1 wrapper on the way (``generate`` on a
+    wrapper goes to the wrapped module), and FSDP2 ``fully_shard`` modules above the policy (the policy's
+    own forward runs, with its hooks, in every step)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    names = [name for name in prefix.split(".") if name]
+    module, units = root, []
+    while True:
+        if isinstance(module, FullyShardedDataParallel) or (isinstance(module, FSDPModule) and module is not policy):
+            units.append(module)
+        if module is policy:
+            return units
+        children = module._modules
+        wrapped = next((children[name] for name in TRANSPARENT_CHILDREN if name in children), None)
+        if wrapped is not None:
+            module = wrapped
+        elif names and isinstance(children.get(names[0]), torch.nn.Module):
+            module = children[names.pop(0)]
+        else:
+            raise ValueError(
+                f"sync_weights: the module at {prefix!r} of {type(root).__name__} is not the model this "
+                "backend samples with"
+            )
+
+
+def _through_forward(units: list[torch.nn.Module], sample: Callable[[], Any]) -> Any:
+    """``sample()`` run inside the forward of every unit in ``units`` (outermost first), as Lightning runs
+    ``training_step`` inside the root's forward: the unit's pre-forward gathers its own parameters, in the
+    compute dtype of its mixed-precision policy, and nested units gather theirs in their own forwards, one
+    layer at a time, during each decoding step.
+
+    Why not ``summon_full_params(root, recurse=False)``: it gathers in full precision, so under mixed
+    precision (``strategy.mixed_precision.param_dtype=bfloat16``) float32 embeddings feed bfloat16 layers
+    and sampling fails ("mat1 and mat2 must have the same dtype"), and it gathers twice the bytes. Holding
+    the unit's parameters for the whole call rather than per step costs nothing at peak (every step needs
+    them) and gathers once; afterwards they are released (:func:`_release`), so between calls only the
+    shards stay. A unit already in its forward (Lightning's ``training_step``/``validation_step`` under
+    FSDP1 run inside the root's forward) has its parameters gathered: it is left as it is.
+    """
+    if not units:
+        return sample()
+    unit, inner_units = units[0], units[1:]
+    if _in_forward(unit):
+        return _through_forward(inner_units, sample)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    # The module whose forward the unit calls: the wrapped module (FSDP1), or the unit itself (FSDP2 hooks).
+    target = unit._fsdp_wrapped_module if isinstance(unit, FullyShardedDataParallel) else unit
+    own_forward = target.__dict__.get("forward")
+    results = []
+
+    def restore() -> None:
+        if own_forward is None:
+            target.__dict__.pop("forward", None)
+        else:
+            target.forward = own_forward
+
+    def redirected(*args: Any, **kwargs: Any) -> None:
+        restore()  # forward calls made while sampling reach the real one
+        results.append(_through_forward(inner_units, sample))
+
+    target.forward = redirected
+    try:
+        unit()
+    finally:
+        restore()
+    _release(unit)
+    return results[0]
+
+
+def _in_forward(unit: torch.nn.Module) -> bool:
+    """Whether an FSDP unit is inside its forward (or backward): its parameters are gathered already."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    state = unit if isinstance(unit, FullyShardedDataParallel) else unit._get_fsdp_state()
+    training_state = getattr(state, "training_state", None) or getattr(state, "_training_state", None)
+    return training_state is not None and training_state.name != "IDLE"
+
+
+def _release(unit: torch.nn.Module) -> None:
+    """Free a unit's gathered parameters after the sampling forward. A root keeps them after its forward
+    (for the backward that follows in training), but sampling has no backward. FSDP2 needs this for more
+    than memory: a root left gathered after a no-grad forward took a wrong optimizer step next (seen on
+    torch 2.13, tests/fsdp_rollout_run.py ``after_step``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(unit, FullyShardedDataParallel):
+        unit.reshard()  # FSDP2: public, not recursive
+        return
+    handle = getattr(unit, "_handle", None)
+    if handle is None or not handle.uses_sharded_strategy:
+        return  # NO_SHARD: the full parameter is the only copy
+    try:
+        from torch.distributed.fsdp._runtime_utils import _reshard
+    except ImportError:  # pragma: no cover - FSDP1 internals moved: the root stays gathered (memory only)
+        return
+    _reshard(unit, handle, free_unsharded_flat_param=True)
+
+
 @contextlib.contextmanager
 def _inference(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd for the duration; the previous mode is restored."""
-    was_training = model.training
+    """Eval mode (no dropout) and no autograd for the duration; every submodule's mode is restored."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager
