@@ -170,7 +170,8 @@ def main() -> None:
           f"{sorted(rates)[len(rates) // 2]:.0f} completions/s")
     items = make_items(seed=0)
     slow = sum(fast_verdict(OutputFormat().parse(c).answer or "", g) is None for c, g in items)
-    print(f"{len(items)} completions ({len(gold_answers())} golds), {slow} need math-verify")
+    print(f"{len(items)} completions ({len(gold_answers())} golds), {slow} ({slow / len(items):.1%}) need math-verify, "
+          f"the rest are decided on the fast path")
     print("stage costs:", {k: round(v, 3) for k, v in stage_costs(items, tokenizer).items()})
     rates = [run(items, args.workers, args.batch_size, tokenizer)["per_s"] for _ in range(args.repeats)]
     print(f"MATH-500, cold cache, {args.workers} workers: median {sorted(rates)[len(rates) // 2]:.0f} completions/s "

@@ -2,8 +2,12 @@
 
 :class:`MathGrader` decides in two steps. A fast path settles what needs no algebra: equal strings
 after light normalisation, and plain numbers (``1,000`` == ``1000.0``) compared exactly, so GSM8K and
-the synthetic task never touch sympy. Everything else goes to math-verify, in a process pool whose
-workers run it on their main thread under one interval timer per item.
+the synthetic task never touch sympy; then :mod:`~selfbudget_pl.rewards.canonical` reads both answers
+into small canonical forms (numbers, ``\\sqrt``/``\\pi`` expressions, polynomials, intervals, tuples,
+sets, matrices, ``\\text{}``) and settles the pairs whose math-verify verdict those forms fix, mostly
+unequal ones (a number against an interval). What is left (0.2% of the benchmark's MATH-500 mix, a
+tenth of random pairs of MATH answers: lists, functions, percentages, text) goes to math-verify, in a
+process pool whose workers run it on their main thread under one interval timer per item.
 
 Model text is untrusted. Nothing here calls ``eval``/``sympify``; math-verify only hands model text
 to its LaTeX grammar (ANTLR) and hands sympy's ``parse_expr`` only the substrings its number/operator
@@ -17,6 +21,7 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.pool
+import os
 import re
 import signal
 import threading
@@ -27,6 +32,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from typing import Optional, Protocol, Sequence, runtime_checkable
+
+from selfbudget_pl.rewards.canonical import NUMBER_LIKE, Settings, canonical_form, decide, normalise_answer
 
 logger = logging.getLogger(__name__)
 
@@ -47,27 +54,9 @@ class Grader(Protocol):
 # ---------------------------------------------------------------------------------------------
 # Fast path: no sympy.
 
-_MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-# Spacing/sizing commands and escaped dollar signs change nothing about the value;
-# `(?![a-zA-Z])` keeps \leftarrow intact, `(?<!\\)` keeps a row break `\\` intact when a space follows it.
-_NOISE = re.compile(r"\\left(?![a-zA-Z])|\\right(?![a-zA-Z])|(?<!\\)\\[,;:! $]|~|\s+")
-_FRACTION_VARIANTS = re.compile(r"\\[dt]frac(?![a-zA-Z])")
 # Thousands groups need a non-zero lead digit: "0,111" is a decimal comma, not 111.
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:[1-9]\d{0,2}(?:,\d{3})+|\d+)(?:\.\d+)?|[+-]?\.\d+")
 _MAX_NUMBER_CHARS = 64  # longer "numbers" are not GSM8K answers; leave them to the bounded path
-
-
-def normalise_answer(text: str) -> str:
-    """Canonical spelling for string comparison: math delimiters, spacing commands, ``\\left``/
-    ``\\right``, ``\\$``, whitespace and a trailing full stop removed; ``\\dfrac``/``\\tfrac`` ->
-    ``\\frac``."""
-    s = text.strip()
-    for opening, closing in _MATH_DELIMITERS:
-        if len(s) >= len(opening) + len(closing) and s.startswith(opening) and s.endswith(closing):
-            s = s[len(opening) : len(s) - len(closing)]
-            break
-    s = _FRACTION_VARIANTS.sub(r"\\frac", s)
-    return _NOISE.sub("", s).rstrip(".")
 
 
 def plain_number(text: str) -> Optional[Fraction]:
@@ -122,13 +111,23 @@ def _top_level_terms(text: str) -> Optional[list[str]]:
     return sorted(terms)
 
 
-def fast_verdict(prediction: str, gold: str, numeric_rel_tol: float = 0.0) -> Optional[bool]:
+def fast_verdict(
+    prediction: str,
+    gold: str,
+    numeric_rel_tol: float = 0.0,
+    float_rounding: int = 6,
+    numeric_precision: int = 15,
+    strict: bool = True,
+) -> Optional[bool]:
     """Decide without sympy when it is safe: True/False, or None when math-verify must look.
 
     Decides: equal normalised strings; plain numbers (exactly, or within ``numeric_rel_tol``); fraction
-    literals against numbers or fractions, except a decimal against a fraction that differs from it,
-    which math-verify judges with rounding (0.333333 = 1/3 at 6 places); the same summands in another
-    order (True only).
+    literals against numbers or fractions, except a decimal against a fraction that differs from it
+    by less than math-verify's rounding (0.333333 = 1/3 at 6 places); the same summands in another
+    order (True only). Then whatever :mod:`~selfbudget_pl.rewards.canonical` can tell from both
+    answers' canonical forms: numbers against expressions, intervals, tuples, sets, matrices and
+    ``\\text{}`` answers, units and degrees, each only where math-verify (with ``float_rounding``,
+    ``numeric_precision``, ``strict``) gives the same verdict.
     """
     pred, ref = normalise_answer(prediction), normalise_answer(gold)
     if not pred or not ref:
@@ -143,11 +142,16 @@ def fast_verdict(prediction: str, gold: str, numeric_rel_tol: float = 0.0) -> Op
             return True
         both_plain = plain_number(pred) is not None and plain_number(ref) is not None
         has_decimal = "." in pred or "." in ref
-        return False if both_plain or not has_decimal else None
-    pred_terms = _top_level_terms(pred)
-    if pred_terms is not None and pred_terms == _top_level_terms(ref):
-        return True  # addition commutes; a different order of the same summands is the same sum
-    return None
+        if both_plain or not has_decimal:
+            return False
+    else:
+        pred_terms = _top_level_terms(pred)
+        if pred_terms is not None and pred_terms == _top_level_terms(ref):
+            return True  # addition commutes; a different order of the same summands is the same sum
+    pred_form, gold_form = canonical_form(prediction), canonical_form(gold)
+    if pred_form is None or gold_form is None:
+        return None
+    return decide(pred_form, gold_form, Settings(float_rounding, numeric_precision, strict, numeric_rel_tol))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,11 +178,10 @@ def _on_alarm(signum: int, frame: object) -> None:
 # Already delimited text, or a number-like string that math-verify's number regex reads best raw
 # (thousands spaces, decimal commas, percent); anything else is LaTeX without delimiters, so box it.
 _DELIMITED = re.compile(r"\$|\\boxed|\\fbox|\\\(|\\\[")
-_NUMBER_LIKE = re.compile(r"[\d\s.,+\-]+%?")
 
 
 def _math_verify_input(text: str) -> str:
-    if _DELIMITED.search(text) or _NUMBER_LIKE.fullmatch(text):
+    if _DELIMITED.search(text) or NUMBER_LIKE.fullmatch(text):
         return text
     return "\\boxed{" + text + "}"
 
@@ -244,7 +247,25 @@ def _verify_chunk(pairs: list[tuple[str, str]], settings: _VerifySettings) -> li
     return [_verify_guarded(prediction, gold, settings) for prediction, gold in pairs]
 
 
-def _init_worker(memory_limit_mb: Optional[int]) -> None:
+def default_workers(limit: int) -> int:
+    """The cores this process may run on (its affinity mask, which a scheduler or taskset may have
+    narrowed), between 1 and ``limit``."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on this platform (macOS)
+        cores = os.cpu_count() or 1
+    return max(1, min(limit, cores))
+
+
+# What reaches math-verify now is mostly relations, sets and functions; their first use in a process
+# loads sympy's solvers and set machinery (0.1-0.6 s an item). A worker pays that while starting.
+_WARM_UP = (
+    ("1", "1"), ("3+y=2x", "y=2x+3"), ("8", r"x \in [-2,7]"), (r"\begin{pmatrix}1\\2\end{pmatrix}", "(1,2]"),
+    (r"\{1\pm\sqrt{5},-2\}", r"3\sqrt{5}"), (r"\cot x", r"\sin x"), (r"\frac{\sqrt{2}}{2}", "0.7071"), ("1+2i", "3"),
+)
+
+
+def _init_worker(memory_limit_mb: Optional[int], warm_up: bool = True) -> None:
     # Ctrl-C goes to the whole process group; the parent decides, workers must not print tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if memory_limit_mb:
@@ -253,7 +274,9 @@ def _init_worker(memory_limit_mb: Optional[int]) -> None:
         limit = memory_limit_mb * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # a bomb raises MemoryError, not OOM-kill
     _prepare_math_verify()
-    _verify_guarded("1", "1", _VerifySettings(10.0, 6, 15, True))  # warm the grammar before real work
+    settings = _VerifySettings(5.0, 6, 15, True)  # roomy (a timer firing mid-warm-up wastes it), yet bounded
+    for prediction, gold in _WARM_UP if warm_up else _WARM_UP[:1]:
+        _verify_guarded(prediction, gold, settings)
 
 
 def _shutdown_pool(pool: multiprocessing.pool.Pool) -> None:
@@ -273,9 +296,11 @@ class MathGrader:
         timeout_s: wall-clock limit per item for math-verify (gold parse + prediction parse +
             comparison). An item that runs out is wrong.
         max_chars: predictions or golds longer than this are wrong without being parsed.
-        workers: pool processes; 0 grades in the calling process, which must then be on its main
-            thread (a pool of one is used otherwise). Inside a daemonic process (a DataLoader worker)
-            grading is always in-process, since such processes may not have children.
+        workers: pool processes; None (default) = the cores this process may run on
+            (``os.sched_getaffinity``), at most :attr:`MAX_DEFAULT_WORKERS`. 0 grades in the calling
+            process, which must then be on its main thread (a pool of one is used otherwise). Inside
+            a daemonic process (a DataLoader worker) grading is always in-process, since such
+            processes may not have children.
         numeric_rel_tol: relative tolerance for plain numbers on the fast path; 0 = exact.
         float_rounding, numeric_precision, strict: passed to ``math_verify.verify``.
         cache_size: verdicts kept per (prediction, gold) so repeated answers skip the pool; 0 = off.
@@ -288,6 +313,11 @@ class MathGrader:
     grader is garbage-collected or the interpreter exits.
     """
 
+    # Default pool size cap: with the fast path deciding ~99% of MATH answers a few workers suffice,
+    # and each holds sympy and math-verify in memory.
+    MAX_DEFAULT_WORKERS = 4
+    # Workers grade a few relations, sets and functions while starting (see _WARM_UP).
+    WARM_UP = True
     # Extra deadline allowance while a fresh pool's workers import math-verify.
     STARTUP_ALLOWANCE_S = 30.0
     # The pool task; a class attribute so tests can substitute a misbehaving worker.
@@ -297,7 +327,7 @@ class MathGrader:
         self,
         timeout_s: float = 1.0,
         max_chars: int = 16_000,
-        workers: int = 2,
+        workers: Optional[int] = None,
         numeric_rel_tol: float = 0.0,
         float_rounding: int = 6,
         numeric_precision: int = 15,
@@ -308,6 +338,8 @@ class MathGrader:
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"MathGrader: `timeout_s` must be > 0, got {timeout_s}.")
+        if workers is None:
+            workers = default_workers(self.MAX_DEFAULT_WORKERS)
         if workers < 0:
             raise ValueError(f"MathGrader: `workers` must be >= 0 (0 = in-process), got {workers}.")
         if max_chars < 1:
@@ -409,7 +441,10 @@ class MathGrader:
             return False
         if len(prediction) > self.max_chars or len(gold) > self.max_chars:
             return False
-        return fast_verdict(prediction, gold, self.numeric_rel_tol)
+        settings = self._settings
+        return fast_verdict(
+            prediction, gold, self.numeric_rel_tol, settings.float_rounding, settings.numeric_precision, settings.strict
+        )
 
     def _remember(self, key: tuple[str, str], verdict: bool) -> None:
         if self.cache_size <= 0:
@@ -447,7 +482,9 @@ class MathGrader:
                 # Workers fork from a server that already imported math-verify: restarts are cheap.
                 context.set_forkserver_preload(["math_verify", __name__])
             self._pool = context.Pool(
-                processes=max(1, self.workers), initializer=_init_worker, initargs=(self.memory_limit_mb,)
+                processes=max(1, self.workers),
+                initializer=_init_worker,
+                initargs=(self.memory_limit_mb, self.WARM_UP),
             )
             self._pool_started_at = time.monotonic()
             self._finalizer = weakref.finalize(self, _shutdown_pool, self._pool)
