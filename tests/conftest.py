@@ -27,7 +27,9 @@ def tiny_cache(tmp_path_factory) -> Path:
 def model_loader(tiny_cache):
     from selfbudget_pl.models import ModelLoader
 
-    return ModelLoader(cache_dir=str(tiny_cache))
+    # The default cache dir ($SELFBUDGET_CACHE/tiny_models, set by tiny_cache): the same folder the
+    # subprocess runners' own ModelLoader() reads, so a model built here is never rebuilt concurrently.
+    return ModelLoader()
 
 
 @pytest.fixture(scope="session")
