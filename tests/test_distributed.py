@@ -1,5 +1,7 @@
-"""Two-process CPU runs (DDP over gloo) of SFT and GRPO agree across ranks; the FSDP configuration wraps
-the model's decoder layers; a sharded model's gathered weights export like the unsharded ones."""
+"""Two-process CPU runs (DDP over gloo) of SFT and GRPO agree across ranks; so do runs under
+``strategy=fsdp2`` (Lightning's ModelParallelStrategy with ``fully_shard``), which also match DDP and
+resume from their distributed checkpoints; the FSDP configuration wraps the model's decoder layers;
+GRPO under FSDP1 is refused; a sharded model's gathered weights export like the unsharded ones."""
 
 from __future__ import annotations
 
@@ -163,3 +165,172 @@ def test_hf_rollouts_from_a_sharded_policy_match_the_unsharded_model(tmp_path, t
             assert checks["inner_generate_fails"], f"{case}: the unfixed call worked, so the test shows nothing"
             if case != "fsdp1_bf16":
                 assert checks["after_step"] and checks["weights_moved"], case
+
+
+# -- FSDP2: ModelParallelStrategy + fully_shard (runs on CPU over gloo) ------------------------------------
+
+
+def run_fsdp2(kind: str, output_dir: Path, *overrides: str) -> dict[str, list[dict]]:
+    """Run tests/fsdp2_run.py on two torchrun CPU ranks; return every run's per-rank reports by run name."""
+    from selfbudget_pl.models import ModelLoader
+
+    ModelLoader().path  # built here, where the runner's ModelLoader() looks: two ranks building it race
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+         "-m", "tests.fsdp2_run", kind, str(output_dir), *overrides],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    names = sorted({path.name.split(".rank")[0] for path in output_dir.glob("*.rank0.json")})
+    return {name: [json.loads((output_dir / f"{name}.rank{r}.json").read_text()) for r in (0, 1)] for name in names}
+
+
+def export_difference(left: Path, right: Path) -> float:
+    """Largest absolute difference between two exports' weights (they must hold the same tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(left).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(right).state_dict()
+    assert a.keys() == b.keys()
+    return max(float((a[key] - b[key]).abs().max()) for key in a)
+
+
+def assert_fsdp2(reports: list[dict]) -> None:
+    assert [r["strategy"] for r in reports] == ["FSDP2Strategy"] * 2
+    assert all(r["sharded"] for r in reports), "configure_model left the policy unsharded"
+
+
+def test_fsdp2_sft_ranks_agree_and_match_ddp(tmp_path, tiny_cache):
+    # Activation checkpointing on (tests/fsdp2_run.py): sharded, recomputed layers train like DDP's.
+    # Validation (no-grad generation through the root) after every step, between the training forwards.
+    runs = run_fsdp2("sft", tmp_path, "trainer.max_steps=3", "trainer.val_check_interval=1",
+                     "trainer.limit_val_batches=1")
+    fsdp2, ddp = runs["sft"], runs["ddp"]
+    assert_fsdp2(fsdp2)
+    assert_ranks_agree(fsdp2, steps=3, synced=["val/loss", "train/loss"])
+    assert fsdp2[0]["weights_sha256"] != fsdp2[0]["initial_sha256"]
+    assert [r["examples"] for r in fsdp2] == [r["examples"] for r in ddp]
+    # Same data, same steps: the sharded run ends where DDP does (up to float summation order).
+    assert export_difference(tmp_path / "sft" / "export", tmp_path / "ddp" / "export") < 1e-6
+    checkpoint = tmp_path / "sft" / "checkpoints" / "last.ckpt"
+    assert checkpoint.is_dir() and (checkpoint / "meta.pt").exists()  # one shard file per rank
+
+    # bfloat16 mixed precision: after the last validation the root unit still holds its gathered
+    # bfloat16 copies; the export must be the float32 parameters, not those.
+    bf16 = runs["bf16"]
+    assert_fsdp2(bf16)
+    assert_ranks_agree(bf16, steps=3, synced=["val/loss", "train/loss"])
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "export", dtype="auto").state_dict()
+    assert all(tensor.dtype == torch.float32 for tensor in exported.values())
+    rounded = [key for key, tensor in exported.items() if torch.equal(tensor, tensor.bfloat16().float())]
+    assert not rounded, f"exported bfloat16-rounded weights: {rounded}"
+
+
+def test_fsdp2_grpo_ranks_agree_match_ddp_and_resume_from_the_sharded_checkpoint(tmp_path, tiny_cache):
+    # rollout.decoder=generate: the fused sampler refuses sharded parameters, so DDP would otherwise
+    # sample with another loop (other random draws) and the runs could not be compared.
+    # beta > 0: a frozen reference model, sharded by the same plan, in the loss and the checkpoint.
+    runs = run_fsdp2("grpo", tmp_path, "model.name_or_path=null", "trainer.val_check_interval=2",
+                     "trainer.limit_val_batches=1", "module.micro_batch_size=2", "rollout.decoder=generate",
+                     "module.beta=0.04")
+    full, part, resumed, ddp = runs["full"], runs["part"], runs["resumed"], runs["ddp"]
+    for reports in (full, part, resumed):
+        assert_fsdp2(reports)
+        assert all(r["reference_sharded"] for r in reports)
+    # Manual optimization: manual_backward inside training_step, which FSDP1 cannot run.
+    assert_ranks_agree(full, steps=2, synced=["reward", "reward_std", "loss", "entropy", "kl",
+                                              "completions/mean_length", "rewards/even_tokens/mean"])
+    assert full[0]["weights_sha256"] != full[0]["initial_sha256"], "GRPO took no step"
+    assert [r["examples"] for r in ddp] == [r["examples"] for r in full]
+    one_step = export_difference(tmp_path / "full" / "export", tmp_path / "part" / "export")
+    assert export_difference(tmp_path / "full" / "export", tmp_path / "ddp" / "export") < 0.01 * one_step
+
+    # Stopped after step 1: each rank wrote its shard; the resumed run starts from those weights and
+    # ends bitwise where the uninterrupted run did, having trained on the batches it had not seen.
+    checkpoint = tmp_path / "part" / "checkpoints" / "step_step=1.ckpt"
+    assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in checkpoint.iterdir()}
+    assert part[0]["global_step"] == 1 and resumed[0]["global_step"] == 2
+    for rank in (0, 1):
+        assert resumed[rank]["initial_sha256"] == part[rank]["weights_sha256"]
+        assert resumed[rank]["weights_sha256"] == full[rank]["weights_sha256"]
+        assert part[rank]["examples"] + resumed[rank]["examples"] == full[rank]["examples"]
+    assert resumed[0]["export_sha256"] == full[0]["export_sha256"]
+
+
+def test_fsdp2_strategy_settings(model_loader):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    strategy = make_strategy(
+        "fsdp2", model=model_loader, activation_checkpointing=True, reshard_after_forward=False,
+        mixed_precision={"param_dtype": "bfloat16", "reduce_dtype": "float32", "output_dtype": None},
+    )  # fmt: skip
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert strategy._tensor_parallel_size == 1 and strategy._data_parallel_size == "auto"  # all ranks, at setup
+    assert strategy._save_distributed_checkpoint
+    plan = strategy.parallelize
+    assert plan.layers == (Qwen2DecoderLayer,) and plan.activation_checkpointing and not plan.reshard_after_forward
+    assert (plan.param_dtype, plan.reduce_dtype, plan.output_dtype) == (torch.bfloat16, torch.float32, None)
+    with pytest.raises(ValueError, match="buffer_dtype"):
+        make_strategy("fsdp2", model=model_loader, mixed_precision={"buffer_dtype": "bfloat16"})
+    with pytest.raises(NotImplementedError, match="cpu_offload"):
+        make_strategy("fsdp2", model=model_loader, cpu_offload=True)
+
+
+def test_fsdp2_yaml_composes_with_its_trainer(tmp_path, model_loader):
+    from hydra import compose, initialize_config_dir
+
+    from selfbudget_pl.strategies import FSDP2Strategy
+
+    cfg = compose_small("grpo_toy", tmp_path, "strategy=fsdp2")
+    strategy = instantiate(cfg.strategy, model=model_loader)
+    assert isinstance(strategy, FSDP2Strategy) and strategy.parallelize.param_dtype == torch.bfloat16
+    with initialize_config_dir(str(REPO_ROOT / "configs"), version_base="1.3"):
+        gpu = compose("train", overrides=["experiment=grpo_math", "trainer=fsdp2", "strategy=fsdp2"])
+    assert gpu.strategy.name == "fsdp2" and gpu.trainer.accelerator == "gpu" and gpu.trainer.precision == "32-true"
+
+
+def test_grpo_under_fsdp1_is_refused_before_training(tmp_path, tiny_cache):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from selfbudget_pl.strategies import check_strategy_supports
+    from selfbudget_pl.train import train
+
+    # Refused by train() before the Trainer exists (Lightning would refuse FSDP on CPU anyway, later).
+    with pytest.raises(ValueError, match=r"#19626.*strategy=fsdp2"):
+        train(compose_small("grpo_toy", tmp_path, "strategy=fsdp", "strategy.mixed_precision=null"))
+    check_strategy_supports(SimpleNamespace(automatic_optimization=True), FSDPStrategy())  # SFT: fine
+
+
+def test_fsdp_activation_checkpointing_recomputes_sft_layers_without_a_kv_cache(model_loader):
+    # Lightning's FSDP1 checkpoint wrappers (strategy=fsdp activation_checkpointing=true) around the decoder
+    # layers: SFT's forward, which does not pass use_cache, built a KV cache that the recompute in backward
+    # appended to again ("size of tensor a (2L) must match ... (L)"). configure_model turns the cache off.
+    from functools import partial
+    from types import SimpleNamespace
+
+    from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
+
+    from selfbudget_pl.modules.sft import SFTModule
+
+    strategy = make_strategy("fsdp", model=model_loader, activation_checkpointing=True)
+    module = SFTModule(model_loader, optimizer=partial(torch.optim.SGD, lr=0.1))
+    module._trainer = SimpleNamespace(strategy=strategy)
+    module.configure_model()
+    assert module.model.config.use_cache is False
+    _setup_activation_checkpointing(module.model, strategy._activation_checkpointing_kwargs)
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    module._lm_loss(batch).backward()
+
+    plain = SFTModule(model_loader, optimizer=partial(torch.optim.SGD, lr=0.1))
+    plain._trainer = SimpleNamespace(strategy=make_strategy("fsdp", model=model_loader))
+    plain.configure_model()
+    assert plain.model.config.use_cache is True  # without checkpointing the default stays

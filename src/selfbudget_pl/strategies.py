@@ -1,16 +1,25 @@
-"""Lightning strategies built from config: ``auto``, ``ddp`` and ``fsdp`` (auto-wrapped on the model's decoder layer).
+"""Lightning strategies built from config: ``auto``, ``ddp``, ``fsdp`` (FSDP1, auto-wrapped on the model's
+decoder layer) and ``fsdp2`` (Lightning's ``ModelParallelStrategy`` with ``fully_shard`` per decoder layer).
 
 ``configs/strategy/*.yaml`` point at :func:`make_strategy`; ``train()`` passes the model loader, so the
 FSDP wrap policy is read off the checkpoint being trained instead of being hard-coded per architecture.
+
+``fsdp`` (Lightning's ``FSDPStrategy``) runs ``training_step`` inside the root FSDP unit's forward, so a
+backward inside ``training_step`` (manual optimization: GRPO) fails there (Lightning issues #19626 and
+#19685); :func:`check_strategy_supports` refuses that pairing up front. ``fsdp2`` has no root wrapper: the
+sharding is a :class:`FullyShardPlan` that the strategy carries and ``PolicyModule.configure_model``
+applies to the policy (the one place that adapts the strategy to the model).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional, Union
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Union
 
 import torch
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from selfbudget_pl.models import ModelLoader
 
@@ -23,9 +32,9 @@ def make_strategy(
     """Return a Lightning strategy (or the name Lightning resolves itself) for ``trainer.strategy``.
 
     Args:
-        name: ``auto`` (Lightning picks), ``ddp`` or ``fsdp``.
-        model: the model loader (or checkpoint path); only ``fsdp`` reads it, to find the layer to wrap.
-        kwargs: options of :func:`ddp_strategy` or :func:`fsdp_strategy`.
+        name: ``auto`` (Lightning picks), ``ddp``, ``fsdp`` or ``fsdp2``.
+        model: the model loader (or checkpoint path); ``fsdp`` and ``fsdp2`` read it, to find the layers to shard.
+        kwargs: options of :func:`ddp_strategy`, :func:`fsdp_strategy` or :func:`fsdp2_strategy`.
     """
     if name == "auto":
         if kwargs:
@@ -33,11 +42,13 @@ def make_strategy(
         return "auto"
     if name == "ddp":
         return ddp_strategy(**kwargs)
-    if name == "fsdp":
+    if name in ("fsdp", "fsdp2"):
         if model is None:
-            raise ValueError("strategy 'fsdp' needs the model (train() passes model=<ModelLoader>) to find its layers")
-        return fsdp_strategy(model, **kwargs)
-    raise ValueError(f"strategy.name={name!r} is not one of: auto, ddp, fsdp")
+            raise ValueError(
+                f"strategy {name!r} needs the model (train() passes model=<ModelLoader>) to find its layers"
+            )
+        return fsdp_strategy(model, **kwargs) if name == "fsdp" else fsdp2_strategy(model, **kwargs)
+    raise ValueError(f"strategy.name={name!r} is not one of: auto, ddp, fsdp, fsdp2")
 
 
 def ddp_strategy(find_unused_parameters: bool = False, static_graph: bool = False, **kwargs: Any) -> Strategy:
@@ -113,3 +124,158 @@ def decoder_layer_classes(
     if not classes or (names and missing):
         raise ValueError(f"no modules of class {sorted(missing or wanted)} in {type(skeleton).__name__}")
     return classes
+
+
+# -- FSDP2 ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FullyShardPlan:
+    """How ``fsdp2`` shards a model: ``fully_shard`` on every module of ``layers`` (each an FSDP unit,
+    optionally activation-checkpointed), then on the model itself (the root unit: embeddings, final norm,
+    lm_head). Called on the policy (and GRPO's frozen reference model) by ``PolicyModule.configure_model``;
+    a model already sharded is returned as it is, so a second ``configure_model`` changes nothing.
+
+    The root is the policy, not the LightningModule: GRPO and SFT call ``self.model(...)``, whose forward
+    runs the root's hooks (gathering its parameters) wherever it is called from.
+    """
+
+    layers: tuple[type[torch.nn.Module], ...]
+    param_dtype: Optional[torch.dtype] = None
+    reduce_dtype: Optional[torch.dtype] = None
+    output_dtype: Optional[torch.dtype] = None
+    activation_checkpointing: bool = False
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+
+    def __call__(self, model: torch.nn.Module, mesh: Any = None) -> torch.nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        from selfbudget_pl.weights import is_sharded
+
+        if is_sharded(model):
+            return model
+        if self.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, self.layers))
+            disable_kv_cache_in_training(model)
+        options: dict[str, Any] = {
+            "mesh": mesh,
+            "mp_policy": MixedPrecisionPolicy(
+                param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype, output_dtype=self.output_dtype
+            ),
+            "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+        }
+        units = [module for module in model.modules() if isinstance(module, self.layers)]
+        if not units:
+            raise ValueError(f"no modules of class {sorted(c.__name__ for c in self.layers)} in {type(model).__name__}")
+        for unit in units:
+            fully_shard(unit, reshard_after_forward=self.reshard_after_forward, **options)
+        fully_shard(model, **options)
+        return model
+
+
+def fsdp2_strategy(
+    model: Union[ModelLoader, str],
+    wrap_layers: Optional[list[str]] = None,
+    activation_checkpointing: bool = False,
+    mixed_precision: Optional[Mapping[str, Optional[str]]] = None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    save_distributed_checkpoint: bool = True,
+    **kwargs: Any,
+) -> Strategy:
+    """FSDP2: Lightning's ``ModelParallelStrategy`` (data-parallel over every rank, no tensor parallelism)
+    with a :class:`FullyShardPlan` that ``PolicyModule.configure_model`` applies.
+
+    Args:
+        model: the model loader or checkpoint path whose decoder-layer class becomes an FSDP unit.
+        wrap_layers: class names to shard instead of the model's ``_no_split_modules``.
+        activation_checkpointing: recompute each decoder layer's activations in backward.
+        mixed_precision: ``{param_dtype, reduce_dtype, output_dtype}`` names (FSDP2 has no buffer dtype:
+            buffers stay as loaded); None or empty: parameters compute in their own dtype, and
+            ``trainer.precision=bf16-mixed`` autocasts as it does without sharding.
+        reshard_after_forward: free each layer's gathered parameters after its forward (ZeRO-3; False keeps
+            them until backward, like FSDP1's SHARD_GRAD_OP).
+        cpu_offload: not supported yet: ``ModelParallelStrategy.setup`` moves the whole module to the
+            device after ``configure_model``, which would undo FSDP2's ``CPUOffloadPolicy`` (unverified
+            without a GPU, so refused rather than left to fail mid-run).
+        save_distributed_checkpoint: each rank writes its shard (a checkpoint directory); False gathers
+            a single file on rank 0.
+        kwargs: passed to ``ModelParallelStrategy`` (``process_group_backend``, ``timeout``).
+    """
+    if cpu_offload:
+        raise NotImplementedError(
+            "strategy=fsdp2 with cpu_offload=true is not supported: Lightning's ModelParallelStrategy moves the "
+            "module to the GPU after configure_model, undoing the offload. Use strategy.activation_checkpointing, "
+            "or strategy=fsdp strategy.cpu_offload=true for SFT."
+        )
+    dtypes = dict(mixed_precision or {})
+    unknown = set(dtypes) - {"param_dtype", "reduce_dtype", "output_dtype"}
+    if unknown:
+        raise ValueError(
+            f"strategy.mixed_precision: FSDP2 takes param_dtype, reduce_dtype and output_dtype, not {sorted(unknown)}"
+        )
+    plan = FullyShardPlan(
+        layers=tuple(sorted(decoder_layer_classes(model, wrap_layers), key=lambda cls: cls.__name__)),
+        activation_checkpointing=activation_checkpointing,
+        reshard_after_forward=reshard_after_forward,
+        cpu_offload=cpu_offload,
+        **{key: _DTYPES[value] for key, value in dtypes.items() if value},
+    )
+    return FSDP2Strategy(plan, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` with every rank in one data-parallel group (the device mesh is
+    ``(world size, 1)``), carrying the :class:`FullyShardPlan` that ``PolicyModule.configure_model``
+    applies (``strategy.parallelize(model, strategy.device_mesh["data_parallel"])``)."""
+
+    def __init__(self, parallelize: FullyShardPlan, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.parallelize = parallelize
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            # Lightning's "auto" is the node count (tensor parallelism within a node): here every rank
+            # is a data-parallel replica.
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        # Gradients are reduce-scattered after every backward and the sharded gradients accumulate:
+        # skipping the sync would hold the whole model's unsharded gradients between micro-batches,
+        # the memory FSDP is there to save (Lightning's FSDP1 strategy does the same).
+        yield
+
+
+def disable_kv_cache_in_training(model: torch.nn.Module) -> None:
+    """Under activation checkpointing a forward that builds a KV cache (HF's default ``use_cache=True``
+    when a caller does not pass it, as SFT's loss does) appends each layer's keys again when the layer is
+    recomputed in backward, which then fails ("The size of tensor a (2L) must match the size of tensor b
+    (L)"). ``config.use_cache=False``, as ``ModelLoader`` sets with ``model.gradient_checkpointing``;
+    ``generate`` still caches (its generation config decides)."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+
+
+# -- what a module needs from its strategy ---------------------------------------------------------------
+
+
+def check_strategy_supports(module: Any, strategy: Any) -> None:
+    """Refuse pairings known to fail: manual optimization (a backward inside ``training_step``, as in
+    GRPO) under Lightning's FSDP1 ``FSDPStrategy``, which runs ``training_step`` inside the root unit's
+    forward; the backward then fails with "Expects BACKWARD_PRE or BACKWARD_POST state but got
+    HandleTrainingState.FORWARD" (Lightning issues #19626, #19685, open in Lightning 2.6)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy) and not getattr(module, "automatic_optimization", True):
+        raise ValueError(
+            f"{type(module).__name__} optimizes manually (backward inside training_step), which Lightning's "
+            "FSDPStrategy (strategy=fsdp) does not support: it fails with 'Expects BACKWARD_PRE or "
+            "BACKWARD_POST state but got HandleTrainingState.FORWARD' (Lightning issues #19626, #19685). "
+            "Use strategy=fsdp2 trainer=fsdp2 (FSDP2 fully_shard through ModelParallelStrategy) or strategy=ddp."
+        )

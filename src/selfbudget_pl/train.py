@@ -17,6 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from selfbudget_pl.strategies import check_strategy_supports
+
 log = logging.getLogger(__name__)
 
 # configs/ sits at the repository root (the package is installed editable from a checkout).
@@ -51,11 +53,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     # The reward callback runs before the metrics callbacks: they read the rewards it fills in.
     callbacks = instantiate_dict(DictConfig({"reward": cfg.get("reward")})) + instantiate_dict(cfg.get("callbacks"))
+    strategy = instantiate(cfg.strategy, model=model_loader)  # fsdp/fsdp2 shard the model's own layers
+    check_strategy_supports(module, strategy)  # before any process starts: GRPO under FSDP1 cannot work
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=instantiate_dict(cfg.get("logger")) or False,
-        strategy=instantiate(cfg.strategy, model=model_loader),  # fsdp wraps the model's own layers
+        strategy=strategy,
         _convert_="object",
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

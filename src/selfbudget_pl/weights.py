@@ -82,6 +82,7 @@ def full_weight_chunks(
 def _walk_root(root: torch.nn.Module, prefix: str, merge_lora: bool) -> Iterator:
     # No torch.no_grad() around the walk: a grad mode set inside a generator would leak into the
     # caller's code between items. Gathers and merges are wrapped individually instead.
+    _reshard_idle_units(root)
     for item in _walk(root, "", prefix, merge_lora):
         if item is _RELEASE:
             yield item
@@ -131,6 +132,22 @@ def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> 
                  or (isinstance(module, peft["BaseTuner"]) and name == "model"))
         )  # fmt: skip
         yield from _walk(child, path if transparent else f"{path}{name}.", prefix, merge_lora)
+
+
+def _reshard_idle_units(root: torch.nn.Module) -> None:
+    """Reshard every FSDP2 unit under ``root`` that is not inside a forward or backward. A root unit stays
+    gathered after a forward that no backward follows (generation, validation), and its module then holds
+    the gathered compute copies (bfloat16 under ``strategy.mixed_precision``), not its float32 parameters:
+    read as they are, the export would be rounded. Resharding is local (no collective) and only frees memory;
+    the next forward gathers again."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in root.modules():
+        if isinstance(module, FSDPModule):
+            state = module._get_fsdp_state()
+            training_state = getattr(state, "_training_state", None)
+            if training_state is None or training_state.name == "IDLE":
+                module.reshard()
 
 
 def _merged_lora_layer(layer: torch.nn.Module, path: str, peft: dict[str, type]) -> Iterator:

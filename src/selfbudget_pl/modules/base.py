@@ -85,6 +85,34 @@ class PolicyModule(L.LightningModule):
         if self.model is None:
             # from_pretrained returns eval mode; Lightning toggles train/eval itself from here on.
             self.model = self.model_loader.load_model().train()
+        self.shard_models()
+
+    def shard_models(self) -> None:
+        """Apply the strategy's own sharding to the policy and any other model this module holds (GRPO's
+        reference): ``strategy=fsdp2`` carries a ``parallelize(model, mesh)`` plan
+        (:class:`selfbudget_pl.strategies.FullyShardPlan`); other strategies wrap the module themselves
+        (FSDP1, DDP) or not at all. Idempotent: a model already sharded is left as it is."""
+        trainer = self._trainer
+        strategy = trainer.strategy if trainer is not None else None
+        if getattr(strategy, "_activation_checkpointing_kwargs", None):
+            # strategy=fsdp activation_checkpointing=true: Lightning wraps the layers in checkpoint
+            # wrappers after this hook; a KV cache built in forward breaks their recompute.
+            from selfbudget_pl.strategies import disable_kv_cache_in_training
+
+            disable_kv_cache_in_training(self.model)
+        parallelize = getattr(strategy, "parallelize", None)
+        if parallelize is None:
+            return
+        mesh = trainer.strategy.device_mesh["data_parallel"]
+        for name in ("model", "ref_model"):
+            model = getattr(self, name, None)
+            if model is not None:
+                setattr(self, name, parallelize(model, mesh))
+
+    def setup(self, stage: str) -> None:
+        from selfbudget_pl.strategies import check_strategy_supports
+
+        check_strategy_supports(self, self.trainer.strategy)
 
     @property
     def rollout_backend(self) -> RolloutBackend:
