@@ -37,7 +37,7 @@ fi
 overrides() {  # $1: vllm | hf; further arguments are appended
   local rollout=$1; shift
   OVERRIDES=(
-    experiment=grpo_math model=tiny data=synthetic "rollout=$rollout" strategy=fsdp trainer=fsdp
+    experiment=grpo_math model=tiny data=synthetic "rollout=$rollout" strategy=fsdp2 trainer=fsdp2
     trainer.devices=1 trainer.max_steps=5 trainer.log_every_n_steps=1 trainer.limit_val_batches=0
     trainer.enable_progress_bar=false name=grpo_fsdp_gpu_check callbacks.model_checkpoint=null
     model.tiny.hidden_size=512 model.tiny.intermediate_size=1536 model.tiny.num_hidden_layers=8
@@ -160,7 +160,7 @@ md = f"""## GRPO under FSDP on one H200, rollouts by {label} (`scripts/gpu_check
 
 Setup: the tiny Qwen2 scaled up (hidden 512, 8 layers, 8 heads, random weights, fp32 master weights,
 bf16 FSDP mixed precision), synthetic sums, 32 prompts x G = 8 = 256 completions of up to 256 new tokens
-per step, micro-batch 32, 5 steps, `strategy=fsdp trainer=fsdp trainer.devices=1`, rollout={summary['rollout']}
+per step, micro-batch 32, 5 steps, `strategy=fsdp2 trainer=fsdp2 trainer.devices=1`, rollout={summary['rollout']}
 (vllm {summary['vllm']}{', gpu_memory_utilization 0.25, enforce_eager, bf16' if summary['rollout'] == 'vllm' else ''}).
 {'Weights synced into the engine after every optimizer step' if summary['rollout'] == 'vllm' else 'No weight sync (HF generate shares the policy)'}; FSDP export at the end: {'written' if exported else 'NOT written'}.
 train.py exit code {summary['exit_code']}; {len(rows)} steps logged; step seconds {', '.join(f'{x:.2f}' for x in step_s)}.
