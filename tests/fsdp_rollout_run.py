@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import sys
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -40,6 +38,7 @@ from selfbudget_pl.rollout.hf import HFRolloutBackend
 from selfbudget_pl.strategies import decoder_layer_classes
 
 from .conftest import sharpen
+from .rank_cases import run_cases
 
 CASES = ["fsdp1", "fsdp1_bf16", "fsdp2"]
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=8)
@@ -172,18 +171,7 @@ def main(output_dir: str) -> None:
     loader = ModelLoader()
     tokenizer = loader.load_tokenizer()
     layers = tuple(decoder_layer_classes(loader))
-    report = {}
-    for kind in CASES:
-        try:
-            report[kind] = run_case(kind, loader, tokenizer, layers)
-        except Exception as error:  # noqa: BLE001 - reported, so the test shows which case failed and why
-            report[kind] = {"error": f"{type(error).__name__}: {error}"}
-            raise
-        finally:
-            Path(output_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-
+    run_cases(output_dir, {kind: partial(run_case, kind, loader, tokenizer, layers) for kind in CASES})
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -12,11 +12,9 @@ Per case, each rank writes what its engine received against two references:
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
 import sys
-from pathlib import Path
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -25,6 +23,8 @@ import torch.distributed as dist
 from selfbudget_pl.models import LoraSettings, ModelLoader, apply_lora
 from selfbudget_pl.modules.base import full_state_dict
 from selfbudget_pl.strategies import decoder_layer_classes
+
+from .rank_cases import run_cases
 
 CASES = [("fsdp2", False), ("fsdp2", True), ("fsdp1", False), ("fsdp1", True)]
 
@@ -164,19 +164,13 @@ def main(output_dir: str) -> None:
     loader = ModelLoader()
     tokenizer = loader.load_tokenizer()
     layers = tuple(decoder_layer_classes(loader))
-    report = {}
-    for kind, lora in CASES:
-        name = f"{kind}{'_lora' if lora else ''}"
-        try:
-            report[name] = run_case(kind, lora, loader, tokenizer, layers)
-        except Exception as error:  # noqa: BLE001 - reported, so the test shows which case failed and why
-            report[name] = {"error": f"{type(error).__name__}: {error}"}
-            raise
-        finally:
-            Path(output_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=1))
-    dist.barrier()
-    dist.destroy_process_group()
-
+    run_cases(
+        output_dir,
+        {
+            f"{kind}{'_lora' if lora else ''}": partial(run_case, kind, lora, loader, tokenizer, layers)
+            for kind, lora in CASES
+        },
+    )
 
 if __name__ == "__main__":
     main(sys.argv[1])

@@ -35,6 +35,20 @@ def run_ddp(experiment: str, output_dir: Path, tiny_cache: Path, *overrides: str
     return [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 
+def torchrun(module: str, *args: str) -> None:
+    """Run ``python -m tests.<module> *args`` on two torchrun CPU ranks (gloo); fail with its stderr."""
+    from selfbudget_pl.models import ModelLoader
+
+    # Built here, once, where the runners' ModelLoader() looks: two ranks building it at once race.
+    ModelLoader().path
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+         "-m", f"tests.{module}", *args],
+        cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -105,31 +119,17 @@ def test_unknown_wrap_layer_is_named(model_loader):
         make_strategy("fsdp", model=model_loader, wrap_layers=["NoSuchLayer"])
 
 
-def test_sharded_weights_gather_and_export_like_unsharded(tmp_path, tiny_cache, model_loader):
-    model_loader.path  # build the tiny model before two processes read it
-    env = {**os.environ, "SELFBUDGET_CACHE": str(tiny_cache), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-         "-m", "tests.fsdp_export_run", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+def test_sharded_weights_gather_and_export_like_unsharded(tmp_path, tiny_cache):
+    torchrun("fsdp_export_run", str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["sharded_parameters"] > 0, "fully_shard left every parameter whole"
     assert report["gathered_equals_unsharded"] and report["export_equals_unsharded"]
 
 
-def test_vllm_weight_sync_gives_every_rank_the_full_weights_under_fsdp(tmp_path, tiny_cache, model_loader):
+def test_vllm_weight_sync_gives_every_rank_the_full_weights_under_fsdp(tmp_path, tiny_cache):
     # FSDP2 fully_shard and the FSDP1 wrapper (Lightning's), each plain and with LoRA: every rank's
     # stand-in engine receives the unsharded (LoRA-merged) weights under the checkpoint's names.
-    model_loader.path  # build the tiny model before two processes read it
-    env = {**os.environ, "SELFBUDGET_CACHE": str(tiny_cache), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-         "-m", "tests.fsdp_weight_sync_run", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun("fsdp_weight_sync_run", str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert sorted(reports[0]) == sorted(reports[1]) == ["fsdp1", "fsdp1_lora", "fsdp2", "fsdp2_lora"]
     for case in reports[0]:
@@ -144,18 +144,7 @@ def test_vllm_weight_sync_gives_every_rank_the_full_weights_under_fsdp(tmp_path,
 def test_hf_rollouts_from_a_sharded_policy_match_the_unsharded_model(tmp_path, tiny_cache):
     # FSDP1 (fp32 and bfloat16 mixed precision) and FSDP2: greedy completions on each rank, through the
     # HF backend, equal the unsharded model's; the inner model's generate alone (the old call) fails.
-    from selfbudget_pl.models import ModelLoader
-
-    # Built here, where the runner's ModelLoader() looks ($SELFBUDGET_CACHE/tiny_models, not model_loader's
-    # directory): two ranks building it at once race, and rank 1's save_pretrained writes no weights.
-    ModelLoader().path
-    env = {**os.environ, "SELFBUDGET_CACHE": str(tiny_cache), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-         "-m", "tests.fsdp_rollout_run", str(tmp_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun("fsdp_rollout_run", str(tmp_path))
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert sorted(report) == ["fsdp1", "fsdp1_bf16", "fsdp2"]
@@ -172,16 +161,7 @@ def test_hf_rollouts_from_a_sharded_policy_match_the_unsharded_model(tmp_path, t
 
 def run_fsdp2(kind: str, output_dir: Path, *overrides: str) -> dict[str, list[dict]]:
     """Run tests/fsdp2_run.py on two torchrun CPU ranks; return every run's per-rank reports by run name."""
-    from selfbudget_pl.models import ModelLoader
-
-    ModelLoader().path  # built here, where the runner's ModelLoader() looks: two ranks building it race
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-         "-m", "tests.fsdp2_run", kind, str(output_dir), *overrides],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun("fsdp2_run", kind, str(output_dir), *overrides)
     names = sorted({path.name.split(".rank")[0] for path in output_dir.glob("*.rank0.json")})
     return {name: [json.loads((output_dir / f"{name}.rank{r}.json").read_text()) for r in (0, 1)] for name in names}
 
