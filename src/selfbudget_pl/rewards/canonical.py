@@ -475,7 +475,8 @@ class _Parser:
         return _const(Fraction(match.group()))
 
 
-def _split_top_level(text: str, separator: str) -> list[str]:
+def split_top_level(text: str, separator: str) -> Optional[list[str]]:
+    """``text`` split at ``separator`` outside every bracket; None when the brackets do not balance."""
     parts, depth, start = [], 0, 0
     for position, char in enumerate(text):
         if char in "({[":
@@ -483,13 +484,20 @@ def _split_top_level(text: str, separator: str) -> list[str]:
         elif char in ")}]":
             depth -= 1
             if depth < 0:
-                raise _Decline
+                return None
         elif char == separator and depth == 0:
             parts.append(text[start:position])
             start = position + 1
     if depth != 0:
-        raise _Decline
+        return None
     parts.append(text[start:])
+    return parts
+
+
+def _split_top_level(text: str, separator: str) -> list[str]:
+    parts = split_top_level(text, separator)
+    if parts is None:
+        raise _Decline
     return parts
 
 

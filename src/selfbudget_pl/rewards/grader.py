@@ -33,7 +33,14 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Optional, Protocol, Sequence, runtime_checkable
 
-from selfbudget_pl.rewards.canonical import NUMBER_LIKE, Settings, canonical_form, decide, normalise_answer
+from selfbudget_pl.rewards.canonical import (
+    NUMBER_LIKE,
+    Settings,
+    canonical_form,
+    decide,
+    normalise_answer,
+    split_top_level,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +101,8 @@ def _top_level_terms(text: str) -> Optional[list[str]]:
     # Lists, relations, matrices and plus-minus have a '+' that does not join summands of one sum.
     if not text or any(mark in text for mark in ",;=<>|&") or any(cmd in text for cmd in ("\\pm", "\\mp", "\\begin")):
         return None
-    terms, depth, start = [], 0, 0
-    for position, char in enumerate(text):
-        if char in "{([":
-            depth += 1
-        elif char in "})]":
-            depth -= 1
-            if depth < 0:
-                return None
-        elif char == "+" and depth == 0:
-            terms.append(text[start:position])
-            start = position + 1
-    terms.append(text[start:])
-    if depth != 0 or len(terms) < 2 or not all(terms):
+    terms = split_top_level(text, "+")
+    if terms is None or len(terms) < 2 or not all(terms):
         return None
     return sorted(terms)
 
