@@ -151,17 +151,28 @@ def _reshard_idle_units(root: torch.nn.Module) -> None:
 
 
 def _merged_lora_layer(layer: torch.nn.Module, path: str, peft: dict[str, type]) -> Iterator:
-    """The base layer's weight (and bias) with every active, unmerged adapter added: ``W + s * B @ A``,
-    computed in float32 and cast back to W's dtype, as ``merge_and_unload`` would leave it."""
-    if not isinstance(layer, peft["LoraLinear"]):
+    """``merged_lora_linear`` under the layer's checkpoint names."""
+    weight, bias = merged_lora_linear(layer, path.rstrip("."))
+    yield path + "weight", weight
+    if bias is not None:
+        yield path + "bias", bias
+
+
+def merged_lora_linear(layer: torch.nn.Module, where: str = "") -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A peft LoRA Linear's base weight (and bias) with every active, unmerged adapter added:
+    ``W + s * B @ A``, computed in float32 and cast back to W's dtype, as ``merge_and_unload`` would
+    leave it (sharded tensors are gathered). Raises NotImplementedError for layers it cannot merge;
+    ``where`` names the layer in that message."""
+    peft = _peft_classes()
+    if peft is None or not isinstance(layer, peft["LoraLinear"]):
         raise NotImplementedError(
-            f"merging {type(layer).__name__} LoRA layers ({path.rstrip('.')}) for the weight sync is not "
-            "supported; target Linear layers only (model.lora.target_modules)."
+            f"merging {type(layer).__name__} LoRA layers ({where}) is not supported; target Linear layers "
+            "only (model.lora.target_modules)."
         )
     base = layer.get_base_layer()
     unexpected = set(name for name, _ in base.named_parameters()) - {"weight", "bias"}
     if unexpected or list(base.buffers()):
-        raise NotImplementedError(f"LoRA base layer {type(base).__name__} at {path.rstrip('.')} is not a plain Linear")
+        raise NotImplementedError(f"LoRA base layer {type(base).__name__} at {where} is not a plain Linear")
     weight = _full(base.weight)
     bias = _full(base.bias) if getattr(base, "bias", None) is not None else None
     adapters = [] if layer.disable_adapters else layer.active_adapters
@@ -170,7 +181,7 @@ def _merged_lora_layer(layer: torch.nn.Module, path: str, peft: dict[str, type])
         if adapter not in layer.lora_A or adapter in layer.merged_adapters:
             continue  # not a LoRA adapter of this layer, or already folded into W by peft
         if adapter in getattr(layer, "lora_variant", {}) or layer.use_dora.get(adapter, False):
-            raise NotImplementedError(f"merging LoRA variants (DoRA, ...) is not supported ({path.rstrip('.')})")
+            raise NotImplementedError(f"merging LoRA variants (DoRA, ...) is not supported ({where})")
         scaling = layer.scaling[adapter]
         lora_a = _full(layer.lora_A[adapter].weight)
         lora_b = _full(layer.lora_B[adapter].weight)
@@ -182,9 +193,7 @@ def _merged_lora_layer(layer: torch.nn.Module, path: str, peft: dict[str, type])
         if getattr(layer, "lora_bias", {}).get(adapter, False):
             with torch.no_grad():
                 merged_bias = merged_bias + _full(layer.lora_B[adapter].bias).float() * scaling
-    yield path + "weight", merged_weight.to(weight.dtype)
-    if bias is not None:
-        yield path + "bias", merged_bias.to(bias.dtype)
+    return merged_weight.to(weight.dtype), None if bias is None else merged_bias.to(bias.dtype)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:

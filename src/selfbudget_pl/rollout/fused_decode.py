@@ -17,8 +17,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from selfbudget_pl.rollout.base import SamplingSettings
+from selfbudget_pl.weights import is_sharded, merged_lora_linear
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 
@@ -36,9 +38,7 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
         return "sliding-window attention layers"
     if getattr(config, "pretraining_tp", 1) != 1:
         return "pretraining_tp != 1"
-    if any(type(parameter).__name__ == "DTensor" for parameter in base.parameters()):
-        return "sharded (FSDP) parameters"
-    if any(type(module).__name__ == "FullyShardedDataParallel" for module in base.modules()):
+    if is_sharded(base) or any(isinstance(parameter, DTensor) for parameter in base.parameters()):
         return "sharded (FSDP) parameters"
     for layer in base.model.layers:
         if not all(_linear_weights(getattr(layer.self_attn, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -270,18 +270,16 @@ def _norm(module: torch.nn.Module) -> tuple[torch.Tensor, float]:
 
 def _linear_weights(module: torch.nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """(weight, bias) of a linear layer as it computes now: a peft LoRA layer's active, unmerged adapters
-    are added in (dropout is inactive in sampling); None if ``module`` is neither."""
+    merged in (dropout is inactive in sampling); None if ``module`` is neither, or a LoRA kind that
+    cannot be merged (DoRA, ...)."""
     if type(module) is torch.nn.Linear:
         return module.weight, module.bias
-    base_layer = getattr(module, "base_layer", None)
-    if type(base_layer) is not torch.nn.Linear or not hasattr(module, "get_delta_weight"):
+    if type(getattr(module, "base_layer", None)) is not torch.nn.Linear:
         return None
-    weight = base_layer.weight
-    if not module.disable_adapters:
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A and adapter not in module.merged_adapters:
-                weight = weight + module.get_delta_weight(adapter)
-    return weight, base_layer.bias
+    try:
+        return merged_lora_linear(module)
+    except NotImplementedError:
+        return None
 
 
 def _concat(parts: list) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
