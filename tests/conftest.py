@@ -58,3 +58,12 @@ def sharpen(model: torch.nn.Module) -> torch.nn.Module:
             if weight.dim() == 2:
                 weight.normal_(0.0, 0.2)
     return model
+
+
+def randomize_lora_b(model: torch.nn.Module, std: float) -> torch.nn.Module:
+    """peft starts every LoRA B at zero, which makes the adapters a no-op; random B makes them count."""
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0.0, std)
+    return model

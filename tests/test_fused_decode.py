@@ -13,7 +13,7 @@ from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
 
-from .conftest import sharpen
+from .conftest import randomize_lora_b, sharpen
 
 PAD = 0
 
@@ -83,10 +83,7 @@ def test_lora_adapters_are_sampled_and_can_be_disabled(model_loader):
     plain = _generate(model, _prompts(400), 16, eos=[1])
     peft_model = apply_lora(model, LoraSettings(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
     torch.manual_seed(2)
-    with torch.no_grad():
-        for name, weight in peft_model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0.0, 0.5)  # peft starts B at zero, which would make the adapters a no-op
+    randomize_lora_b(peft_model, 0.5)
     with_adapters = _generate(peft_model, _prompts(400), 16, eos=[1])
     assert with_adapters != plain
     assert _fused(peft_model, _prompts(400), 16, eos=[1]) == with_adapters

@@ -9,7 +9,7 @@ from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend, repeat_columns
 
-from .conftest import sharpen
+from .conftest import randomize_lora_b, sharpen
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +146,7 @@ def test_generates_with_a_peft_model_and_gradient_checkpointing(model_loader, to
     base = sharpen(model_loader.load_model())
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
-    peft_model = apply_lora(base, LoraSettings(enabled=True, r=4))
-    with torch.no_grad():
-        for name, weight in peft_model.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0.0, 0.5)
+    peft_model = randomize_lora_b(apply_lora(base, LoraSettings(enabled=True, r=4)), 0.5)
     peft_model.train()
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=5)
     with_adapters = HFRolloutBackend(peft_model, tokenizer).generate(prompts, 2, greedy)

@@ -17,6 +17,8 @@ from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.vllm import rollouts_from_outputs, sampling_params_kwargs
 from selfbudget_pl.weights import iter_full_weights
 
+from .conftest import randomize_lora_b
+
 
 def test_importing_the_module_does_not_import_vllm():
     code = "import sys, selfbudget_pl.rollout.vllm; assert 'vllm' not in sys.modules"
@@ -168,11 +170,7 @@ def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm
     from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
 
     torch.manual_seed(0)
-    policy = apply_lora(model_loader.load_model(), LoraSettings(enabled=True, r=4))
-    with torch.no_grad():
-        for name, weight in policy.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0.0, 0.1)
+    policy = randomize_lora_b(apply_lora(model_loader.load_model(), LoraSettings(enabled=True, r=4)), 0.1)
     expected = copy.deepcopy(policy).merge_and_unload().state_dict()
     before = {name: weight.clone() for name, weight in policy.state_dict().items()}
 
@@ -202,11 +200,7 @@ def test_full_weights_strip_wrapper_names_and_stay_inside_the_prefix(model_loade
     from selfbudget_pl.strategies import decoder_layer_classes
 
     torch.manual_seed(0)
-    policy = apply_lora(model_loader.load_model(), LoraSettings(enabled=True, r=4))
-    with torch.no_grad():
-        for name, weight in policy.named_parameters():
-            if "lora_B" in name:
-                weight.normal_(0.0, 0.1)
+    policy = randomize_lora_b(apply_lora(model_loader.load_model(), LoraSettings(enabled=True, r=4)), 0.1)
     raw = {name: tensor.clone() for name, tensor in policy.state_dict().items()}
     expected = copy.deepcopy(policy).merge_and_unload().state_dict()
     reference = model_loader.load_model()
