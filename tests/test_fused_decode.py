@@ -33,8 +33,11 @@ def _small(kind: str) -> torch.nn.Module:
 
 
 def _prompts(vocab: int = 64) -> list[list[int]]:
+    """Four prompts of different lengths; the 2nd and 4th repeated, as GRPO's G samples are (such rows
+    share one prefill in the fused loop)."""
     generator = torch.Generator().manual_seed(1)
-    return [torch.randint(3, vocab, (length,), generator=generator).tolist() for length in (2, 7, 4, 11)]
+    prompts = [torch.randint(3, vocab, (length,), generator=generator).tolist() for length in (2, 7, 4, 11)]
+    return [prompts[0], prompts[1], prompts[1], prompts[2], prompts[3], prompts[3], prompts[3]]
 
 
 def _generate(model, prompts, max_new_tokens: int, eos: list[int]) -> list[list[int]]:

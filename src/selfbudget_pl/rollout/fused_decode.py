@@ -83,16 +83,24 @@ def sample(
     cos, sin = weights.rotary(probe, positions)  # [B, total, head_dim]
     cos, sin = cos.unsqueeze(1).to(weights.dtype), sin.unsqueeze(1).to(weights.dtype)
 
-    cache = _KVCache(weights, batch, total, device)
     key_valid = torch.ones(batch, total, dtype=torch.bool, device=device)
     key_valid[:, :prompt_width] = mask
+    # Rows sampling the same prompt (GRPO's G samples) share one prefill: run it on the first of each
+    # run of identical rows, then copy that row's cache to the others.
+    repeats = torch.zeros(batch, dtype=torch.bool, device=device)
+    repeats[1:] = (input_ids[1:] == input_ids[:-1]).all(1) & (mask[1:] == mask[:-1]).all(1)
+    firsts = (~repeats).nonzero().squeeze(1)
+    source = torch.cumsum(~repeats, 0) - 1  # each row's index among the first rows
     causal = torch.ones(prompt_width, prompt_width, dtype=torch.bool, device=device).tril()
     # A padding query may see nothing but itself; without the diagonal its softmax row is empty (NaN).
-    prefill_mask = (causal & key_valid[:, None, None, :prompt_width]) | torch.eye(
+    prefill_mask = (causal & key_valid[firsts, None, None, :prompt_width]) | torch.eye(
         prompt_width, dtype=torch.bool, device=device
     )
-
-    logits = weights.forward(input_ids, 0, cos, sin, cache, prefill_mask)
+    cache = _KVCache(weights, len(firsts), total, device)
+    logits = weights.forward(input_ids[firsts], 0, cos[firsts], sin[firsts], cache, prefill_mask)
+    if len(firsts) < batch:
+        logits = logits[source]
+        cache.select(source)
     eos = torch.tensor(list(eos_token_ids), device=device)
     out = torch.full((batch, sampling.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # the output row of each row still in the batch
@@ -114,7 +122,7 @@ def sample(
             live = ~done
             rows, token, done = rows[live], token[live], done[live]
             cos, sin, key_valid = cos[live], sin[live], key_valid[live]
-            cache.keep(live)
+            cache.select(live)
         position = prompt_width + step
         logits = weights.forward(
             token[:, None], position, cos, sin, cache, key_valid[:, None, None, : position + 1]
@@ -245,8 +253,8 @@ class _KVCache:
         self.values[layer][:, :, start:stop] = values
         return self.keys[layer], self.values[layer]
 
-    def keep(self, rows: torch.Tensor) -> None:
-        """Drop the rows where ``rows`` is False."""
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (a boolean mask, or indices, which may repeat a row)."""
         self.keys = [keys[rows] for keys in self.keys]
         self.values = [values[rows] for values in self.values]
 
