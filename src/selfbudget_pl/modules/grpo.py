@@ -35,6 +35,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from selfbudget_pl.data.collate import pad as pad_tokens
+from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS,
@@ -116,6 +117,9 @@ class GRPOModule(PolicyModule):
             then trains the model to follow budgets it did not choose, which is what pre-filling at
             inference relies on; 0 (the paper's setting as we read it) trains on own budgets only.
         prefill_budget_range: ``(low, high)`` fractions of b_max that pre-filled budgets span.
+        packed_forward: compute log-probs on packed tokens, each group's prompt once and no padding
+            (:mod:`selfbudget_pl.modules.packing`; Qwen2, Llama and Qwen3, others run padded). The
+            result equals the padded forward's up to float rounding.
     """
 
     def __init__(
@@ -136,6 +140,7 @@ class GRPOModule(PolicyModule):
         log_entropy: bool = True,
         prefill_fraction: float = 0.0,
         prefill_budget_range: tuple[float, float] = (0.5, 1.0),
+        packed_forward: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -168,6 +173,7 @@ class GRPOModule(PolicyModule):
             )
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
+        self.packed_forward = packed_forward
         self.ref_model: Optional[torch.nn.Module] = None
 
     def configure_model(self) -> None:
@@ -307,7 +313,7 @@ class GRPOModule(PolicyModule):
     def micro_batch_loss(self, micro: Experience, normaliser: float) -> tuple[PolicyLoss, Optional[torch.Tensor]]:
         """Forward the policy on one micro-batch and build its share of the mini-batch loss."""
         logits = self.completion_logits(self.model, micro)
-        logprobs = token_logprobs(logits, micro.completion_ids)
+        logprobs = completion_logprobs(logits, micro)
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
         loss = policy_loss(
             logprobs, old, micro.advantages, micro.completion_mask,
@@ -318,22 +324,27 @@ class GRPOModule(PolicyModule):
         entropy = None
         if self.log_entropy:
             with torch.no_grad():
-                entropy = (entropy_from_logits(logits.detach()) * micro.completion_mask).sum()
+                entropy = entropy_from_logits(logits.detach()).sum()
         return loss, entropy
 
     # -- forward passes ------------------------------------------------------------------------
     def completion_logits(self, model: torch.nn.Module, micro: Experience) -> torch.Tensor:
-        """Logits predicting each completion token, ``[n, T, V]``, scaled by the sampling temperature
-        (the distribution the tokens were drawn from)."""
-        input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
-        attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
-        # Positions as in generation, where left padding does not advance them.
-        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        width = micro.completion_ids.shape[1]
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            logits_to_keep=width + 1, use_cache=False,
-        ).logits[:, :-1]  # fmt: skip
+        """``[C, V]`` logits predicting each real completion token (row by row, as
+        ``completion_mask.bool()`` orders them), scaled by the sampling temperature (the distribution
+        the tokens were drawn from)."""
+        if self.packed_forward and packing.unsupported_reason(model) is None:
+            batch = packing.pack(micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
+            logits = packing.packed_logits(model, batch)
+        else:
+            input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
+            attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
+            # Positions as in generation, where left padding does not advance them.
+            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+            width = micro.completion_ids.shape[1]
+            logits = model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=width + 1, use_cache=False,
+            ).logits[:, :-1][micro.completion_mask.bool()]  # fmt: skip
         if self.sampling.temperature > 0:
             logits = logits / self.sampling.temperature
         return logits
@@ -344,7 +355,7 @@ class GRPOModule(PolicyModule):
         scores = torch.zeros(experience.completion_ids.shape, dtype=torch.float32, device=self.device)
         start = 0
         for micro in experience.chunks(self.micro_batch_size or len(experience)):
-            logprobs = token_logprobs(self.completion_logits(model, micro), micro.completion_ids)
+            logprobs = completion_logprobs(self.completion_logits(model, micro), micro)
             scores[start : start + len(micro), : logprobs.shape[1]] = logprobs
             start += len(micro)
         return scores
@@ -382,6 +393,12 @@ def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int)
         "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }
+
+
+def completion_logprobs(logits: torch.Tensor, micro: Experience) -> torch.Tensor:
+    """``[n, T]`` log-probs of the completion tokens (0 at padding) from :meth:`GRPOModule.completion_logits`."""
+    mask = micro.completion_mask.bool()
+    return packing.unpack(token_logprobs(logits, micro.completion_ids[mask]), mask)
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
