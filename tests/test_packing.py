@@ -1,7 +1,7 @@
 """Packed completion logits (:mod:`selfbudget_pl.modules.packing`) against the padded forward they
 replace: the same logits, the same gradients (full weights, LoRA, activation checkpointing) and the same
-GRPO update, on Qwen2, Llama with grouped-query attention and Qwen3; the layout ``pack`` builds; the
-model left as it was found; and the padded path for models packing does not support."""
+GRPO update, on Qwen2, Llama with grouped-query attention and Qwen3; the layout ``pack`` builds; unpacked
+calls unchanged after the switch; and the padded path for models packing does not support."""
 
 from __future__ import annotations
 
@@ -246,33 +246,36 @@ def test_lora_logits_and_adapter_gradients_equal_the_padded_forward_and_can_be_d
         torch.testing.assert_close(_packed_logits(peft_model, *tensors), expected, atol=1e-5, rtol=0)
 
 
-# -- 5. the model is left as it was -------------------------------------------------------------
-def test_attention_implementation_is_restored_and_generate_still_works(model_loader):
+# -- 5. unpacked calls after the switch ---------------------------------------------------------
+def test_the_switched_attention_leaves_padded_forwards_and_generate_unchanged(model_loader):
+    """packed_logits leaves the model on packed_attention (checkpointed layers recompute in backward);
+    calls without ``packing`` must then compute exactly what SDPA did."""
     model = _model("qwen2", model_loader).eval()
     prompts = [A, B, C]
-    greedy = _greedy(model, prompts)
     tensors = _tensors("groups")
+    greedy = _greedy(model, prompts)
+    with torch.no_grad():
+        padded = _padded_logits(model, *tensors)
 
     seen = []
     hook = model.model.layers[0].register_forward_pre_hook(lambda *_: seen.append(model.config._attn_implementation))
     with torch.no_grad():
-        _packed_logits(model, *tensors)
+        packed = _packed_logits(model, *tensors)
     hook.remove()
-    assert seen == [packing.ATTENTION_NAME]  # the packed attention ran...
-    assert model.config._attn_implementation == "sdpa"  # ...and only for the call
-    assert _greedy(model, prompts) == greedy
-
-    def fail(*_):
-        raise RuntimeError("forward failed")
-
-    hook = model.model.layers[1].register_forward_pre_hook(fail)
-    with pytest.raises(RuntimeError, match="forward failed"), torch.no_grad():
-        _packed_logits(model, *tensors)
-    hook.remove()
-    assert model.config._attn_implementation == "sdpa"
+    assert seen == [packing.ATTENTION_NAME]
+    assert model.config._attn_implementation == packing.ATTENTION_NAME
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=0)
     assert _greedy(model, prompts) == greedy
     with torch.no_grad():
-        torch.testing.assert_close(_padded_logits(model, *tensors), _packed_logits(model, *tensors), atol=1e-5, rtol=0)
+        assert torch.equal(_padded_logits(model, *tensors), padded)
+
+
+def test_models_on_other_attention_implementations_are_refused(model_loader):
+    model = _model("qwen2", model_loader)
+    model.set_attn_implementation("eager")
+    assert "attn_implementation 'eager'" in packing.unsupported_reason(model)
+    with pytest.raises(ValueError, match="packed forward cannot run this model: attn_implementation 'eager'"):
+        _packed_logits(model, *_tensors("groups"))
 
 
 # -- 6. GRPOModule: the fallback, and the same update either way -------------------------------

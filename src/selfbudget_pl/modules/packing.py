@@ -9,20 +9,21 @@ completion, so plain causal attention is exact), runs SDPA, and scatters the res
 from every completion flow into its shared prompt through that gather, so logits and gradients equal
 the padded forward's (up to float rounding).
 
-It runs inside the model's own ``forward`` (an attention function registered with transformers, chosen
-for the duration of the call), so FSDP hooks, LoRA layers and activation checkpointing work as usual.
+It runs inside the model's own ``forward``, so FSDP hooks, LoRA layers and activation checkpointing
+work as usual. The model's attention becomes :func:`packed_attention`, registered with transformers:
+plain SDPA (with SDPA's masks) for every call, and the packed layout for calls that pass ``packing=``.
+It stays selected after the call, because checkpointed layers re-run their forward during backward.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-ATTENTION_NAME = "selfbudget_packed"
+ATTENTION_NAME = "sdpa_or_packed"
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 
 
@@ -115,16 +116,21 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
         kind != "full_attention" for kind in (getattr(config, "layer_types", None) or [])
     ):
         return "sliding-window attention layers"
+    if config._attn_implementation not in ("sdpa", ATTENTION_NAME):
+        return f"attn_implementation {config._attn_implementation!r} (packing replaces 'sdpa')"
     return None
 
 
 def packed_logits(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
     """``[C, V]`` logits predicting each completion token, from the model's own forward."""
-    with _attention(model, ATTENTION_NAME):
-        output = model(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, logits_to_keep=batch.predictor,
-            use_cache=False, packing=batch,
-        )  # fmt: skip
+    _use_packed_attention(model)
+    input_ids = batch.input_ids
+    output = model(
+        # All ones: transformers then builds no mask (causal SDPA needs none); None would make it
+        # build a [U, U] mask for what it takes to be packed sequences.
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=batch.position_ids,
+        logits_to_keep=batch.predictor, use_cache=False, packing=batch,
+    )  # fmt: skip
     return output.logits[0]
 
 
@@ -137,13 +143,14 @@ def packed_attention(
     dropout: float = 0.0,
     scaling: Optional[float] = None,
     packing: Optional[PackedBatch] = None,
-    sliding_window: Optional[int] = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: ``[1, heads, U, head_dim]`` packed q/k/v -> ``[1, U, heads,
-    head_dim]``, attending causally within each row of ``packing``'s padded layout."""
-    if packing is None or sliding_window is not None:
-        raise RuntimeError(f"the {ATTENTION_NAME!r} attention needs packed inputs and full attention")
+    """transformers attention function: SDPA, or with ``packing``, ``[1, heads, U, head_dim]`` packed
+    q/k/v -> ``[1, U, heads, head_dim]``, attending causally within each row of its padded layout."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if packing is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     def to_rows(states: torch.Tensor) -> torch.Tensor:
         heads, head_dim = states.shape[1], states.shape[3]
@@ -160,26 +167,20 @@ def packed_attention(
     return flat.index_select(0, packing.token_slot)[None], None
 
 
-@contextmanager
-def _attention(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Use attention ``name`` in ``model`` for the duration of the block."""
-    _register()
-    config = _pretrained(model).config
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
-def _register() -> None:
+def _use_packed_attention(model: torch.nn.Module) -> None:
+    """Switch ``model`` from SDPA to :func:`packed_attention` (idempotent; unpacked calls are unchanged)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    # Registered without a mask function on purpose: transformers then builds no mask, and
-    # packed_attention needs none.
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, packed_attention)
+        AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"packed forward cannot run this model: {reason}")
+    config = _pretrained(model).config
+    if config._attn_implementation != ATTENTION_NAME:
+        config._attn_implementation = ATTENTION_NAME
 
 
 def _pretrained(model: torch.nn.Module) -> Optional[torch.nn.Module]:
