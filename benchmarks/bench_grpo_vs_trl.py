@@ -5,6 +5,8 @@ Also rollout tokens/s of HFRolloutBackend against a bare ``model.generate`` on t
 
     pip install -e .[bench]      # trl
     OMP_NUM_THREADS=1 python benchmarks/bench_grpo_vs_trl.py --rounds 3 --steps 6
+    # GSM8K-shaped: real GSM8K test questions in the data config's prompt template, G = 5 as the paper
+    OMP_NUM_THREADS=1 python benchmarks/bench_grpo_vs_trl.py --prompt-set gsm8k --num-generations 5 --max-new-tokens 128
 
 Prints one JSON object; the numbers go into benchmarks/RESULTS.md.
 """
@@ -15,6 +17,8 @@ import argparse
 import functools
 import json
 import logging
+import os
+from pathlib import Path
 import statistics
 import time
 import warnings
@@ -24,11 +28,12 @@ import torch
 
 from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.data.collate import pad
+from selfbudget_pl.data.prompts import build_prompt
 from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
 
-PROMPTS = [
+TOY_PROMPTS = [
     "the sum of 3+4",
     "how many are there",
     "what is the total cost of 12+30+7 so",
@@ -38,6 +43,17 @@ PROMPTS = [
     "let x be twice y then",
     "the answer is",
 ]
+GSM8K_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."  # configs/data/gsm8k.yaml
+
+
+def prompt_texts(prompt_set: str, tokenizer) -> list[str]:
+    """Eight prompt texts: short toy strings, or the first GSM8K test questions as training renders them."""
+    if prompt_set == "toy":
+        return TOY_PROMPTS
+    path = Path(os.environ.get("SELFBUDGET_DATA", Path(__file__).parents[2] / "shared" / "data")) / "gsm8k" / "test.jsonl"
+    with open(path) as lines:
+        questions = [json.loads(line)["question"] for line, _ in zip(lines, range(8))]
+    return [build_prompt(question, tokenizer, GSM8K_TEMPLATE) for question in questions]
 
 
 def parity_of_first_token(completion_ids: list[list[int]]) -> list[float]:
@@ -72,6 +88,7 @@ def run_ours(loader: ModelLoader, prompt_ids: list[list[int]], args: argparse.Na
         num_generations=args.num_generations,
         sampling=dict(temperature=1.0, max_new_tokens=args.max_new_tokens),
         micro_batch_size=None,
+        packed_forward=args.packed_forward,
         rollout=functools.partial(HFRolloutBackend, batch_size=len(rows) * args.num_generations),
         warmup_steps=0,
         min_lr_ratio=1.0,
@@ -85,7 +102,7 @@ def run_ours(loader: ModelLoader, prompt_ids: list[list[int]], args: argparse.Na
     return timer.seconds
 
 
-def run_trl(loader: ModelLoader, args: argparse.Namespace, output_dir: str) -> list[float]:
+def run_trl(loader: ModelLoader, prompts: list[str], args: argparse.Namespace, output_dir: str) -> list[float]:
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -105,7 +122,7 @@ def run_trl(loader: ModelLoader, args: argparse.Namespace, output_dir: str) -> l
 
     config = GRPOConfig(
         output_dir=output_dir,
-        per_device_train_batch_size=len(PROMPTS) * args.num_generations,  # completions per step, as ours
+        per_device_train_batch_size=len(prompts) * args.num_generations,  # completions per step, as ours
         num_generations=args.num_generations,
         max_completion_length=args.max_new_tokens,
         temperature=1.0,
@@ -127,7 +144,7 @@ def run_trl(loader: ModelLoader, args: argparse.Namespace, output_dir: str) -> l
         model=loader.load_model(),
         reward_funcs=reward,
         args=config,
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS * (args.steps + 1)}),
+        train_dataset=Dataset.from_dict({"prompt": prompts * (args.steps + 1)}),
         processing_class=loader.load_tokenizer(),
     )
     timer = Timer()
@@ -171,6 +188,11 @@ def main() -> None:
     parser.add_argument("--num-generations", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--prompt-set", choices=["toy", "gsm8k"], default="toy")
+    parser.add_argument(
+        "--packed-forward", action=argparse.BooleanOptionalAction, default=True,
+        help="ours: log-probs on packed tokens (module.packed_forward)",
+    )  # fmt: skip
     parser.add_argument("--output-dir", default="/tmp/bench_grpo_trl")
     args = parser.parse_args()
 
@@ -180,17 +202,19 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     loader = ModelLoader()
     tokenizer = loader.load_tokenizer()
-    prompt_ids = [tokenizer.encode(text, add_special_tokens=False) for text in PROMPTS]
+    prompts = prompt_texts(args.prompt_set, tokenizer)
+    prompt_ids = [tokenizer.encode(text, add_special_tokens=False) for text in prompts]
 
     ours, trl = [], []
     for round_index in range(args.rounds):
         torch.manual_seed(round_index)
         ours += run_ours(loader, prompt_ids, args)[1:]
         torch.manual_seed(round_index)
-        trl += run_trl(loader, args, args.output_dir)[1:]
+        trl += run_trl(loader, prompts, args, args.output_dir)[1:]
     results = {
         "settings": {
-            "model": "tiny Qwen2 (~1M params), fp32, CPU", "threads": args.threads, "prompts": len(PROMPTS),
+            "model": "tiny Qwen2 (~1M params), fp32, CPU", "threads": args.threads, "prompt_set": args.prompt_set,
+            "prompt_tokens": [len(ids) for ids in prompt_ids], "packed_forward": args.packed_forward,
             "num_generations": args.num_generations, "max_new_tokens": args.max_new_tokens,
             "steps_timed": len(ours), "rounds": args.rounds,
         },
