@@ -298,7 +298,7 @@ def _experience(batch: str) -> Experience:
     return Experience(prompt_ids, prompt_mask, completion_ids, completion_mask, group_advantages(rewards, 3))
 
 
-def test_unsupported_models_run_the_padded_forward(model_loader, monkeypatch):
+def test_unsupported_models_run_the_padded_forward(model_loader, monkeypatch, caplog):
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, eos_token_id=1)
     gpt2 = sharpen(transformers.GPT2LMHeadModel(config)).eval()  # eval: GPT-2 has dropout
@@ -311,10 +311,14 @@ def test_unsupported_models_run_the_padded_forward(model_loader, monkeypatch):
     monkeypatch.setattr(packing, "packed_logits", no_packing)
     module = GRPOModule(**_settings(model_loader, packed_forward=True))
     micro = _experience("groups")
-    with torch.no_grad():
+    with torch.no_grad(), caplog.at_level("WARNING", logger="selfbudget_pl.modules.grpo"):
         logits = module.completion_logits(gpt2, micro)
+        module.completion_logits(gpt2, micro)
         expected = _padded_logits(gpt2, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
     torch.testing.assert_close(logits, expected / 0.7)
+    # Said once, with the reason, not on every micro-batch.
+    told = [record.getMessage() for record in caplog.records if "packed_forward" in record.getMessage()]
+    assert len(told) == 1 and "gpt2" in told[0]
 
 
 class _FixedExperience(GRPOModule):

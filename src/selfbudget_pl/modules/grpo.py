@@ -25,6 +25,7 @@ locally), so every rank takes the same step; the logged scalars are averaged acr
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -47,6 +48,8 @@ from selfbudget_pl.modules.losses import (
     token_logprobs,
 )
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -174,6 +177,7 @@ class GRPOModule(PolicyModule):
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
         self.packed_forward = packed_forward
+        self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
 
     def configure_model(self) -> None:
@@ -332,7 +336,7 @@ class GRPOModule(PolicyModule):
         """``[C, V]`` logits predicting each real completion token (row by row, as
         ``completion_mask.bool()`` orders them), scaled by the sampling temperature (the distribution
         the tokens were drawn from)."""
-        if self.packed_forward and packing.unsupported_reason(model) is None:
+        if self.packed_forward and self._packable(model):
             batch = packing.pack(micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
             logits = packing.packed_logits(model, batch)
         else:
@@ -348,6 +352,13 @@ class GRPOModule(PolicyModule):
         if self.sampling.temperature > 0:
             logits = logits / self.sampling.temperature
         return logits
+
+    def _packable(self, model: torch.nn.Module) -> bool:
+        reason = packing.unsupported_reason(model)
+        if reason is not None and not self._told_padded:
+            log.warning("module.packed_forward: this model runs the padded forward instead (%s)", reason)
+            self._told_padded = True
+        return reason is None
 
     @torch.no_grad()
     def score_completions(self, model: torch.nn.Module, experience: Experience) -> torch.Tensor:
