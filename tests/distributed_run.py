@@ -53,6 +53,16 @@ class EvenTokenReward:
         return [sum(token % 2 == 0 for token in ids) / max(len(ids), 1) for ids in completion_ids]
 
 
+def use_even_token_reward(cfg) -> None:
+    """GRPO runs (``cfg`` opened for writing): score with :class:`EvenTokenReward`, synced across ranks."""
+    if cfg.module.get("num_generations"):
+        cfg.reward = {
+            "_target_": "selfbudget_pl.callbacks.reward.RewardCallback",
+            "functions": {"even_tokens": {"_target_": f"{__name__}.EvenTokenReward"}},
+            "sync_dist": True,
+        }
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 over every tensor of the state dict, in key order: equal digests mean bitwise-equal weights."""
     digest = hashlib.sha256()
@@ -67,12 +77,7 @@ def main(experiment: str, output_dir: str, *overrides: str) -> None:
     with open_dict(cfg):
         cfg.callbacks.record_examples = {"_target_": f"{__name__}.RecordExamples"}
         cfg.module.export_dir = str(Path(output_dir, "export"))  # not the experiment's shared logs/ path
-        if cfg.module.get("num_generations"):
-            cfg.reward = {
-                "_target_": "selfbudget_pl.callbacks.reward.RewardCallback",
-                "functions": {"even_tokens": {"_target_": f"{__name__}.EvenTokenReward"}},
-                "sync_dist": True,
-            }
+        use_even_token_reward(cfg)
     metrics, objects = train(cfg)
     trainer = objects["trainer"]
     recorder = next(callback for callback in trainer.callbacks if isinstance(callback, RecordExamples))

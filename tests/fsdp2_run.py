@@ -25,7 +25,7 @@ from omegaconf import open_dict
 
 from selfbudget_pl.train import train
 from selfbudget_pl.weights import is_sharded, iter_full_weights
-from tests.distributed_run import RecordExamples
+from tests.distributed_run import RecordExamples, use_even_token_reward
 from tests.test_train import compose_small
 
 
@@ -74,12 +74,7 @@ def run(experiment: str, output_dir: Path, name: str, *overrides: str, stop_at: 
         cfg.ckpt_path = ckpt_path or None
         if stop_at:
             cfg.callbacks.stop = {"_target_": f"{__name__}.StopAtStep", "step": stop_at}
-        if cfg.module.get("num_generations"):
-            cfg.reward = {
-                "_target_": "selfbudget_pl.callbacks.reward.RewardCallback",
-                "functions": {"even_tokens": {"_target_": "tests.distributed_run.EvenTokenReward"}},
-                "sync_dist": True,
-            }
+        use_even_token_reward(cfg)
     metrics, objects = train(cfg)
     trainer = objects["trainer"]
     recorder = next(callback for callback in trainer.callbacks if isinstance(callback, RecordFullWeights))
