@@ -37,6 +37,14 @@ def pad(
     return ids, mask
 
 
+def repeats_row_above(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool: row i has the same ids and mask as row i - 1 (GRPO's G samples of one prompt sit
+    in consecutive rows; the sampler and the packed forward compute such a prompt once)."""
+    repeats = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    repeats[1:] = (ids[1:] == ids[:-1]).all(1) & (mask[1:] == mask[:-1]).all(1)
+    return repeats
+
+
 @dataclass
 class GRPOCollator:
     """Left-padded prompts plus the columns rewards and metrics need."""

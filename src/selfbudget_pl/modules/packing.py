@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from selfbudget_pl.data.collate import repeats_row_above
+
 ATTENTION_NAME = "sdpa_or_packed"
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 
@@ -54,9 +56,7 @@ def pack(
     # A completion's last token predicts nothing and no later token attends to it: it is only a target.
     completion_inputs = (completion_lengths - 1).clamp(min=0)
     rows = prompt_ids.shape[0]
-    repeats = torch.zeros(rows, dtype=torch.bool, device=device)
-    if rows > 1:
-        repeats[1:] = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
+    repeats = repeats_row_above(prompt_ids, prompt_mask)
     # Tokens each row adds to the pack: its prompt unless the row above had the same one, then its completion.
     own_prompt = torch.where(repeats, 0, prompt_lengths)
     added = own_prompt + completion_inputs

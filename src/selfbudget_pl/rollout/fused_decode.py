@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from selfbudget_pl.data.collate import repeats_row_above
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.weights import is_sharded, merged_lora_linear
 
@@ -87,8 +88,7 @@ def sample(
     key_valid[:, :prompt_width] = mask
     # Rows sampling the same prompt (GRPO's G samples) share one prefill: run it on the first of each
     # run of identical rows, then copy that row's cache to the others.
-    repeats = torch.zeros(batch, dtype=torch.bool, device=device)
-    repeats[1:] = (input_ids[1:] == input_ids[:-1]).all(1) & (mask[1:] == mask[:-1]).all(1)
+    repeats = repeats_row_above(input_ids, mask)
     firsts = (~repeats).nonzero().squeeze(1)
     source = torch.cumsum(~repeats, 0) - 1  # each row's index among the first rows
     causal = torch.ones(prompt_width, prompt_width, dtype=torch.bool, device=device).tril()
