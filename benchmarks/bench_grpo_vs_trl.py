@@ -25,6 +25,7 @@ import warnings
 
 import lightning as L
 import torch
+from omegaconf import OmegaConf
 
 from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.data.collate import pad
@@ -43,17 +44,18 @@ TOY_PROMPTS = [
     "let x be twice y then",
     "the answer is",
 ]
-GSM8K_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{}."  # configs/data/gsm8k.yaml
 
 
 def prompt_texts(prompt_set: str, tokenizer) -> list[str]:
     """Eight prompt texts: short toy strings, or the first GSM8K test questions as training renders them."""
     if prompt_set == "toy":
         return TOY_PROMPTS
-    path = Path(os.environ.get("SELFBUDGET_DATA", Path(__file__).parents[2] / "shared" / "data")) / "gsm8k" / "test.jsonl"
+    repo = Path(__file__).parents[1]
+    template = OmegaConf.load(repo / "configs" / "data" / "gsm8k.yaml").prompt_template
+    path = Path(os.environ.get("SELFBUDGET_DATA", repo.parent / "shared" / "data")) / "gsm8k" / "test.jsonl"
     with open(path) as lines:
         questions = [json.loads(line)["question"] for line, _ in zip(lines, range(8))]
-    return [build_prompt(question, tokenizer, GSM8K_TEMPLATE) for question in questions]
+    return [build_prompt(question, tokenizer, template) for question in questions]
 
 
 def parity_of_first_token(completion_ids: list[list[int]]) -> list[float]:
