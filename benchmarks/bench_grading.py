@@ -107,7 +107,7 @@ def run(items: list[tuple[str, str]], workers: int, batch_size: int, tokenizer) 
             n = len(batch)
             rollouts = Rollouts(
                 prompt_ids=[[0]] * n, completion_ids=[[0]] * n, completions=[c for c, _ in batch],
-                truncated=[False] * n, group_index=[0] * n, columns={"answer": [g for _, g in batch], "b_max": [None] * n},
+                finish_reasons=["eos"] * n, group_index=[0] * n, columns={"answer": [g for _, g in batch], "b_max": [None] * n},
             )
             annotate(rollouts, fmt, grader, tokenizer)
             reward(rollouts.completions, parsed=rollouts.parsed, correct=rollouts.correct,

@@ -116,7 +116,7 @@ def test_missing_rewards_name_the_reward_config(sharp_loader, prompt_ids):
         _trainer(1, [NoReward()]).fit(_module(sharp_loader), train_dataloaders=_loader(prompt_ids, 2))
 
 
-def test_experience_pads_prompts_left_completions_right_and_restores_eos(sharp_loader, tokenizer):
+def test_experience_pads_prompts_left_completions_right_and_keeps_the_sampled_stop_token(sharp_loader, tokenizer):
     module = _module(sharp_loader, sampling=dict(temperature=1.0, max_new_tokens=3, stop=["</solution>"]))
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     stop_ids = tokenizer.encode("</solution>", add_special_tokens=False)
@@ -124,13 +124,14 @@ def test_experience_pads_prompts_left_completions_right_and_restores_eos(sharp_l
         prompt_ids=[[5, 6, 7], [8]],
         completion_ids=[[9], stop_ids],
         completions=["x", "</solution>"],
-        truncated=[False, False],
+        finish_reasons=["eos", "stop"],
         group_index=[0, 0],
+        stop_token_ids=[eos, None],
     )
     experience = module.make_experience(rollouts, torch.tensor([0.5, -0.5]))
     assert experience.prompt_ids.tolist() == [[5, 6, 7], [pad, pad, 8]]
     assert experience.prompt_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    # Ended by EOS (stripped by the backend): EOS is put back so stopping is learned. Ended by the stop
+    # Ended by EOS: the sampled stop token is trained, so stopping is learned. Ended by the stop
     # string: nothing is added.
     width = max(2, len(stop_ids))
     assert experience.completion_ids.tolist()[0] == [9, eos] + [pad] * (width - 2)
@@ -147,7 +148,7 @@ def test_micro_batch_losses_match_a_hand_computed_policy_gradient(sharp_loader, 
         prompt_ids=[prompt_ids[i // 3] for i in range(6)],
         completion_ids=completions,
         completions=["a"] * 6,
-        truncated=[True] * 6,  # no EOS appended: the tensors below are exactly these tokens
+        finish_reasons=["length"] * 6,  # no stop token: the tensors below are exactly these tokens
         group_index=[0, 0, 0, 1, 1, 1],
     )
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0])
@@ -186,7 +187,7 @@ def test_old_logprobs_make_the_first_step_on_policy(sharp_loader, prompt_ids):
     module.configure_model()
     rollouts = Rollouts(
         prompt_ids=[prompt_ids[0]] * 4, completion_ids=[[11, 12], [13], [14, 15], [16]],
-        completions=["a"] * 4, truncated=[True] * 4, group_index=[0] * 4,
+        completions=["a"] * 4, finish_reasons=["length"] * 4, group_index=[0] * 4,
     )  # fmt: skip
     experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     experience.old_logprobs = module.score_completions(module.model, experience)
@@ -221,7 +222,7 @@ def test_kl_to_the_reference_is_zero_before_training(sharp_loader, prompt_ids):
     module.configure_model()
     rollouts = Rollouts(
         prompt_ids=[prompt_ids[0]] * 2, completion_ids=[[11, 12], [13]],
-        completions=["a"] * 2, truncated=[True] * 2, group_index=[0] * 2,
+        completions=["a"] * 2, finish_reasons=["length"] * 2, group_index=[0] * 2,
     )  # fmt: skip
     experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0]))
     experience.ref_logprobs = module.reference_logprobs(experience)

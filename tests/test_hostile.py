@@ -90,7 +90,7 @@ def test_hostile_completions_get_rewards_fast_and_harmlessly(tmp_path, monkeypat
     slow: dict[str, float] = {}
     for name, text in hostile_completions(canary).items():
         rollouts = Rollouts(
-            prompt_ids=[[1]], completion_ids=[[1]], completions=[text], truncated=[False], group_index=[0],
+            prompt_ids=[[1]], completion_ids=[[1]], completions=[text], finish_reasons=["eos"], group_index=[0],
             columns={"answer": ["2"], "b_max": [None]},
         )
         started = time.monotonic()
@@ -128,7 +128,7 @@ def test_a_whole_hostile_batch_in_one_call(tmp_path, grader, reward, tokenizer):
     completions = list(hostile_completions(tmp_path / "canary").values())
     n = len(completions)
     rollouts = Rollouts(
-        prompt_ids=[[1]] * n, completion_ids=[[1]] * n, completions=completions, truncated=[False] * n,
+        prompt_ids=[[1]] * n, completion_ids=[[1]] * n, completions=completions, finish_reasons=["eos"] * n,
         group_index=list(range(n)), columns={"answer": ["2"] * n, "b_max": [None] * n},
     )
     started = time.monotonic()

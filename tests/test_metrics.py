@@ -105,7 +105,7 @@ def make_rollouts(fmt: OutputFormat) -> Rollouts:
     completions = [fmt.render(30, " 1+1=2 \\boxed{2} "), fmt.render(30, " \\boxed{3} "), "<budget>5"]
     n = len(completions)
     return Rollouts(
-        prompt_ids=[[1]] * n, completion_ids=[[2]] * n, completions=completions, truncated=[False, False, True],
+        prompt_ids=[[1]] * n, completion_ids=[[2]] * n, completions=completions, finish_reasons=["eos", "eos", "length"],
         group_index=[0] * n, columns={"answer": ["2"] * n, "difficulty": [1.0, 2.0, 2.0]},
     )
 

@@ -249,7 +249,7 @@ class HookedModule(pl.LightningModule):
         n = len(self.completions)
         rollouts = Rollouts(
             prompt_ids=[[1]] * n, completion_ids=[[2] * (len(c) + 1) for c in self.completions],
-            completions=list(self.completions), truncated=[False] * n, group_index=[0] * n,
+            completions=list(self.completions), finish_reasons=["eos"] * n, group_index=[0] * n,
             columns={"answer": list(self.answers), "b_max": [None] * n, "problem": ["q"] * n},
         )
         for callback in self.trainer.callbacks:
@@ -308,6 +308,6 @@ def test_training_progress_falls_back_to_zero():
 
 
 def test_annotate_requires_the_answer_column():
-    rollouts = Rollouts(prompt_ids=[[1]], completion_ids=[[1]], completions=["x"], truncated=[False], group_index=[0])
+    rollouts = Rollouts(prompt_ids=[[1]], completion_ids=[[1]], completions=["x"], finish_reasons=["eos"], group_index=[0])
     with pytest.raises(ValueError, match="'answer'"):
         annotate(rollouts, FORMAT, MathGrader(workers=0), CharTokenizer())

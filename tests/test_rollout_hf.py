@@ -115,9 +115,16 @@ def test_stop_string_cuts_right_after_it(model, tokenizer, prompts):
     assert stopped.completion_ids[0] == ids[:cut]
     assert stopped.completions[0].endswith(stop)
     assert stopped.truncated == [False]
+    assert stopped.finish_reasons == ["stop"] and stopped.stop_token_ids == [None]
+    assert stopped.sampled_ids(0) == ids[:cut]  # the loss scores exactly the sampled tokens
+    # Beside a row that runs on, the stopped row is padded after its stop string (the pad id may be an
+    # EOS id): it still ended by its stop string, with no stop token drawn.
+    both = backend.generate([prompts[0], prompts[2]], 1, SamplingSettings(**greedy, stop=[stop]))
+    assert both.completion_ids[0] == ids[:cut]
+    assert both.finish_reasons[0] == "stop" and both.stop_token_ids[0] is None
 
 
-def test_eos_ends_a_completion_and_is_stripped(model, tokenizer, prompts):
+def test_a_stop_token_ends_a_completion_and_travels_beside_it(model, tokenizer, prompts):
     greedy = SamplingSettings(temperature=0.0, max_new_tokens=8)
     free = HFRolloutBackend(model, tokenizer).generate(prompts[:1], 1, greedy).completion_ids[0]
     # Declare the 3rd greedy token an end-of-turn token, as chat checkpoints list several EOS ids.
@@ -131,6 +138,10 @@ def test_eos_ends_a_completion_and_is_stripped(model, tokenizer, prompts):
     first = free.index(free[2])
     assert rollouts.completion_ids == [free[:first]]
     assert rollouts.truncated == [False]
+    # The stop token that was drawn (not the tokenizer's EOS, not the pad id) travels with the rollout.
+    assert free[2] not in (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert rollouts.finish_reasons == ["eos"] and rollouts.stop_token_ids == [free[2]]
+    assert rollouts.sampled_ids(0) == free[: first + 1]
 
 
 def test_restores_train_mode_and_keeps_gradients_off(model, tokenizer, prompts):

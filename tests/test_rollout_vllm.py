@@ -44,8 +44,9 @@ def test_sampling_params_give_each_completion_its_own_seed():
     assert sampling_params_kwargs(SamplingSettings(seed=None), [1])["seed"] is None
 
 
-def _request(token_ids, finish_reason):
-    return SimpleNamespace(outputs=[SimpleNamespace(token_ids=token_ids, finish_reason=finish_reason, text="ignored")])
+def _request(token_ids, finish_reason, stop_reason=None):
+    completion = SimpleNamespace(token_ids=token_ids, finish_reason=finish_reason, stop_reason=stop_reason, text="ignored")
+    return SimpleNamespace(outputs=[completion])
 
 
 def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
@@ -57,6 +58,8 @@ def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
     rollouts = rollouts_from_outputs(outputs, [[5], [5], [6], [6]], 2, tokenizer, [eos], prefill="<budget>3</budget>")
     assert rollouts.completion_ids == [hello, hello, hello[:1], []]
     assert rollouts.truncated == [False, True, False, False]
+    assert rollouts.finish_reasons == ["eos", "length", "eos", "eos"]
+    assert rollouts.stop_token_ids == [eos, None, None, None]
     assert rollouts.group_index == [0, 0, 1, 1]
     assert rollouts.completions[0] == "<budget>3</budget>the sum"
     assert rollouts.completions[3] == "<budget>3</budget>"

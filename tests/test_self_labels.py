@@ -28,7 +28,7 @@ class ScriptedBackend(RolloutBackend):
         groups = [g for g, group in enumerate(self.answers[: len(prompt_ids)]) for _ in group]
         self.answers = self.answers[len(prompt_ids):]
         return Rollouts(prompt_ids=[[1]] * len(texts), completion_ids=[[1]] * len(texts), completions=texts,
-                        truncated=[t in self.truncated_texts for t in texts], group_index=groups)
+                        finish_reasons=["length" if t in self.truncated_texts else "eos" for t in texts], group_index=groups)
 
 
 def test_keeps_the_shortest_correct_finished_sample(tokenizer):

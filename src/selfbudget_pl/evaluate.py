@@ -255,6 +255,7 @@ def _completion_rows(name: str, budget: Budget, rollouts: Rollouts, prefill_toke
                 "prediction": parsed.answer,
                 "format_error": parsed.error.value,
                 "truncated": bool(rollouts.truncated[index]),
+                "finish_reason": rollouts.finish_reasons[index],
                 "text": rollouts.completions[index],
             }
         )

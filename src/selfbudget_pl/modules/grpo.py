@@ -261,15 +261,9 @@ class GRPOModule(PolicyModule):
         ]
 
     def make_experience(self, rollouts: Rollouts, advantages: torch.Tensor) -> Experience:
-        """Pad rollouts into tensors on the module's device; EOS goes back where the model emitted it."""
-        eos = self.tokenizer.eos_token_id
-        stops = self.sampling.stop
-        completions = [
-            # Not truncated and no stop string in the text: generation ended with EOS (which the
-            # backend strips), so the EOS token is trained too.
-            ids + [eos] if not truncated and not any(stop in text for stop in stops) else ids
-            for ids, text, truncated in zip(rollouts.completion_ids, rollouts.completions, rollouts.truncated)
-        ]
+        """Pad rollouts into tensors on the module's device: every sampled token, the stop token the
+        sampler drew included (so learning when to stop is part of the objective)."""
+        completions = [rollouts.sampled_ids(index) for index in range(len(rollouts))]
         pad = self.tokenizer.pad_token_id
         # min_width 1: a batch whose completions are all empty still has a token axis.
         prompt_ids, prompt_mask = pad_tokens(rollouts.prompt_ids, pad, left=True, min_width=1)

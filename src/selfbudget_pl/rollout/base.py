@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 
@@ -28,15 +28,28 @@ class SamplingSettings:
     seed: Optional[int] = None
 
 
+# Why a completion ended: the sampler drew a stop token (EOS, or another id in the backend's stop set),
+# a stop string was completed, or the length limit (max_new_tokens) cut it off.
+FinishReason = Literal["eos", "stop", "length"]
+FINISH_REASONS: tuple[str, ...] = ("eos", "stop", "length")
+
+
 @dataclass
 class Rollouts:
-    """Completions for a batch of prompts, plus what callbacks learn about them."""
+    """Completions for a batch of prompts, plus what callbacks learn about them.
+
+    The record of each completion is what was sampled, nothing guessed afterwards: ``completion_ids``
+    are the tokens before the stop token, ``stop_token_ids`` the stop token the sampler drew (``None``
+    when it drew none: a stop string or the length limit ended the completion), and ``finish_reasons``
+    which of the three ended it. The loss trains on ``completion_ids + [stop_token_id]``.
+    """
 
     prompt_ids: list[list[int]]  # one per completion (shared within a group)
-    completion_ids: list[list[int]]  # generated tokens, EOS/padding stripped
+    completion_ids: list[list[int]]  # sampled tokens up to (not including) the stop token
     completions: list[str]  # decoded completion text (including any pre-filled budget prefix)
-    truncated: list[bool]  # stopped by max_new_tokens rather than EOS/stop string
+    finish_reasons: list[str]  # FinishReason per completion
     group_index: list[int]  # index of the prompt each completion answers
+    stop_token_ids: list[Optional[int]] = field(default_factory=list)  # [] means None for every completion
     columns: dict[str, list[Any]] = field(default_factory=dict)  # dataset columns, repeated per completion
     # Filled by annotation/reward callbacks:
     parsed: list[ParsedOutput] = field(default_factory=list)
@@ -46,8 +59,29 @@ class Rollouts:
     reward_components: dict[str, list[float]] = field(default_factory=dict)
     generation_seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not self.stop_token_ids:
+            self.stop_token_ids = [None] * len(self.completion_ids)
+        unknown = set(self.finish_reasons) - set(FINISH_REASONS)
+        if unknown or not len(self.finish_reasons) == len(self.completion_ids) == len(self.stop_token_ids):
+            raise ValueError(
+                f"Rollouts: one finish reason (of {FINISH_REASONS}) and one stop token per completion; got "
+                f"{len(self.finish_reasons)} reasons {sorted(unknown) or ''} and {len(self.stop_token_ids)} stop "
+                f"tokens for {len(self.completion_ids)} completions"
+            )
+
     def __len__(self) -> int:
         return len(self.completion_ids)
+
+    @property
+    def truncated(self) -> list[bool]:
+        """Completions cut off by the length limit (they never finished their answer)."""
+        return [reason == "length" for reason in self.finish_reasons]
+
+    def sampled_ids(self, index: int) -> list[int]:
+        """Every token the sampler drew for completion ``index``, its stop token included: what the loss scores."""
+        stop = self.stop_token_ids[index]
+        return self.completion_ids[index] + ([stop] if stop is not None else [])
 
     @property
     def num_generated_tokens(self) -> int:

@@ -21,7 +21,7 @@ import torch
 
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
-from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+from selfbudget_pl.rollout.base import FinishReason, RolloutBackend, Rollouts, SamplingSettings
 from selfbudget_pl.weights import TRANSPARENT_CHILDREN, is_sharded
 
 log = logging.getLogger(__name__)
@@ -97,17 +97,19 @@ class HFRolloutBackend(RolloutBackend):
         with _inference(root), _seeded(sampling.seed, _device_of(self.model)):
             generated = _through_forward(units, sample)
 
-        completion_ids, truncated = [], []
+        completion_ids, finish_reasons, stop_token_ids = [], [], []
         for row in generated:
-            ids, finished = self._cut(row, sampling.stop)
+            ids, reason, stop_token = self._cut(row, sampling.stop)
             completion_ids.append(ids)
-            truncated.append(not finished)
+            finish_reasons.append(reason)
+            stop_token_ids.append(stop_token)
         texts = [(prefill or "") + self.tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids]
         return Rollouts(
             prompt_ids=contexts,
             completion_ids=completion_ids,
             completions=texts,
-            truncated=truncated,
+            finish_reasons=finish_reasons,
+            stop_token_ids=stop_token_ids,
             group_index=[index for index in range(len(prompt_ids)) for _ in range(num_samples)],
             columns=repeat_columns(columns, len(prompt_ids), num_samples),
             generation_seconds=time.perf_counter() - started,
@@ -175,15 +177,18 @@ class HFRolloutBackend(RolloutBackend):
             kwargs.update(do_sample=False)
         return kwargs
 
-    def _cut(self, row: list[int], stop: Sequence[str]) -> tuple[list[int], bool]:
-        """Drop EOS and padding, or cut just after the first stop string; say whether it finished."""
-        for position, token in enumerate(row):
-            if token in self.eos_token_ids:
-                return row[:position], True
-        end = self._end_of_first_stop(row, stop)
+    def _cut(self, row: list[int], stop: Sequence[str]) -> tuple[list[int], FinishReason, Optional[int]]:
+        """Split a sampled row at its end: the tokens before the stop token (which is returned apart,
+        padding after it dropped), or up to the end of the first stop string; and why it ended."""
+        first_eos = next((position for position, token in enumerate(row) if token in self.eos_token_ids), None)
+        head = row if first_eos is None else row[:first_eos]
+        # A row ended by a stop string is padded after it, and the pad id is often the EOS id.
+        end = self._end_of_first_stop(head, stop)
         if end is not None:
-            return row[:end], True
-        return row, False
+            return row[:end], "stop", None
+        if first_eos is not None:
+            return head, "eos", row[first_eos]
+        return row, "length", None
 
     def _end_of_first_stop(self, row: list[int], stop: Sequence[str]) -> Optional[int]:
         """Fewest leading tokens whose text contains a stop string (binary search over prefixes)."""

@@ -183,18 +183,27 @@ def rollouts_from_outputs(
     Completion texts are decoded here from the token ids (not vLLM's text), so ids and text agree exactly
     as in :class:`~selfbudget_pl.rollout.hf.HFRolloutBackend`.
     """
-    completion_ids, truncated = [], []
+    completion_ids, finish_reasons, stop_token_ids = [], [], []
     for request in outputs:
         completion = request.outputs[0]
         ids = list(completion.token_ids)
-        if ids and ids[-1] in eos_token_ids:
-            ids = ids[:-1]
+        stop_token = None
+        if completion.finish_reason == "length":
+            reason = "length"
+        elif isinstance(completion.stop_reason, str):  # a stop string; its tokens are kept, as HF keeps them
+            reason = "stop"
+        else:  # EOS (stop_reason None) or one of stop_token_ids: vLLM keeps that token last in token_ids
+            reason = "eos"
+            if ids and ids[-1] in eos_token_ids:
+                stop_token = ids.pop()
         completion_ids.append(ids)
-        truncated.append(completion.finish_reason == "length")
+        finish_reasons.append(reason)
+        stop_token_ids.append(stop_token)
     return Rollouts(
         prompt_ids=contexts,
         completion_ids=completion_ids,
         completions=[(prefill or "") + tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids],
-        truncated=truncated,
+        finish_reasons=finish_reasons,
+        stop_token_ids=stop_token_ids,
         group_index=[index // num_samples for index in range(len(contexts))],
     )
