@@ -57,7 +57,8 @@ class PolicyModule(L.LightningModule):
         max_grad_norm: Optional[float] = 1.0,
         output_format: Optional[OutputFormat] = None,
         grader: Any = None,
-        rollout: Optional[Callable[..., RolloutBackend]] = None,
+        # (model, tokenizer) -> backend; the two-argument form tells LightningCLI which arguments come later.
+        rollout: Optional[Callable[[torch.nn.Module, Any], RolloutBackend]] = None,
         val_sampling: Optional[SamplingSettings | dict] = None,
         export_dir: Optional[str] = None,
         merge_lora_on_export: bool = True,
