@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from selfbudget_pl.callbacks.hparams import log_run_config
 from selfbudget_pl.strategies import check_strategy_supports
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         strategy=strategy,
         _convert_="object",
     )
+    log_run_config(trainer, cfg)  # hparams.yaml from the start: a crashed run still records its config
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+    log_run_config(trainer, cfg, metrics)  # and the HParams tab: config against final metrics
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
