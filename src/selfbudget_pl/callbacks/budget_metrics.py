@@ -52,7 +52,8 @@ def log_histograms(experiment: Any, prefix: str, lengths: Sequence[float], error
 
 
 class BudgetMetricsCallback(RolloutHook):
-    """Per training step: ``budget/<key>`` and ``budget/difficulty_<edge>/<key>`` over that step's rollouts.
+    """Per training step: ``rollout/budget/<key>`` and ``rollout/budget/difficulty_<edge>/<key>`` over that
+    step's rollouts.
 
     Args:
         difficulty_buckets: upper edges of difficulty buckets (see :class:`BudgetAdherence`);
@@ -63,7 +64,7 @@ class BudgetMetricsCallback(RolloutHook):
     """
 
     def __init__(
-        self, difficulty_buckets: Optional[Sequence[float]] = None, prefix: str = "budget",
+        self, difficulty_buckets: Optional[Sequence[float]] = None, prefix: str = "rollout/budget",
         histogram_prefix: Optional[str] = "rollout",
     ) -> None:  # fmt: skip
         self.metric = BudgetAdherence(difficulty_buckets)

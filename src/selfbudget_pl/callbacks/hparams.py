@@ -1,4 +1,5 @@
-"""The run's resolved config in TensorBoard's HParams tab, with its final metrics.
+"""The run's resolved config in TensorBoard's HParams tab, with its final metrics; and the TensorBoard
+logger that puts Lightning's own ``epoch`` scalar under ``train/`` with the other training scalars.
 
 Lightning fills ``hparams.yaml`` and the HParams tab from ``module.hparams``; our modules are built from
 config objects, so that was ``{}``. :func:`log_run_config` writes the whole resolved config instead (at
@@ -12,9 +13,20 @@ import math
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
+
+
+class TensorBoardLogger(LightningTensorBoardLogger):
+    """Lightning's TensorBoardLogger (same arguments), with the ``epoch`` value Lightning adds to every
+    logged step written as ``train/epoch``: every scalar then sits under a prefix naming its source."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
+        renamed = {("train/epoch" if key == "epoch" else key): value for key, value in metrics.items()}
+        super().log_metrics(renamed, step)
 
 
 def resolved_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -45,12 +57,12 @@ def log_run_config(trainer: pl.Trainer, config: DictConfig | Mapping[str, Any],
     params = resolved_config(config)
     for logger in trainer.loggers:
         logger.log_hyperparams(params)  # without metrics: hparams.yaml only, no placeholder scalar
-        if metrics is not None and isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+        if metrics is not None and isinstance(logger, LightningTensorBoardLogger) and trainer.is_global_zero:
             _write_hparams_session(logger, final_metrics(metrics), trainer.global_step)
         logger.save()
 
 
-def _write_hparams_session(logger: TensorBoardLogger, metrics: Mapping[str, float], step: int) -> None:
+def _write_hparams_session(logger: LightningTensorBoardLogger, metrics: Mapping[str, float], step: int) -> None:
     """The HParams plugin's summaries. The metric values come from the scalars already logged under the
     same tags, so no extra scalar point is written (Lightning's ``log_hyperparams(params, metrics)``
     would add one at step 0)."""

@@ -24,10 +24,10 @@ MODES = ("auto", "always", "never")
 # (label, logged names in order of preference, format). The first name present in the trainer's
 # callback_metrics is shown; a field with none present is left out (SFT has no reward).
 TRAIN_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("loss", ("train/loss", "loss"), "{:.4f}"),
-    ("reward", ("reward",), "{:+.3f}"),
+    ("loss", ("train/loss",), "{:.4f}"),
+    ("reward", ("rewards/mean",), "{:+.3f}"),
     ("mean len", ("completions/mean_length",), "{:.1f}"),
-    ("budget err", ("budget/budget_rel_error",), "{:.1%}"),
+    ("budget err", ("rollout/budget/budget_rel_error",), "{:.1%}"),
     ("tok/s", ("train/tokens_per_s",), "{:.0f}"),
 )
 VAL_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (

@@ -137,7 +137,8 @@ class PolicyModule(L.LightningModule):
             warmup_cosine, warmup_steps=self.warmup_steps, total_steps=int(total), min_lr_ratio=self.min_lr_ratio
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": the tag LearningRateMonitor logs it under (else "lr-AdamW" at the top level).
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
