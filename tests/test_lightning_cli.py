@@ -64,3 +64,5 @@ def test_sft_then_grpo_run_through_the_cli(tmp_path, tiny_cache, monkeypatch):
     assert (tmp_path / "grpo" / "export" / "config.json").exists()
     assert (tmp_path / "grpo" / "checkpoints" / "last.ckpt").exists()
     assert list((tmp_path / "grpo" / "tensorboard").glob("events.out.tfevents.*"))
+    hparams = yaml.safe_load((tmp_path / "grpo" / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["model"]["init_args"]["num_generations"] == 2  # the run's config, overrides included

@@ -18,6 +18,7 @@ short ``--model.x``, ``--data.batch_size``, ``--trainer.max_steps``); ``--ckpt_p
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -27,6 +28,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from selfbudget_pl.callbacks.hparams import log_run_config
 from selfbudget_pl.data.datamodule import BudgetMathDataModule
 from selfbudget_pl.modules.base import PolicyModule
 
@@ -124,8 +126,8 @@ def export_configs(config_dir: Optional[Path] = None, names: Iterable[str] = EXP
 
 
 class SelfBudgetCLI(LightningCLI):
-    """LightningCLI with what ``train.train`` adds around ``Trainer.fit``: torch's thread count, and the
-    DataModule tokenizing with the module's tokenizer."""
+    """LightningCLI with what ``train.train`` adds around ``Trainer.fit``: torch's thread count, the
+    DataModule tokenizing with the module's tokenizer, and the run's config in TensorBoard's HParams tab."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--num_threads", type=Optional[int], default=None, help="torch intra-op threads (CPU)")
@@ -139,8 +141,18 @@ class SelfBudgetCLI(LightningCLI):
     def _connect(self) -> None:
         self.datamodule.connect(self.model.tokenizer)
 
+    def _run_config(self) -> dict[str, Any]:
+        config = (self.config.get(self.subcommand) if self.subcommand else self.config).clone().as_dict()
+        # Plain values only (the --config paths are jsonargparse Path objects): what YAML and TensorBoard take.
+        return json.loads(json.dumps(config, default=str))
+
     def before_fit(self) -> None:
         self._connect()
+        log_run_config(self.trainer, self._run_config())  # hparams.yaml: the whole config, as with Hydra
+
+    def after_fit(self) -> None:
+        metrics = {key: float(value) for key, value in self.trainer.callback_metrics.items() if value.numel() == 1}
+        log_run_config(self.trainer, self._run_config(), metrics)
 
     def before_validate(self) -> None:
         self._connect()

@@ -81,11 +81,11 @@ class BudgetMetricsCallback(RolloutHook):
         self._log_histograms(trainer, pl_module, rollouts)
 
     def _log_histograms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts) -> None:
-        """Completion length and budget error of this step's rollouts, every ``log_every_n_steps`` (rank 0)."""
+        """Completion length and budget error of this step's rollouts, on the steps and at the x-axis value
+        Lightning logs this batch's scalars with (every ``log_every_n_steps`` batches; rank 0)."""
         experiment = getattr(pl_module.logger, "experiment", None)
-        every = max(int(trainer.log_every_n_steps or 1), 1)
         if self.histogram_prefix is None or experiment is None or not trainer.is_global_zero:
             return
-        if trainer.global_step % every == 0:
-            step = trainer.global_step
+        if trainer._logger_connector.should_update_logs:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's scalars use
             log_histograms(experiment, self.histogram_prefix, completion_lengths(rollouts), budget_errors(rollouts), step)
