@@ -18,7 +18,7 @@ def _read(log_dir):
     runs = EventMultiplexer(size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     runs.AddRunsFromDirectory(str(log_dir))
     runs.Reload()
-    (run,) = runs.Runs()  # one run: every event file in the one directory
+    (run,) = runs.Runs()
     return runs, run
 
 
@@ -27,6 +27,8 @@ def test_short_grpo_run_fills_every_tensorboard_group(tmp_path, tiny_cache):
                         "trainer.limit_val_batches=1", "trainer.log_every_n_steps=2")  # fmt: skip
     _, objects = train(cfg)
     log_dir = tmp_path / "tensorboard"
+    # One event file: per-file readers (tests/test_resume.py) find every scalar in it.
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
     runs, run = _read(log_dir)
     tags = runs.Runs()[run]
 

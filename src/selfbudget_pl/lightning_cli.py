@@ -28,7 +28,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from selfbudget_pl.callbacks.hparams import log_run_config
+from selfbudget_pl.callbacks.hparams import RunConfigHParams
 from selfbudget_pl.data.datamodule import BudgetMathDataModule
 from selfbudget_pl.modules.base import PolicyModule
 
@@ -148,11 +148,7 @@ class SelfBudgetCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._connect()
-        log_run_config(self.trainer, self._run_config())  # hparams.yaml: the whole config, as with Hydra
-
-    def after_fit(self) -> None:
-        metrics = {key: float(value) for key, value in self.trainer.callback_metrics.items() if value.numel() == 1}
-        log_run_config(self.trainer, self._run_config(), metrics)
+        self.trainer.callbacks.append(RunConfigHParams(self._run_config()))  # the whole config, as with Hydra
 
     def before_validate(self) -> None:
         self._connect()

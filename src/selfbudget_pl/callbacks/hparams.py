@@ -4,7 +4,10 @@ logger that puts Lightning's own ``epoch`` scalar under ``train/`` with the othe
 Lightning fills ``hparams.yaml`` and the HParams tab from ``module.hparams``; our modules are built from
 config objects, so that was ``{}``. :func:`log_run_config` writes the whole resolved config instead (at
 the start, so a crashed run still has it) and, after training, once more with the final metrics, so
-runs can be compared by any config value against any final metric.
+runs can be compared by any config value against any final metric. :class:`RunConfigHParams` does both
+at the right moments (``train.train`` and ``selfbudget-lightning`` add it): the second at
+``on_train_end``, while the event file is still open (after ``fit`` returns Lightning has closed it, and
+writing then would start a second event file).
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ class TensorBoardLogger(LightningTensorBoardLogger):
     def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
         renamed = {("train/epoch" if key == "epoch" else key): value for key, value in metrics.items()}
         super().log_metrics(renamed, step)
+
+
+class RunConfigHParams(pl.Callback):
+    """Logs ``config`` as the run's hyperparameters when fitting starts, and with the final metrics at its end."""
+
+    def __init__(self, config: DictConfig | Mapping[str, Any]) -> None:
+        self.config = config
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        log_run_config(trainer, self.config)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {key: value for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+        log_run_config(trainer, self.config, metrics)
 
 
 def resolved_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
