@@ -130,7 +130,7 @@ if events:
     acc = EventAccumulator(os.path.dirname(events[-1]), size_guidance={"scalars": 0})
     acc.Reload()
     scalars = {tag: [(e.step, e.wall_time, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-step_tag = max((t for t in scalars if t in ("reward", "loss")), key=lambda t: len(scalars[t]), default=None)
+step_tag = max((t for t in scalars if t in ("rewards/mean", "train/loss")), key=lambda t: len(scalars[t]), default=None)
 rows = sorted(scalars.get(step_tag, []))
 step_s = [b[1] - a[1] for a, b in zip(rows, rows[1:])]  # wall time between consecutive steps' logs
 

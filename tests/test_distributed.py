@@ -78,7 +78,7 @@ def test_ddp_grpo_ranks_agree_with_accumulated_micro_batches(tmp_path, tiny_cach
     # last one averages the accumulated sum; a missed sync would leave the ranks' weights different.
     reports = run_ddp("grpo_toy", tmp_path, tiny_cache, "model.name_or_path=null", "trainer.max_steps=2",
                       "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "module.micro_batch_size=2")
-    assert_ranks_agree(reports, steps=2, synced=["reward", "reward_std", "loss", "entropy",
+    assert_ranks_agree(reports, steps=2, synced=["rewards/mean", "rewards/std", "train/loss", "train/entropy",
                                                  "completions/mean_length", "rewards/even_tokens/mean"])
     initial = reports[0]["initial_sha256"]
     assert reports[0]["weights_sha256"] != initial, "GRPO took no step: the test reward gave no advantage"
@@ -221,7 +221,7 @@ def test_fsdp2_grpo_ranks_agree_match_ddp_and_resume_from_the_sharded_checkpoint
         assert_fsdp2(reports)
         assert all(r["reference_sharded"] for r in reports)
     # Manual optimization: manual_backward inside training_step, which FSDP1 cannot run.
-    assert_ranks_agree(full, steps=2, synced=["reward", "reward_std", "loss", "entropy", "kl",
+    assert_ranks_agree(full, steps=2, synced=["rewards/mean", "rewards/std", "train/loss", "train/entropy", "train/kl",
                                               "completions/mean_length", "rewards/even_tokens/mean"])
     assert full[0]["weights_sha256"] != full[0]["initial_sha256"], "GRPO took no step"
     assert [r["examples"] for r in ddp] == [r["examples"] for r in full]

@@ -13,13 +13,19 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from selfbudget_pl.data.sources import SyntheticSource
-from selfbudget_pl.evaluate import check_budgets, evaluate, evaluate_model, load_datasets
+from selfbudget_pl.evaluate import (
+    check_budgets,
+    check_samples_per_problem,
+    evaluate,
+    evaluate_model,
+    load_datasets,
+)
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import SamplingSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MAIN_HEADER = (
-    "| dataset | budget | n | accuracy % | mean tokens | compression % | Δ accuracy (pts) | budget MAE "
+    "| dataset | budget | n | k | accuracy % | ± s.e. | mean tokens | compression % | Δ accuracy (pts) | budget MAE "
     "| within ±10 % | within ±20 % | ρ(budget, difficulty) |"
 )
 
@@ -147,3 +153,71 @@ def test_selfbudget_eval_command_runs_hydra_main(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| synthetic | 7 | 3 |" in result.stdout
     assert len(_rows(tmp_path / "completions.jsonl")) == 3
+
+
+def _compose_eval(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="eval", overrides=overrides)
+
+
+def test_paper_preset_composes_the_papers_protocol():
+    cfg = _compose_eval(["eval_preset=paper"])
+    assert list(cfg.eval_datasets) == ["gsm8k", "math500", "aime24", "aime25", "amc23"]
+    assert cfg.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.max_new_tokens) == (0.6, 0.95, 32768)
+    assert dict(cfg.samples_per_problem) == {"gsm8k": 1, "math500": 1, "aime24": 16, "aime25": 16, "amc23": 16}
+    assert cfg.rollout._target_.endswith("HFRolloutBackend")  # the rollout group still chooses the backend
+    vllm = _compose_eval(["eval_preset=paper", "rollout=vllm"])
+    assert vllm.rollout._target_.endswith("VLLMRolloutBackend") and vllm.sampling.max_new_tokens == 32768
+    greedy = _compose_eval(["eval_preset=paper_greedy"])
+    assert greedy.sampling.temperature == 0.0 and greedy.samples_per_problem == 1
+    assert list(greedy.eval_datasets) == list(cfg.eval_datasets)
+
+
+def test_paper_preset_end_to_end_on_the_tiny_model(tiny_model_dir, shared_data, tmp_path):
+    """Every dataset of the preset loads and runs (AIME 2025 and AMC's float answers included); the small
+    sets get k = 16 samples per problem, avg@k and its standard error; a baseline run adds compression
+    and the paper-shaped table."""
+    common = [
+        "eval_preset=paper", "model=tiny", f"model_path={tiny_model_dir}", f"data_root={shared_data}", "limit=2",
+        "sampling.max_new_tokens=6", "grader.workers=0", "progress=false", "tensorboard=false", "batch_size=2",
+    ]
+    base = evaluate(_compose_eval([*common, f"paths.output_dir={tmp_path / 'base'}", "sampling.max_new_tokens=8"]))
+    summary = evaluate(_compose_eval([*common, f"paths.output_dir={tmp_path / 'run'}", f"baseline={tmp_path / 'base'}"]))
+
+    rows = {row["dataset"]: row for row in summary["rows"]}
+    assert list(rows) == ["gsm8k", "math500", "aime24", "aime25", "amc23"]
+    completions = _rows(tmp_path / "run" / "completions.jsonl")
+    answers = {row["answer"] for row in completions if row["dataset"] == "amc23"}
+    assert all(not answer.endswith(".0") for answer in answers)  # AMC's 27.0 is read as 27
+    for name, row in rows.items():
+        k = 16 if name in ("aime24", "aime25", "amc23") else 1
+        mine = [c for c in completions if c["dataset"] == name]
+        assert (row["n"], row["k"], len(mine)) == (2, k, 2 * k)
+        assert sorted({c["sample"] for c in mine}) == list(range(k))
+        assert row["accuracy"] == pytest.approx(sum(c["correct"] for c in mine) / len(mine))
+        assert 0 < row["mean_tokens"] <= 6
+        assert row["compression"] == pytest.approx(1 - row["mean_tokens"] / base["rows"][list(rows).index(name)]["mean_tokens"])
+        if k == 1:
+            assert row["accuracy_se"] is None
+        else:
+            runs = [sum(c["correct"] for c in mine if c["sample"] == j) / 2 for j in range(k)]
+            mean = sum(runs) / k
+            expected = (sum((a - mean) ** 2 for a in runs) / (k - 1) / k) ** 0.5
+            assert row["accuracy_se"] == pytest.approx(expected)
+    table = summary["markdown"].split("## As the paper prints it")[1]
+    assert "| model | gsm8k acc % | gsm8k tokens | gsm8k compr. % | math500 acc % |" in table
+    assert "| baseline |" in table and "| this run |" in table
+    settings = json.loads((tmp_path / "run" / "summary.json").read_text())["settings"]
+    assert settings["samples_per_problem"]["aime25"] == 16 and settings["sampling"]["top_p"] == 0.95
+
+
+def test_samples_per_problem_is_checked():
+    sampled, greedy = SamplingSettings(temperature=0.6), SamplingSettings(temperature=0.0)
+    assert check_samples_per_problem(4, ["a", "b"], sampled) == {"a": 4, "b": 4}
+    assert check_samples_per_problem({"b": 8, "other": 2}, ["a", "b"], sampled) == {"a": 1, "b": 8}
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"samples_per_problem\[a\]=.* must be a positive int"):
+            check_samples_per_problem(bad, ["a"], sampled)
+    with pytest.raises(ValueError, match="greedy decoding"):
+        check_samples_per_problem({"a": 16}, ["a"], greedy)

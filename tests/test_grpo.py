@@ -100,10 +100,11 @@ def test_a_reward_for_one_token_raises_its_probability(sharp_loader, prompt_ids)
     assert before < 0.1 and after > 0.5, (before, after)
     assert trainer.global_step == 20
     metrics = trainer.callback_metrics
-    for name in ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-                 "entropy", "clip_ratio/region_mean", "loss", "rollout/tokens_per_s", "train/tokens_per_s"):
+    for name in ("rewards/mean", "rewards/std", "rewards/frac_zero_std", "completions/mean_length",
+                 "completions/clipped_ratio", "train/entropy", "clip_ratio/region_mean", "train/loss",
+                 "rollout/tokens_per_s", "train/tokens_per_s"):
         assert name in metrics, name
-    assert float(metrics["reward"]) > 0.5
+    assert float(metrics["rewards/mean"]) > 0.5
     assert all(len(rollouts) == 8 for rollouts in reward.seen)
 
 
@@ -213,7 +214,7 @@ def test_kl_reference_is_the_frozen_start_or_the_adapters_switched_off(sharp_loa
     trainer.fit(lora, train_dataloaders=_loader(prompt_ids, batch_size=2))
     assert lora.ref_model is None  # no copy: the reference is the base model under the adapters
     # After a few steps the adapters have moved the policy away from the base model.
-    assert float(trainer.callback_metrics["kl"]) > 0.0
+    assert float(trainer.callback_metrics["train/kl"]) > 0.0
 
 
 def test_kl_to_the_reference_is_zero_before_training(sharp_loader, prompt_ids):

@@ -150,8 +150,8 @@ def test_callback_logs_per_step_and_per_bucket():
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(MetricsModule())
     logged = trainer.logged_metrics
-    assert float(logged["budget/accuracy"]) == pytest.approx(1 / 3)
+    assert float(logged["rollout/budget/accuracy"]) == pytest.approx(1 / 3)
     assert len(callback.metric.budget) == 0  # reset after every step: each log covers one step's rollouts
-    assert float(logged["budget/difficulty_1/accuracy"]) == 1.0
-    assert float(logged["budget/difficulty_2/format_error_rate"]) == pytest.approx(0.5)
-    assert {f"budget/{key}" for key in KEYS} <= set(logged)
+    assert float(logged["rollout/budget/difficulty_1/accuracy"]) == 1.0
+    assert float(logged["rollout/budget/difficulty_2/format_error_rate"]) == pytest.approx(0.5)
+    assert {f"rollout/budget/{key}" for key in KEYS} <= set(logged)

@@ -18,7 +18,7 @@ SHRINK = [
 ]  # fmt: skip
 
 
-def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache):
+def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache, capsys):
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("reproduce", overrides=[
             "evaluation.size=6", "evaluation.batch_size=6", "evaluation.max_new_tokens=8",
@@ -31,6 +31,10 @@ def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache):
         cfg.grpo = ["experiment=grpo_toy", *grpo]
         cfg.control = ["experiment=grpo_toy", "reward=correctness", *grpo]
     figures = reproduce(cfg)
+    banners = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==== [stage")]
+    assert [line.split("]")[0] for line in banners] == [f"==== [stage {i}/7" for i in range(1, 8)]
+    assert banners[0].endswith("| elapsed 0:00 | ETA 9:18")  # the reference stage times, unscaled
+    assert all("| ETA " in line and "?" not in line for line in banners)
 
     for stage in ("sft", "grpo", "control"):
         assert (tmp_path / stage / "export" / "config.json").exists(), stage

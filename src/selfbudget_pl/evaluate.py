@@ -5,10 +5,12 @@ SFT and after GRPO): it generates for every (dataset, budget) condition, grades,
 
 - ``completions.jsonl``: one row per completion (problem id, stated and requested budget, length,
   correctness, difficulty, text; with a pre-filled budget N also ``budget_ratio`` = actual/N);
-- ``summary.json`` / ``summary.md``: one row per condition: accuracy, mean tokens, budget MAE,
-  within ±10/20 %, budget-difficulty correlation and, against a baseline run, length compression
-  (``1 - mean_tokens / baseline_mean_tokens``) and accuracy change in points; plus a controllability
-  table (mean actual/N, fraction within ±10 % of N) when budgets were pre-filled;
+- ``summary.json`` / ``summary.md``: one row per condition: accuracy (avg@k with its standard error when
+  k samples are drawn per problem), mean tokens, budget MAE, within ±10/20 %, budget-difficulty
+  correlation and, against a baseline run, length compression (``1 - mean_tokens / baseline_mean_tokens``)
+  and accuracy change in points; the paper-shaped table (one row per model, accuracy / tokens /
+  compression per dataset); plus a controllability table (mean actual/N, fraction within ±10 % of N)
+  when budgets were pre-filled;
 - ``budget_vs_length_<dataset>.png`` and ``by_difficulty_<dataset>.png``, and the same to TensorBoard.
 
 :func:`evaluate` builds everything from a Hydra config (``configs/eval.yaml``); :func:`main` is the
@@ -42,7 +44,9 @@ MAIN_TABLE = (
     ("dataset", "dataset"),
     ("budget", "budget"),
     ("n", "n"),
+    ("k", "k"),
     ("accuracy", "accuracy %"),
+    ("accuracy_se", "± s.e."),
     ("mean_tokens", "mean tokens"),
     ("compression", "compression %"),
     ("accuracy_change", "Δ accuracy (pts)"),
@@ -59,7 +63,7 @@ CONTROL_TABLE = (
     ("within_10", "within ±10 % of N"),
     ("accuracy", "accuracy %"),
 )
-_PERCENT = {"accuracy", "compression", "within_10", "within_20"}  # shown as 100 * value, one decimal
+_PERCENT = {"accuracy", "accuracy_se", "compression", "within_10", "within_20"}  # shown as 100 * value, one decimal
 _FORMATS = {"accuracy_change": "{:+.1f}", "mean_budget_ratio": "{:.2f}", "spearman_budget_difficulty": "{:+.2f}"}
 _COLUMNS = ("id", "problem", "answer", "difficulty", "source")
 
@@ -77,6 +81,7 @@ def evaluate_model(
     backend: Optional[RolloutBackend] = None,
     sampling: Optional[SamplingSettings] = None,
     budgets: Sequence[Budget] = (None,),
+    samples_per_problem: Union[int, Mapping[str, int]] = 1,
     batch_size: int = 16,
     prompt_template: str = "{problem}",
     system_prompt: Optional[str] = None,
@@ -99,6 +104,10 @@ def evaluate_model(
             ``HFRolloutBackend(model, tokenizer)``.
         sampling: default greedy, 1024 new tokens.
         budgets: conditions to run: None (the model's own budget) and/or positive ints to pre-fill.
+        samples_per_problem: k completions per problem (one int, or ``{dataset: k}``, missing names 1):
+            accuracy is then avg@k, the mean over all k x n completions, with ``accuracy_se`` the
+            standard error over the k runs (std of the k per-run accuracies / sqrt(k)). k > 1 needs
+            sampling (temperature > 0).
         batch_size: prompts per ``backend.generate`` call (one progress-bar step).
         prompt_template / system_prompt: how a problem becomes the user turn (as in training).
         baseline: a previous run's ``summary.json`` (or its directory, or the dict this function
@@ -115,6 +124,8 @@ def evaluate_model(
     if not isinstance(datasets, Mapping):
         datasets = {"eval": datasets}
     budgets = check_budgets(budgets)
+    sampling = sampling or SamplingSettings(temperature=0.0, max_new_tokens=1024)
+    samples = check_samples_per_problem(samples_per_problem, list(datasets), sampling)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     baseline_rows = _baseline_rows(baseline)  # before generating, so a wrong path fails in seconds
@@ -122,7 +133,6 @@ def evaluate_model(
         from selfbudget_pl.rollout.hf import HFRolloutBackend
 
         backend = HFRolloutBackend(model, tokenizer)
-    sampling = sampling or SamplingSettings(temperature=0.0, max_new_tokens=1024)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
@@ -136,7 +146,7 @@ def evaluate_model(
             for budget in budgets:
                 results = _run_condition(
                     name, records, prompt_ids, budget, backend, sampling, output_format, grader, tokenizer,
-                    batch_size, progress,
+                    batch_size, progress, samples[name],
                 )
                 writer.write_all(results["completions"])
                 completions.setdefault(name, {})[budget] = results["completions"]
@@ -144,11 +154,12 @@ def evaluate_model(
 
     if baseline is not None:
         _compare(rows, baseline_rows)
-    markdown = summary_markdown(rows)
+    markdown = summary_markdown(rows, baseline_rows if baseline is not None else None)
     summary = {"rows": rows, "markdown": markdown, "out_dir": str(out_path) if out_path else None}
     if out_path is not None:
         settings = {
             "budgets": list(budgets),
+            "samples_per_problem": samples,
             "sampling": asdict(sampling),
             "batch_size": batch_size,
             "prompt_template": prompt_template,
@@ -173,6 +184,30 @@ def check_budgets(value: Union[None, int, Sequence[Budget]]) -> list[Budget]:
     if len(set(values)) < len(values):
         raise ValueError(f"budget={values} repeats a condition")
     return values
+
+
+def check_samples_per_problem(
+    value: Union[None, int, Mapping[str, int]], names: Sequence[str], sampling: SamplingSettings
+) -> dict[str, int]:
+    """``samples_per_problem`` as given in config (an int, or ``{dataset: k}``) -> k for every dataset run."""
+    if value is None:
+        value = 1
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            log.info("samples_per_problem names datasets not being run: %s", unknown)
+        samples = {name: value.get(name, 1) for name in names}
+    else:
+        samples = {name: value for name in names}
+    for name, k in samples.items():
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"samples_per_problem[{name}]={k!r} must be a positive int")
+        if k > 1 and sampling.temperature <= 0:
+            raise ValueError(
+                f"samples_per_problem[{name}]={k} with greedy decoding (sampling.temperature=0) repeats one "
+                "completion k times; set sampling.temperature > 0 for avg@k, or samples_per_problem=1"
+            )
+    return samples
 
 
 def _unwrap(
@@ -207,8 +242,10 @@ def _run_condition(
     tokenizer: Any,
     batch_size: int,
     progress: bool,
+    num_samples: int = 1,
 ) -> dict[str, Any]:
-    """Generate and score one dataset under one budget condition; its completion rows and summary row."""
+    """Generate and score one dataset under one budget condition (``num_samples`` completions per
+    problem); its completion rows and summary row."""
     from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
 
     metric = BudgetAdherence()
@@ -222,19 +259,34 @@ def _run_condition(
             columns = {key: [record.get(key) for record in batch] for key in _COLUMNS}
             rollouts = generate_and_annotate(
                 backend, prompt_ids[start : start + batch_size], sampling, output_format, grader, tokenizer,
-                prefill=prefill, columns=columns,
+                num_samples=num_samples, prefill=prefill, columns=columns,
             )
             update_from_rollouts(metric, rollouts)
-            rows.extend(_completion_rows(name, budget, rollouts, prefill_tokens))
+            rows.extend(_completion_rows(name, budget, rollouts, prefill_tokens, num_samples))
             bar.update(len(batch))
-    row: dict[str, Any] = {"dataset": name, "budget": budget, "n": len(rows)}
+    row: dict[str, Any] = {"dataset": name, "budget": budget, "n": len(records), "k": num_samples}
     row.update({key: _number(value) for key, value in metric.compute().items()})
+    row["accuracy_se"] = accuracy_standard_error(rows, num_samples)
     row["mean_tokens"] = _mean([r["response_tokens"] for r in rows])
     row["mean_budget_ratio"] = _mean([r["budget_ratio"] for r in rows if r["budget_ratio"] is not None])
     return {"row": row, "completions": rows}
 
 
-def _completion_rows(name: str, budget: Budget, rollouts: Rollouts, prefill_tokens: int) -> list[dict[str, Any]]:
+def accuracy_standard_error(rows: Sequence[Mapping[str, Any]], num_samples: int) -> Optional[float]:
+    """Standard error of avg@k over the k runs (run j = every problem's j-th sample): the sample std of
+    the k per-run accuracies divided by sqrt(k); None for k = 1."""
+    if num_samples < 2:
+        return None
+    runs = [[row["correct"] for row in rows if row["sample"] == j] for j in range(num_samples)]
+    accuracies = [sum(run) / len(run) for run in runs if run]
+    mean = sum(accuracies) / len(accuracies)
+    variance = sum((a - mean) ** 2 for a in accuracies) / (len(accuracies) - 1)
+    return math.sqrt(variance / len(accuracies))
+
+
+def _completion_rows(
+    name: str, budget: Budget, rollouts: Rollouts, prefill_tokens: int, num_samples: int = 1
+) -> list[dict[str, Any]]:
     rows = []
     for index, parsed in enumerate(rollouts.parsed):
         length = rollouts.solution_lengths[index]
@@ -243,6 +295,7 @@ def _completion_rows(name: str, budget: Budget, rollouts: Rollouts, prefill_toke
             {
                 "dataset": name,
                 "id": rollouts.columns["id"][index],
+                "sample": index % num_samples,  # completions come prompt by prompt, k per prompt
                 "requested_budget": budget,
                 "budget": stated,
                 "length": length,
@@ -290,13 +343,52 @@ def _compare(rows: list[dict[str, Any]], baseline_rows: Mapping[str, Mapping[str
             row["accuracy_change"] = 100.0 * (row["accuracy"] - base["accuracy"])
 
 
-def summary_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-    """The main table (one row per dataset and budget) and, with pre-filled budgets, the controllability table."""
+def summary_markdown(
+    rows: Sequence[Mapping[str, Any]], baseline_rows: Optional[Mapping[str, Mapping[str, Any]]] = None
+) -> str:
+    """The main table (one row per dataset and budget), the paper-shaped table and, with pre-filled
+    budgets, the controllability table."""
     text = "## Accuracy, length and budget adherence\n\n" + _table(rows, MAIN_TABLE)
+    own = [row for row in rows if row["budget"] is None]
+    if own:
+        text += "\n## As the paper prints it (accuracy % / mean tokens / compression vs the baseline)\n\n"
+        text += paper_table(own, baseline_rows)
     prefilled = [row for row in rows if row["budget"] is not None]
     if prefilled:
         text += "\n## Pre-filled budgets (controllability)\n\n" + _table(prefilled, CONTROL_TABLE)
     return text
+
+
+def paper_table(
+    rows: Sequence[Mapping[str, Any]], baseline_rows: Optional[Mapping[str, Mapping[str, Any]]] = None
+) -> str:
+    """One line per model, datasets as column groups: accuracy (± s.e. for avg@k), mean tokens and
+    compression against the baseline (a base-model run), then the mean compression over datasets,
+    as in the paper's main table. ``rows``: this run's own-budget rows; ``baseline_rows``: by dataset."""
+    names = [row["dataset"] for row in rows]
+    header = ["model"]
+    for name in names:
+        header += [f"{name} acc %", f"{name} tokens", f"{name} compr. %"]
+    header.append("mean compr. %")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    models: list[tuple[str, Mapping[str, Mapping[str, Any]]]] = []
+    if baseline_rows:
+        models.append(("baseline", baseline_rows))
+    models.append(("this run", {row["dataset"]: row for row in rows}))
+    for label, by_name in models:
+        cells, compressions = [label], []
+        for name in names:
+            row = by_name.get(name, {})
+            accuracy = _cell("accuracy", row.get("accuracy"))
+            if row.get("accuracy_se") is not None:
+                accuracy += f" ± {_cell('accuracy_se', row['accuracy_se'])}"
+            compression = row.get("compression") if label == "this run" else None
+            if compression is not None:
+                compressions.append(compression)
+            cells += [accuracy, _cell("mean_tokens", row.get("mean_tokens")), _cell("compression", compression)]
+        cells.append(_cell("compression", _mean(compressions)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -455,6 +547,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             backend=backend,
             sampling=sampling,
             budgets=check_budgets(cfg.get("budget")),
+            samples_per_problem=_plain(cfg.get("samples_per_problem", 1)),
             batch_size=int(cfg.batch_size),
             prompt_template=cfg.prompt_template,
             system_prompt=cfg.get("system_prompt"),
@@ -465,6 +558,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     finally:
         if hasattr(grader, "close"):
             grader.close()
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

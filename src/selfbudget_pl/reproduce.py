@@ -21,6 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from selfbudget_pl.callbacks.progress import pipeline_eta, stage_banner
 from selfbudget_pl.evaluate import evaluate_model
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.train import CONFIG_DIR, train
@@ -59,8 +60,14 @@ def reproduce(cfg: DictConfig) -> dict[str, Any]:
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=int(cfg.evaluation.max_new_tokens))
     eval_kwargs = {"sampling": sampling, "batch_size": int(cfg.evaluation.batch_size), "progress": True}
 
+    runs = {"grpo": cfg.grpo, **({"control": cfg.control} if cfg.get("control") else {})}
+    plan = ["sft", "eval_sft", *[k for run in runs for k in (run, f"eval_{run}", *(["sweep"] if run == "grpo" else []))]]
+
     def stage(name: str) -> float:
-        log.info("==== %s (%.0f s so far)", name, sum(timings.values()))
+        # One line per stage with where the pipeline is and how long the rest should take (from a
+        # reference run's stage times, scaled by how fast this machine ran the stages so far).
+        eta = pipeline_eta(timings, plan[len(timings):], cfg.get("stage_seconds") or {})
+        print(stage_banner(len(timings) + 1, len(plan), name, sum(timings.values()), eta), flush=True)
         return time.perf_counter()
 
     started = stage("stage 1: cold-start SFT")
@@ -74,7 +81,6 @@ def reproduce(cfg: DictConfig) -> dict[str, Any]:
     timings["eval_sft"] = time.perf_counter() - started
 
     results = {"sft": sft_eval["rows"][0]}
-    runs = {"grpo": cfg.grpo, **({"control": cfg.control} if cfg.get("control") else {})}
     for run, overrides in runs.items():
         started = stage(f"stage 2: GRPO ({run})")
         grpo_cfg = compose_stage(

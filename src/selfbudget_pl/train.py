@@ -17,6 +17,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from selfbudget_pl.callbacks.hparams import RunConfigHParams
 from selfbudget_pl.strategies import check_strategy_supports
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     # The reward callback runs before the metrics callbacks: they read the rewards it fills in.
     callbacks = instantiate_dict(DictConfig({"reward": cfg.get("reward")})) + instantiate_dict(cfg.get("callbacks"))
+    callbacks.append(RunConfigHParams(cfg))  # the resolved config (and final metrics) in TensorBoard's HParams tab
     strategy = instantiate(cfg.strategy, model=model_loader)  # fsdp/fsdp2 shard the model's own layers
     check_strategy_supports(module, strategy)  # before any process starts: GRPO under FSDP1 cannot work
     trainer: L.Trainer = instantiate(

@@ -7,9 +7,10 @@ For validation or evaluation, keep a ``BudgetAdherence`` on the module, feed it 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
+import torch
 
 from selfbudget_pl.callbacks.reward import RolloutHook
 from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
@@ -27,18 +28,48 @@ def log_budget_metrics(pl_module: pl.LightningModule, metric: BudgetAdherence, p
                        on_step=on_step, on_epoch=not on_step, sync_dist=False)
 
 
+def completion_lengths(rollouts: Rollouts) -> list[float]:
+    """Generated tokens per completion (EOS stripped, as the backends return them)."""
+    return [float(len(ids)) for ids in rollouts.completion_ids]
+
+
+def budget_errors(rollouts: Rollouts) -> list[float]:
+    """Relative budget error ``(l - b) / b`` of every completion that states a budget (annotated rollouts)."""
+    return [
+        (length - parsed.budget) / parsed.budget
+        for parsed, length in zip(rollouts.parsed, rollouts.solution_lengths)
+        if parsed.budget
+    ]
+
+
+def log_histograms(experiment: Any, prefix: str, lengths: Sequence[float], errors: Sequence[float], step: int) -> None:
+    """``<prefix>/completion_length`` and ``<prefix>/budget_error`` histograms (when there are values)."""
+    if not hasattr(experiment, "add_histogram"):
+        return
+    for name, values in (("completion_length", lengths), ("budget_error", errors)):
+        if values:
+            experiment.add_histogram(f"{prefix}/{name}", torch.tensor(values, dtype=torch.float32), global_step=step)
+
+
 class BudgetMetricsCallback(RolloutHook):
-    """Per training step: ``budget/<key>`` and ``budget/difficulty_<edge>/<key>`` over that step's rollouts.
+    """Per training step: ``rollout/budget/<key>`` and ``rollout/budget/difficulty_<edge>/<key>`` over that
+    step's rollouts.
 
     Args:
         difficulty_buckets: upper edges of difficulty buckets (see :class:`BudgetAdherence`);
             None or empty for no per-bucket metrics.
         prefix: metric name prefix.
+        histogram_prefix: every ``trainer.log_every_n_steps`` steps, histograms of completion length and
+            relative budget error go to ``<histogram_prefix>/completion_length|budget_error`` (None: off).
     """
 
-    def __init__(self, difficulty_buckets: Optional[Sequence[float]] = None, prefix: str = "budget") -> None:
+    def __init__(
+        self, difficulty_buckets: Optional[Sequence[float]] = None, prefix: str = "rollout/budget",
+        histogram_prefix: Optional[str] = "rollout",
+    ) -> None:  # fmt: skip
         self.metric = BudgetAdherence(difficulty_buckets)
         self.prefix = prefix
+        self.histogram_prefix = histogram_prefix
 
     def on_rollouts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts) -> None:
         if not is_annotated(rollouts):
@@ -47,3 +78,14 @@ class BudgetMetricsCallback(RolloutHook):
         self.metric = self.metric.to(pl_module.device)
         update_from_rollouts(self.metric, rollouts)
         log_budget_metrics(pl_module, self.metric, self.prefix, on_step=True)
+        self._log_histograms(trainer, pl_module, rollouts)
+
+    def _log_histograms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts) -> None:
+        """Completion length and budget error of this step's rollouts, on the steps and at the x-axis value
+        Lightning logs this batch's scalars with (every ``log_every_n_steps`` batches; rank 0)."""
+        experiment = getattr(pl_module.logger, "experiment", None)
+        if self.histogram_prefix is None or experiment is None or not trainer.is_global_zero:
+            return
+        if trainer._logger_connector.should_update_logs:
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's scalars use
+            log_histograms(experiment, self.histogram_prefix, completion_lengths(rollouts), budget_errors(rollouts), step)

@@ -57,7 +57,7 @@ class RewardCallback(RolloutHook):
 
     Annotates the rollouts first (with the module's ``output_format``, ``grader`` and ``tokenizer``)
     unless that was done. Logs ``rewards/<name>/mean|std`` per step; the GRPO module logs the total as
-    ``reward``/``reward_std``.
+    ``rewards/mean``/``rewards/std``.
 
     Args:
         functions: name -> TRL-style reward function (Hydra-instantiated classes or plain functions).

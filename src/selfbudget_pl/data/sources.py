@@ -8,6 +8,9 @@ Every source has ``load(...) -> list[MathRecord]``. File schemas (``schema=``):
   (also reads AIME/AMC-style files that give the answer directly).
 - ``labelled``: what ``scripts/label_budgets.py`` writes: the record fields plus ``response``,
   ``budget``, ``b_max``.
+- ``question_answer``: ``question``, ``answer`` (a final answer, e.g. STILL-3-Preview RL data).
+- ``s1k``: ``question``, ``solution`` (answer = last ``\\boxed{}``, else the whole solution when it is
+  one short line, e.g. an AIME number); s1K-1.1's rows without a checkable answer are dropped.
 - ``auto``: one of the above, chosen from the first row's fields.
 
 A row missing a field raises :class:`DataError` naming the file, the 1-based line and the field. A
@@ -37,7 +40,7 @@ __all__ = [
     "records_from_rows",
 ]
 
-SCHEMAS = ("gsm8k", "math", "math500", "labelled", "auto")
+SCHEMAS = ("gsm8k", "math", "math500", "labelled", "question_answer", "s1k", "auto")
 BAD_ANSWER_POLICIES = ("drop", "error")
 
 
@@ -112,11 +115,13 @@ class JsonlSource:
 
 
 class HFSource:
-    """Problems from a Hugging Face dataset: a hub id (``openai/gsm8k``) or a ``save_to_disk`` folder.
+    """Problems from a Hugging Face dataset: a hub id (``openai/gsm8k``), a ``save_to_disk`` folder, or a
+    local folder laid out like a hub repository (``data/train-*.parquet``), read by the same
+    ``datasets.load_dataset`` call as the hub id.
 
     Args:
-        name_or_path: hub id, or a folder written by ``Dataset(Dict).save_to_disk`` (a relative folder
-            is looked up under the DataModule's ``data_root`` first).
+        name_or_path: hub id or folder (a relative folder is looked up under the DataModule's
+            ``data_root`` first).
         split: which split (ignored for a saved single ``Dataset``).
         schema: as for :class:`JsonlSource`; hub sets use the same fields (GSM8K, MATH, MATH-500).
         subset: the hub configuration name (e.g. ``main`` for ``openai/gsm8k``).
@@ -158,15 +163,19 @@ class HFSource:
     def _dataset(self, root: Optional[str]):
         import datasets
 
+        name_or_path = self.name_or_path
         for candidate in (_resolve(self.name_or_path, root), Path(self.name_or_path).expanduser()):
             if candidate.is_dir():
+                if not any((candidate / marker).is_file() for marker in ("state.json", "dataset_dict.json")):
+                    name_or_path = str(candidate)  # data files as on the hub: load_dataset reads them
+                    break
                 loaded = datasets.load_from_disk(str(candidate))
                 if isinstance(loaded, datasets.DatasetDict):
                     if self.split not in loaded:
                         raise DataError(f"{candidate}: no split {self.split!r} (has {sorted(loaded)})")
                     return loaded[self.split]
                 return loaded
-        return datasets.load_dataset(self.name_or_path, self.subset, split=self.split)
+        return datasets.load_dataset(name_or_path, self.subset, split=self.split)
 
 
 # -- schemas -----------------------------------------------------------------------------------
@@ -316,4 +325,40 @@ def _from_labelled(row: dict[str, Any], where: str, source_name: str, fallback_i
     )
 
 
-_CONVERTERS = {"gsm8k": _from_gsm8k, "math": _from_math, "math500": _from_math500, "labelled": _from_labelled}
+def _from_question_answer(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
+    problem = _text(row, "question", where, "question_answer")
+    answer = _answer_text(_field(row, "answer", where, "question_answer"))
+    if not answer:
+        raise UnextractableAnswer(f"{where}: empty field 'answer'")
+    return MathRecord(
+        id=_row_id(row, fallback_id), problem=problem, answer=answer, solution=None,
+        difficulty=_level(row.get("level")), source=source_name,
+    )  # fmt: skip
+
+
+S1K_MAX_PLAIN_ANSWER = 64  # longer unboxed solutions are derivations, not answers a grader can check
+
+
+def _from_s1k(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
+    problem = _text(row, "question", where, "s1k")
+    solution = brace_boxed(_text(row, "solution", where, "s1k").strip())
+    answer = extract_math_answer(solution)
+    reference: Optional[str] = solution  # a worked solution ending in \boxed{}: usable as a cold-start target
+    if answer is None and "\n" not in solution and 0 < len(solution) <= S1K_MAX_PLAIN_ANSWER:
+        answer, reference = solution, None  # AIME-style rows give the bare answer, no worked solution
+    if answer is None:
+        raise UnextractableAnswer(f"{where}: no \\boxed{{}} answer and no short plain answer in field 'solution'")
+    return MathRecord(
+        id=_row_id(row, fallback_id), problem=problem, answer=answer, solution=reference,
+        difficulty=math.nan, source=source_name,
+    )  # fmt: skip
+
+
+_CONVERTERS = {
+    "gsm8k": _from_gsm8k,
+    "math": _from_math,
+    "math500": _from_math500,
+    "labelled": _from_labelled,
+    "question_answer": _from_question_answer,
+    "s1k": _from_s1k,
+}

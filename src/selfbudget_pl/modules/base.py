@@ -57,7 +57,8 @@ class PolicyModule(L.LightningModule):
         max_grad_norm: Optional[float] = 1.0,
         output_format: Optional[OutputFormat] = None,
         grader: Any = None,
-        rollout: Optional[Callable[..., RolloutBackend]] = None,
+        # (model, tokenizer) -> backend; the two-argument form tells LightningCLI which arguments come later.
+        rollout: Optional[Callable[[torch.nn.Module, Any], RolloutBackend]] = None,
         val_sampling: Optional[SamplingSettings | dict] = None,
         export_dir: Optional[str] = None,
         merge_lora_on_export: bool = True,
@@ -136,7 +137,8 @@ class PolicyModule(L.LightningModule):
             warmup_cosine, warmup_steps=self.warmup_steps, total_steps=int(total), min_lr_ratio=self.min_lr_ratio
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # "name": the tag LearningRateMonitor logs it under (else "lr-AdamW" at the top level).
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
@@ -149,6 +151,9 @@ class PolicyModule(L.LightningModule):
 
         self._val_budget = BudgetAdherence().to(self.device)
         self._val_points: list[tuple[float, float, bool]] = []
+        self._val_by_difficulty: list[tuple[object, float, bool]] = []
+        self._val_lengths: list[float] = []
+        self._val_budget_errors: list[float] = []
 
     def generate_and_score(
         self, batch: dict[str, Any], sampling: SamplingSettings, num_samples: int = 1, prefill: Optional[str] = None
@@ -168,11 +173,20 @@ class PolicyModule(L.LightningModule):
     def validation_generation(self, batch: dict[str, Any]) -> Rollouts:
         from selfbudget_pl.metrics import update_from_rollouts
 
+        from selfbudget_pl.callbacks.budget_metrics import budget_errors, completion_lengths
+
         rollouts = self.generate_and_score(batch, self.val_sampling)
         update_from_rollouts(self._val_budget, rollouts)
         for parsed, length, correct in zip(rollouts.parsed, rollouts.solution_lengths, rollouts.correct):
             if parsed.budget is not None:
                 self._val_points.append((float(parsed.budget), float(length), bool(correct)))
+        lengths = completion_lengths(rollouts)
+        difficulties = rollouts.columns.get("difficulty") or [None] * len(rollouts)
+        for difficulty, length, correct in zip(difficulties, lengths, rollouts.correct):
+            known = difficulty is not None and difficulty == difficulty  # NaN: unknown
+            self._val_by_difficulty.append((difficulty if known else None, length, bool(correct)))
+        self._val_lengths.extend(lengths)
+        self._val_budget_errors.extend(budget_errors(rollouts))
         return rollouts
 
     def on_validation_epoch_end(self) -> None:
@@ -180,16 +194,25 @@ class PolicyModule(L.LightningModule):
         self.log_dict({f"val/budget/{key}": value for key, value in values.items()}, sync_dist=False)
         if "accuracy" in values:
             self.log("val/accuracy", values["accuracy"], prog_bar=True)
-        self._log_budget_scatter()
+        self._log_validation_figures()
 
-    def _log_budget_scatter(self) -> None:
+    def _log_validation_figures(self) -> None:
+        """At every validation: the budget-vs-length scatter and the per-difficulty plot as images, and
+        histograms of completion length and relative budget error (rank 0's completions)."""
+        from selfbudget_pl.callbacks.budget_metrics import log_histograms
+
         experiment = getattr(self.logger, "experiment", None)
-        if not self._val_points or not hasattr(experiment, "add_figure") or not self.trainer.is_global_zero:
+        if not hasattr(experiment, "add_figure") or not self.trainer.is_global_zero:
             return
-        from selfbudget_pl.plots import budget_vs_length_figure
+        from selfbudget_pl.plots import budget_vs_length_figure, difficulty_figure
 
-        figure = budget_vs_length_figure(self._val_points)
-        experiment.add_figure("val/budget_vs_length", figure, global_step=self.global_step)
+        if self._val_points:
+            figure = budget_vs_length_figure(self._val_points)
+            experiment.add_figure("val/budget_vs_length", figure, global_step=self.global_step)
+        if any(difficulty is not None for difficulty, _, _ in self._val_by_difficulty):
+            figure = difficulty_figure({"validation": self._val_by_difficulty}, title="tokens and accuracy by difficulty")
+            experiment.add_figure("val/by_difficulty", figure, global_step=self.global_step)
+        log_histograms(experiment, "val", self._val_lengths, self._val_budget_errors, self.global_step)
 
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

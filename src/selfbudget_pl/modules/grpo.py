@@ -207,8 +207,12 @@ class GRPOModule(PolicyModule):
         experience = self.make_experience(rollouts, advantages)
         started = time.perf_counter()
         stats = self.update_policy(experience)
-        stats["train/tokens_per_s"] = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
-        metrics = {**rollout_metrics(rollouts, experience, self.num_generations), **stats}
+        tokens_per_s = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
+        metrics = {
+            **rollout_metrics(rollouts, experience, self.num_generations),
+            **update_metrics(stats),
+            "train/tokens_per_s": tokens_per_s,
+        }
         # Each rank saw different prompts: log the mean over ranks, not rank 0's share.
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
@@ -381,14 +385,16 @@ class GRPOModule(PolicyModule):
 
 
 def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int) -> dict[str, float]:
-    """What TRL logs about a batch of rollouts, under TRL's names, plus counts of dead weight."""
+    """What TRL logs about a batch of rollouts, plus counts of dead weight. TRL's ``completions/*`` keep
+    their names; its ``reward``, ``reward_std`` and ``frac_reward_zero_std`` join the per-function
+    ``rewards/<name>/*`` as ``rewards/mean``, ``rewards/std`` and ``rewards/frac_zero_std``."""
     rewards = rollouts.rewards.float().view(-1, group_size)
     lengths = experience.completion_mask.sum(1).float()
     zero_std = (rewards == rewards[:, :1]).all(dim=1)
     return {
-        "reward": float(rewards.mean()),
-        "reward_std": float(rewards.std(dim=1).mean()),
-        "frac_reward_zero_std": float(zero_std.float().mean()),
+        "rewards/mean": float(rewards.mean()),
+        "rewards/std": float(rewards.std(dim=1).mean()),
+        "rewards/frac_zero_std": float(zero_std.float().mean()),
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
@@ -398,6 +404,12 @@ def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int)
         "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }
+
+
+def update_metrics(stats: dict[str, float]) -> dict[str, float]:
+    """The policy update's statistics under logged names: TRL's grouped ``clip_ratio/*`` as they are, the
+    rest (``loss``, ``kl``, ``entropy``) under ``train/``."""
+    return {name if "/" in name else f"train/{name}": value for name, value in stats.items()}
 
 
 def completion_logprobs(logits: torch.Tensor, micro: Experience) -> torch.Tensor:

@@ -45,6 +45,7 @@ class SFTModule(PolicyModule):
         self.log("train/tokens_per_s", tokens / seconds)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/loss", self._lm_loss(batch), prog_bar=True, sync_dist=True)
+        # batch_size given: Lightning cannot infer it from this batch's dict and warns in every SFT log.
+        self.log("val/loss", self._lm_loss(batch), prog_bar=True, sync_dist=True, batch_size=len(batch["input_ids"]))
         if self.generate_in_validation:
             self.validation_generation(batch)
