@@ -209,6 +209,9 @@ class GRPOModule(PolicyModule):
         stats = self.update_policy(experience)
         stats["train/tokens_per_s"] = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
         metrics = {**rollout_metrics(rollouts, experience, self.num_generations), **stats}
+        grader_metrics = getattr(self.grader, "pop_metrics", None)  # MathGrader's grader/timeouts; others may have none
+        if grader_metrics is not None:
+            metrics.update(grader_metrics())
         # Each rank saw different prompts: log the mean over ranks, not rank 0's share.
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
