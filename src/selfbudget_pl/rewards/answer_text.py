@@ -148,6 +148,15 @@ def malformed(text: str, brackets: bool = True) -> Optional[str]:
     return None
 
 
+_ZERO_DENOMINATOR = re.compile(r"/\s*[+-]?0+(?![\d.])|\\[dt]?frac\s*\{\s*[^{}]*\}\s*\{\s*[+-]?0+\s*\}|\\[dt]?frac\s*\d0(?!\d)", re.ASCII)
+
+
+def divides_by_zero(text: str) -> bool:
+    """Whether ``text`` divides by a literal zero (``4 0/0``, ``\\frac{1}{0}``): undefined, so never equal
+    to anything. (sympy's ``nan``/``zoo`` compared against numbers gave True now and then.)"""
+    return bool(_ZERO_DENOMINATOR.search(text))
+
+
 def too_costly(text: str) -> Optional[str]:
     """Why parsing ``text`` could take unbounded time, or None (see the module doc)."""
     depth = deepest = 0

@@ -3,8 +3,8 @@ since a reward that credits a wrong answer is one a policy learns to hack.
 
 :class:`MathGrader` decides in steps:
 
-1. Types and size: a gold that is a JSON number (``27.0`` in AMC files) is graded as that number; a
-   prediction that is not text, or either side longer than ``max_chars``, is wrong.
+1. Types and size: an answer that is a JSON number (gold ``27.0`` in AMC files) is graded as that
+   number; anything else that is not text, or either side longer than ``max_chars``, is wrong.
 2. Fast path (:func:`fast_verdict`, no sympy): equal strings after light normalisation, and plain
    numbers or fraction literals compared exactly (``1,000`` == ``1000.0``). The synthetic task and
    GSM8K never go further. ``benchmarks/bench_grading_step.py`` measured why nothing more is kept here:
@@ -12,7 +12,7 @@ since a reward that credits a wrong answer is one a policy learns to hack.
    workers, 5% of a 4.6 s step, far below a real model's step; only the toy's 128 integer answers per
    0.3 s step need the fast path (0.04 s through math-verify, 0.0015 s here).
 3. Text rules (:mod:`~selfbudget_pl.rewards.answer_text`): malformed LaTeX is wrong; digits other than
-   ASCII are not digits; answers that would make sympy compute huge numbers are wrong unparsed; and
+   ASCII are not digits; division by a literal zero is wrong; answers that would make sympy compute huge numbers are wrong unparsed; and
    lists follow the MATH convention (a bare comma list is a set, a bracketed pair a tuple or interval,
    a set never equals a tuple, ``x = 1, y = 2`` against a tuple is its values in order).
 4. math-verify, called as documented (each side boxed), in worker processes
@@ -39,6 +39,7 @@ from typing import Optional, Protocol, Sequence, runtime_checkable
 
 from selfbudget_pl.rewards.answer_text import (
     aligned_for_math_verify,
+    divides_by_zero,
     foreign_digits,
     is_bare,
     malformed,
@@ -269,16 +270,17 @@ class MathGrader:
 
     def _screen(self, prediction: object, gold: object) -> tuple[Optional[bool], Optional[tuple[str, str]]]:
         """(verdict, None) when decided here, else (None, the pair to hand math-verify)."""
-        gold_text = answer_text_of(gold)
-        if not isinstance(prediction, str) or gold_text is None:
+        pred_text, gold_text = answer_text_of(prediction), answer_text_of(gold)
+        if pred_text is None or gold_text is None:
             return False, None
+        prediction = pred_text
         if len(prediction) > self.max_chars or len(gold_text) > self.max_chars:
             return False, None
         verdict = fast_verdict(prediction, gold_text, self.numeric_rel_tol)
         if verdict is not None:
             return verdict, None
         for text in (prediction, gold_text):
-            if foreign_digits(text) or malformed(text, brackets=is_bare(text)) or too_costly(text):
+            if foreign_digits(text) or divides_by_zero(text) or malformed(text, brackets=is_bare(text)) or too_costly(text):
                 return False, None
         aligned = aligned_for_math_verify(prediction, gold_text)
         if aligned is None:
