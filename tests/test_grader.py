@@ -393,10 +393,12 @@ with MathGrader(workers=2) as grader:
 """
 
 
-def test_grading_from_a_script_on_standard_input():
+@pytest.mark.parametrize("how", ["stdin", "-c"])
+def test_grading_from_a_script_on_standard_input_or_the_command_line(how):
     """The way that once failed: workers re-imported ``<stdin>`` and every verdict came back wrong."""
-    done = subprocess.run([sys.executable, "-"], input=_STDIN_SCRIPT.format(src=SRC), capture_output=True,
-                          text=True, timeout=300)
+    script = _STDIN_SCRIPT.format(src=SRC)
+    command, stdin = ([sys.executable, "-"], script) if how == "stdin" else ([sys.executable, "-c", script], None)
+    done = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "verdicts [True, False, True]" in done.stdout
     assert "torch in workers False" in done.stdout
@@ -479,7 +481,7 @@ KEPT_CREDIT = {("10cm", "10"), ("10m", "10"), ("The answer is 4 4/9.", "4")}
 
 def test_other_graders_cases_file_is_well_formed(shared_data):
     rows = _rows(OTHER_GRADERS)
-    assert len(rows) >= 130
+    assert len(rows) >= 150
     assert all(set(row) >= {"pred", "gold", "expected", "source"} for row in rows)
     repos = {row["source"].split("@")[0] for row in rows}
     assert len(repos) >= 5, repos
@@ -489,10 +491,10 @@ def test_other_graders_cases_file_is_well_formed(shared_data):
 
 def test_no_false_credit_on_other_graders_cases(grader):
     """No pair a public grader's tests label wrong is graded right, except the three kept on purpose;
-    agreement stays at its measured level (104/130, benchmarks/RESULTS.md)."""
+    agreement stays at its measured level (122/151, benchmarks/RESULTS.md; one item may time out under load)."""
     rows = _rows(OTHER_GRADERS)
     verdicts = grader.grade_batch([row["pred"] for row in rows], [row["gold"] for row in rows])
     false_credit = {(row["pred"], row["gold"]) for verdict, row in zip(verdicts, rows) if verdict and not row["expected"]}
     assert false_credit <= KEPT_CREDIT, false_credit - KEPT_CREDIT
     agree = sum(verdict == row["expected"] for verdict, row in zip(verdicts, rows))
-    assert agree >= 100, f"{agree}/{len(rows)}"
+    assert agree >= 121, f"{agree}/{len(rows)}"
