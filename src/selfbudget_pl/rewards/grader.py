@@ -7,15 +7,16 @@ since a reward that credits a wrong answer is one a policy learns to hack.
    number; anything else that is not text, or either side longer than ``max_chars``, is wrong.
 2. Fast path (:func:`fast_verdict`, no sympy): equal strings after light normalisation, and plain
    numbers or fraction literals compared exactly (``1,000`` == ``1000.0``). The synthetic task and
-   GSM8K never go further. ``benchmarks/bench_grading_step.py`` measured why nothing more is kept here:
-   math-verify grades the paper's batch (8 prompts x G = 5, MATH-500 answers) in 0.23 s with two
-   workers, 5% of a 4.6 s step, far below a real model's step; only the toy's 128 integer answers per
-   0.3 s step need the fast path (0.04 s through math-verify, 0.0015 s here).
+   GSM8K never go further. Nothing more is kept here, because ``benchmarks/bench_grading_step.py``
+   measured what it would buy (``benchmarks/RESULTS.md``): math-verify grades the paper's batch (8
+   prompts x G = 5, MATH-500 answers) in 0.2-0.5 s with two workers, a few percent of a real step; only
+   the toy's 128 integer answers per 0.3 s step need a fast path (0.04-0.17 s through math-verify,
+   0.002 s here).
 3. Text rules (:mod:`~selfbudget_pl.rewards.answer_text`): malformed LaTeX is wrong; digits other than
-   ASCII are not digits; division by a literal zero is wrong; answers that would make sympy compute huge numbers are wrong unparsed; and
-   lists follow the MATH convention (a bare comma list is a set, a bracketed pair a tuple or interval,
+   ASCII are not digits; division by a literal zero is wrong; answers that would make sympy compute
+   huge numbers are wrong unparsed; and lists follow the MATH convention (a bare comma list is a set, a bracketed pair a tuple or interval,
    a set never equals a tuple, ``x = 1, y = 2`` against a tuple is its values in order).
-4. math-verify, called as documented (each side boxed), in worker processes
+4. math-verify, called as its README shows (a bare answer inside ``$...$``), in worker processes
    (:mod:`~selfbudget_pl.rewards.grading_pool`) with a time limit per item. An item that runs out is
    retried once with ``retry_timeout_s``; if that runs out too it is wrong and counted
    (``grader/timeouts``, via :meth:`MathGrader.pop_metrics`). Timed-out verdicts are never cached.
