@@ -5,9 +5,11 @@ answers, rewritings, wrong answers), graded by ``MathGrader(workers=2)``; then t
 of the predictions (26) replaced by the project's hostile answers (``tests/test_hostile.py``: code
 injections, power towers, ``(10^{100})!``, 400 nested braces, 150 nested fractions, 1 MB of digits, ...).
 Each batch is graded by a fresh grader whose pool was started (and warmed) before timing, no verdict
-cache, so neither batch profits from the other. Target: mixed <= 1.5x clean.
+cache, so neither batch profits from the other; clean and mixed alternate ``--repeats`` times and the
+medians are compared, so a burst of load on a shared machine does not land on one side only.
+Target: mixed <= 1.5x clean.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_grading_hostile.py --seeds 0 1 2 3 4
+    OMP_NUM_THREADS=1 python benchmarks/bench_grading_hostile.py --seeds 0 1 2 3 4 --repeats 3
 """
 
 from __future__ import annotations
@@ -50,12 +52,15 @@ def batches(seed: int, size: int, hostile_share: float) -> tuple[list[tuple[str,
     return clean, mixed
 
 
-def seconds(pairs: list[tuple[str, str]], workers: int) -> tuple[float, float]:
+def seconds(pairs: list[tuple[str, str]], workers: int) -> tuple[float, str]:
+    """Grading seconds, and the grader's counts: timeouts / retries / worker restarts."""
     with MathGrader(workers=workers, cache_size=0) as grader:
         grader.start()
         started = time.perf_counter()
         grader.grade_batch([p for p, _ in pairs], [g for _, g in pairs])
-        return time.perf_counter() - started, grader.pop_metrics()["grader/timeouts"]
+        elapsed = time.perf_counter() - started
+        counts = grader.pop_metrics()
+        return elapsed, "/".join(f"{counts[f'grader/{k}']:.0f}" for k in ("timeouts", "retries", "worker_restarts"))
 
 
 def main() -> None:
@@ -64,16 +69,23 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--hostile-share", type=float, default=0.1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--repeats", type=int, default=3, help="alternating clean/mixed runs per seed (medians)")
     args = parser.parse_args()
     ratios = []
-    print("| seed | clean s | mixed s | mixed / clean | timeouts (clean, mixed) |")
+    print("| seed | clean s (runs) | mixed s (runs) | median mixed / median clean | timeouts/retries/restarts per run (clean; mixed) |")
     print("|---|---|---|---|---|")
     for seed in args.seeds:
         clean, mixed = batches(seed, args.size, args.hostile_share)
-        clean_s, clean_timeouts = seconds(clean, args.workers)
-        mixed_s, mixed_timeouts = seconds(mixed, args.workers)
+        runs = {"clean": [], "mixed": []}
+        for _ in range(args.repeats):
+            for name, pairs in (("clean", clean), ("mixed", mixed)):
+                runs[name].append(seconds(pairs, args.workers))
+        clean_s, mixed_s = (statistics.median(t for t, _ in runs[name]) for name in ("clean", "mixed"))
         ratios.append(mixed_s / clean_s)
-        print(f"| {seed} | {clean_s:.3f} | {mixed_s:.3f} | {ratios[-1]:.2f} | {clean_timeouts:.0f}, {mixed_timeouts:.0f} |")
+        shown = {name: ", ".join(f"{t:.2f}" for t, _ in runs[name]) for name in runs}
+        counts = {name: " ".join(c for _, c in runs[name]) for name in runs}
+        print(f"| {seed} | {clean_s:.2f} ({shown['clean']}) | {mixed_s:.2f} ({shown['mixed']}) | {ratios[-1]:.2f} | "
+              f"{counts['clean']}; {counts['mixed']} |")
     print(f"ratio mean {statistics.mean(ratios):.2f}, min {min(ratios):.2f}, worst {max(ratios):.2f} (target <= 1.5)")
 
 

@@ -326,8 +326,8 @@ def test_a_timed_out_item_is_retried_longer_then_wrong_counted_and_not_cached():
     assert [timeout for _, timeout in pool.calls] == [0.5, 3.0]  # the retry gets the longer limit
     assert pool.calls[1][0] == [(r"\sqrt{16}", "4"), (r"\sqrt{25}", "5")]
     assert (r"\sqrt{16}", "4") in grader._cache and (r"\sqrt{25}", "5") not in grader._cache
-    assert grader.pop_metrics() == {"grader/timeouts": 1.0}
-    assert grader.pop_metrics() == {"grader/timeouts": 0.0}
+    assert grader.pop_metrics() == {"grader/timeouts": 1.0, "grader/retries": 2.0, "grader/worker_restarts": 0.0}
+    assert grader.pop_metrics() == {"grader/timeouts": 0.0, "grader/retries": 0.0, "grader/worker_restarts": 0.0}
     pool.script[r"\sqrt{25}"] = [True]  # not cached as wrong: a later batch computes it
     assert grader.grade(r"\sqrt{25}", "5") is True
 
@@ -377,6 +377,7 @@ def test_a_wedged_worker_is_killed_and_only_its_item_is_lost():
         assert pool.run(jobs, VerifySettings()) == [True, None, True, False]
         assert time.monotonic() - started < 15  # the wedge cost its own deadline, then a restart
         assert pool.run([("g + h", "g+h", 0.2)], VerifySettings()) == [True]  # a fresh worker took over
+        assert pool.restarts == 1
     finally:
         pool.close()
 

@@ -203,10 +203,12 @@ class MathGrader:
         self._cache: OrderedDict[tuple[str, str], bool] = OrderedDict()
         self._lock = threading.Lock()
         self._timeouts = 0
+        self._retries = 0
+        self._restarts_seen = 0
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for runtime in ("_pool", "_finalizer", "_cache", "_lock", "_timeouts"):
+        for runtime in ("_pool", "_finalizer", "_cache", "_lock", "_timeouts", "_retries", "_restarts_seen"):
             state.pop(runtime)
         return state
 
@@ -236,9 +238,13 @@ class MathGrader:
 
     def pop_metrics(self) -> dict[str, float]:
         """Counts since the last call, for logging: ``grader/timeouts`` (items wrong because math-verify
-        ran out of time twice)."""
-        timeouts, self._timeouts = self._timeouts, 0
-        return {"grader/timeouts": float(timeouts)}
+        ran out of time twice), ``grader/retries`` (items that ran out of ``timeout_s`` and were tried
+        again) and ``grader/worker_restarts`` (workers replaced after missing an item's hard deadline)."""
+        restarts = self._pool.restarts if self._pool is not None else 0
+        metrics = {"grader/timeouts": float(self._timeouts), "grader/retries": float(self._retries),
+                   "grader/worker_restarts": float(restarts - self._restarts_seen)}
+        self._timeouts, self._retries, self._restarts_seen = 0, 0, restarts
+        return metrics
 
     # -- grading ------------------------------------------------------------------------------
 
@@ -300,6 +306,7 @@ class MathGrader:
         limit, then wrong and counted; only computed verdicts are cached."""
         verdicts = self._run(pairs, self.timeout_s)
         late = [index for index, verdict in enumerate(verdicts) if verdict is None]
+        self._retries += len(late)
         if late:
             for index, verdict in zip(late, self._run([pairs[index] for index in late], self.retry_timeout_s)):
                 verdicts[index] = verdict
@@ -325,4 +332,5 @@ class MathGrader:
                 startup_timeout_s=self.startup_timeout_s, max_failed_starts=self.max_failed_starts,
             )
             self._finalizer = weakref.finalize(self, self._pool.close)
+            self._restarts_seen = 0
         return self._pool

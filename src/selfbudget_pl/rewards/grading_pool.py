@@ -93,6 +93,7 @@ class GradingPool:
         self.max_failed_starts = max_failed_starts
         self._workers: list[_Worker] = []
         self._failed_starts = 0
+        self.restarts = 0  # workers replaced after missing an item's hard deadline or dying on it
         self.torch_in_workers = False  # whether any worker found torch imported (it should not)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -180,6 +181,7 @@ class GradingPool:
             for worker in list(self._workers):
                 if worker.ready and worker.job is not None and now > worker.deadline:
                     worker.job = None  # its item stays None: out of time
+                    self.restarts += 1
                     self._replace(worker)
                 elif not worker.ready and now > worker.started_at + self.startup_timeout_s:
                     self._failed_start(worker, f"not ready within {self.startup_timeout_s:.0f} s")
@@ -191,8 +193,9 @@ class GradingPool:
         except (EOFError, OSError):
             if not worker.ready:
                 self._failed_start(worker, f"exited with code {worker.process.wait()} before it was ready")
-            else:  # died on its item (a crash in C code): that item is out of time, the worker replaced
+            else:  # died (on its item: a crash in C code): that item is out of time, the worker replaced
                 worker.job = None
+                self.restarts += 1
                 self._replace(worker)
             return
         if not worker.ready:
