@@ -5,8 +5,9 @@
 - :func:`malformed`: LaTeX whose groups do not close (``\\begin{pmatrix} 1 & 2``, ``\\frac{1}{``) is
   wrong as written; math-verify would otherwise match a fragment of it.
 - :func:`too_costly`: answers that make sympy compute huge numbers (power towers, factorials of
-  computed numbers, deep nesting) are wrong without being parsed. None is a MATH-style final answer;
-  bounding them here keeps a batch's grading time from depending on what a policy emits.
+  computed numbers, deep nesting), and program text (``__import__('os')``, ``exec("...")``), are wrong
+  without being parsed. None is a MATH-style final answer; rejecting them here keeps a batch's grading
+  time from depending on what a policy emits.
 - :func:`foreign_digits`: digits are ASCII ``0-9``. An answer with any other digit character
   (a decimal digit of another script: Arabic-Indic ``١٢``, Devanagari ``१२``, full-width ``１２``,
   mathematical bold ``𝟏𝟐``) is not read as a number: it is correct only when it is the gold string itself. A documented
@@ -157,8 +158,13 @@ def divides_by_zero(text: str) -> bool:
     return bool(_ZERO_DENOMINATOR.search(text))
 
 
+_PROGRAM_TEXT = re.compile(r'__|"|`')
+
+
 def too_costly(text: str) -> Optional[str]:
-    """Why parsing ``text`` could take unbounded time, or None (see the module doc)."""
+    """Why parsing ``text`` could take unbounded time, or would be wasted, or None (see the module doc)."""
+    if _PROGRAM_TEXT.search(text) and is_bare(text):  # prose around $...$ may quote ("the answer is "12"")
+        return "program text (a dunder name, a double quote or a backtick): never a math answer"
     depth = deepest = 0
     for char in text:
         if char in "{([":
