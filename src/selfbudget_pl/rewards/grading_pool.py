@@ -138,7 +138,7 @@ class GradingPool:
 
     def start(self) -> None:
         """Start the workers and wait until each is ready (raises :class:`GraderUnavailableError`)."""
-        self.run([], VerifySettings())
+        self.run([], VerifySettings(), wait_until_ready=True)
 
     def close(self) -> None:
         for worker in self._workers:
@@ -151,15 +151,22 @@ class GradingPool:
 
     # -- grading --------------------------------------------------------------------------------
 
-    def run(self, jobs: list[tuple[str, str, float]], settings: VerifySettings) -> list[Optional[bool]]:
+    def run(
+        self, jobs: list[tuple[str, str, float]], settings: VerifySettings, wait_until_ready: bool = False
+    ) -> list[Optional[bool]]:
         """Verdicts of ``(prediction, gold, timeout_s)`` jobs, in order; None where a job ran out of time
         (its worker's timer fired, or the worker was killed at the hard deadline or died on it).
-        With no jobs, waits until every worker is ready."""
+        Returns as soon as every job has its verdict: a replacement worker still starting finishes in the
+        background (unless ``wait_until_ready``)."""
         while len(self._workers) < self.size:
             self._workers.append(self._spawn())
         results: list[Optional[bool]] = [None] * len(jobs)
         queue = collections.deque(range(len(jobs)))
-        while queue or any(worker.job is not None or not worker.ready for worker in self._workers):
+        while (
+            queue
+            or any(worker.job is not None for worker in self._workers)
+            or (wait_until_ready and not all(worker.ready for worker in self._workers))
+        ):
             now = time.monotonic()
             for worker in self._workers:
                 if worker.ready and worker.job is None and queue:
