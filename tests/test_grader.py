@@ -36,7 +36,7 @@ from selfbudget_pl.rewards.grader import (
     fast_verdict,
 )
 from selfbudget_pl.rewards.grading_pool import GradingPool
-from selfbudget_pl.rewards.verify_worker import VerifySettings, verify_pair
+from selfbudget_pl.rewards.verify_worker import VerifySettings, as_documented, verify_pair
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -108,8 +108,12 @@ def test_aligned_pairs_for_math_verify():
     assert aligned_for_math_verify("2,500", "2500") == ("2,500", "2500")  # a number against a number
 
 
-def test_math_verify_is_called_boxed(local):
-    # Unboxed, math-verify's number regex reads "2, 4, 6" as one number; boxed it is a set.
+def test_math_verify_is_called_as_documented():
+    # Raw, math-verify's number regex reads "3, 5, 7" as 7; inside $...$, as its README writes answers,
+    # a comma list is a set.
+    assert as_documented("3, 5, 7") == "$3, 5, 7$" and as_documented(r"\boxed{7}") == r"\boxed{7}"
+    assert as_documented("28 %") == r"$28 \%$"  # a bare % would be a LaTeX comment
+    assert verify_pair("7", "3, 5, 7", 5.0, VerifySettings()) is False
     assert verify_pair("2, 6", "2, 4, 6", 5.0, VerifySettings()) is False
     assert verify_pair("6, 4, 2", "2, 4, 6", 5.0, VerifySettings()) is True
     assert verify_pair("$6, 4, 2$", r"\(2, 4, 6\)", 5.0, VerifySettings()) is True  # outer delimiters dropped

@@ -8,13 +8,14 @@
   computed numbers, deep nesting), and program text (``__import__('os')``, ``exec("...")``), are wrong
   without being parsed. None is a MATH-style final answer; rejecting them here keeps a batch's grading
   time from depending on what a policy emits.
-- :func:`foreign_digits`: digits are ASCII ``0-9``. An answer with any other digit character
-  (a decimal digit of another script: Arabic-Indic ``١٢``, Devanagari ``१२``, full-width ``１２``,
-  mathematical bold ``𝟏𝟐``) is not read as a number: it is correct only when it is the gold string itself. A documented
-  choice: MATH, GSM8K and AMC golds are ASCII, and a reward that accepted look-alike digits would teach
-  a policy nothing and open one more way to be credited for text that is not the answer.
+- :func:`foreign_digits`: digits are ASCII ``0-9``. An answer with a decimal digit of another script
+  (Arabic-Indic ``١٢``, Devanagari ``१२``, full-width ``１２``, mathematical bold ``𝟏𝟐``) is not read as
+  a number: it is correct only when it is the gold string itself. A documented choice: MATH, GSM8K and
+  AMC golds are ASCII, and a reward that accepted look-alike digits would teach a policy nothing and
+  open one more way to be credited for text that is not the answer.
+- :func:`divides_by_zero`: a literal division by zero is undefined, so wrong.
 - :func:`shape` and :func:`aligned_for_math_verify`: the MATH convention for lists. A bare comma
-  list of solutions is a set (order free: math-verify compares ``\\boxed{2, 4, 6}`` as a FiniteSet); a
+  list of solutions is a set (order free: math-verify compares ``$2, 4, 6$`` as a FiniteSet); a
   bracketed pair is a tuple or interval (order and brackets matter); a set never equals a tuple or
   interval; ``x = 1, y = 2`` against a tuple is the tuple of its values in the written order; ``1,000``
   (3-digit groups) is one number, unless the gold is a list.
