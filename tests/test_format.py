@@ -40,6 +40,8 @@ def test_prefix_is_what_prefill_writes():
         ("<budget>nan</budget><solution>\\boxed{1}</solution>", FormatError.BUDGET_NOT_INTEGER),
         ("<budget>12</budget>just text \\boxed{1}", FormatError.NO_SOLUTION),
         ("<budget>12</budget><solution>no answer</solution>", FormatError.NO_ANSWER),
+        ("<budget>12</budget><solution>so \\boxed{} </solution>", FormatError.NO_ANSWER),
+        ("<budget>12</budget><solution>so \\boxed{ \n } </solution>", FormatError.NO_ANSWER),
         ("<budget>12</budget><solution>\\boxed{" + "{" * 10_000 + "</solution>", FormatError.NO_ANSWER),
         ("x" * 300_000, FormatError.TOO_LONG),
     ],

@@ -14,6 +14,7 @@ from selfbudget_pl.models import LoraSettings, ModelLoader
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.losses import group_advantages
+from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
 
 PROMPTS = ["the sum of 3+4", "how many", "what is the total cost of 12+30+7 so", "each has more"]
@@ -87,7 +88,7 @@ def _first_token_probability(module: GRPOModule, prompt: list[int], token: int) 
 
 
 def test_a_reward_for_one_token_raises_its_probability(sharp_loader, prompt_ids):
-    module = _module(sharp_loader, num_generations=8)
+    module = _module(sharp_loader, num_generations=8, grader=MathGrader(workers=0))
     module.configure_model()
     with torch.no_grad():
         first = module.model(input_ids=torch.tensor([prompt_ids[0]])).logits[0, -1].softmax(-1)
@@ -102,7 +103,7 @@ def test_a_reward_for_one_token_raises_its_probability(sharp_loader, prompt_ids)
     metrics = trainer.callback_metrics
     for name in ("rewards/mean", "rewards/std", "rewards/frac_zero_std", "completions/mean_length",
                  "completions/clipped_ratio", "train/entropy", "clip_ratio/region_mean", "train/loss",
-                 "rollout/tokens_per_s", "train/tokens_per_s"):
+                 "rollout/tokens_per_s", "train/tokens_per_s", "grader/timeouts"):
         assert name in metrics, name
     assert float(metrics["rewards/mean"]) > 0.5
     assert all(len(rollouts) == 8 for rollouts in reward.seen)

@@ -146,7 +146,7 @@ class OutputFormat:
         if end >= 0:
             body = body[:end]
         answer = extract_boxed(body)
-        if answer is None:
+        if not answer:  # no \boxed{}, or an empty one: nothing was answered
             return ParsedOutput(FormatError.NO_ANSWER, budget=budget, solution=solution)
         return ParsedOutput(FormatError.NONE, budget=budget, solution=solution, answer=answer)
 

@@ -11,19 +11,21 @@ from typing import Any, Optional, Sequence
 
 from selfbudget_pl.data.budget_labels import count_solution_tokens
 from selfbudget_pl.format import OutputFormat, ParsedOutput
-from selfbudget_pl.rewards.grader import Grader
+from selfbudget_pl.rewards.grader import Grader, answer_text_of
 from selfbudget_pl.rollout.base import Rollouts
 
 
-def grade_parsed(parsed: Sequence[ParsedOutput], golds: Sequence[Optional[str]], grader: Grader) -> list[bool]:
-    """Correctness per completion: only a well-formed completion with a gold answer can be right."""
+def grade_parsed(parsed: Sequence[ParsedOutput], golds: Sequence[object], grader: Grader) -> list[bool]:
+    """Correctness per completion: only a well-formed completion with a gold answer can be right.
+    Golds may be text or numbers (JSON ``27.0`` in AMC files), which are graded as those numbers."""
+    texts = [answer_text_of(gold) for gold in golds]
     gradable = [
         index
-        for index, (output, gold) in enumerate(zip(parsed, golds))
-        if output.well_formed and isinstance(gold, str) and gold.strip()
+        for index, (output, text) in enumerate(zip(parsed, texts))
+        if output.well_formed and text is not None and text.strip()
     ]
     correct = [False] * len(parsed)
-    verdicts = grader.grade_batch([parsed[i].answer for i in gradable], [str(golds[i]) for i in gradable])
+    verdicts = grader.grade_batch([parsed[i].answer for i in gradable], [texts[i] for i in gradable])
     for index, verdict in zip(gradable, verdicts):
         correct[index] = bool(verdict)
     return correct

@@ -213,6 +213,9 @@ class GRPOModule(PolicyModule):
             **update_metrics(stats),
             "train/tokens_per_s": tokens_per_s,
         }
+        grader_metrics = getattr(self.grader, "pop_metrics", None)  # MathGrader's grader/timeouts; others may have none
+        if grader_metrics is not None:
+            metrics.update(grader_metrics())
         # Each rank saw different prompts: log the mean over ranks, not rank 0's share.
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
