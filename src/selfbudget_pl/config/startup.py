@@ -131,10 +131,10 @@ def check_low_precision_training(findings: Findings, model: Mapping[str, Any], m
         or not optimizer.startswith("torch.optim.")
     ):
         return
-    shown = f"{dtype} (the checkpoint's {loaded})" if dtype == "auto" else dtype
+    stored = " (the checkpoint's dtype)" if dtype == "auto" else ""
     findings.error(
-        "model.dtype", shown,
-        f"loads the trainable weights in {loaded}, and module.optimizer ({optimizer}) updates them in place "
+        "model.dtype", dtype,
+        f"loads the trainable weights in {loaded}{stored}, and module.optimizer ({optimizer}) updates them in place "
         f"in {loaded}: most small updates round away. Load them in float32 (model.dtype=float32; compute in "
         f"bf16 with trainer.precision=bf16-mixed or strategy=fsdp2's mixed_precision), or train LoRA adapters "
         f"(model.lora.enabled=true), or set model.allow_low_precision_training=true to train in {loaded} anyway",
