@@ -88,6 +88,9 @@ BAD_VALUES = [
     ("experiment=grpo_toy", "reward.weights.budget_guided=nan", "reward.weights.budget_guided=nan: is not a finite number"),
     ("experiment=grpo_toy", "+reward.weights.typo=1", "reward.weights.typo=1: names no reward function"),
     ("experiment=grpo_toy", "reward.functions.budget_guided.correct_max=inf", "reward.functions.budget_guided.correct_max=inf: is not a finite number"),
+    ("experiment=grpo_toy", "reward.functions.budget_guided.budget_penalty=-2", "reward.functions.budget_guided.budget_penalty=-2: reward.functions.budget_guided.correct_min=0.5 + budget_penalty is below reward.functions.budget_guided.wrong_max=-0.5"),
+    ("experiment=grpo_toy", "trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4: GRPO optimizes manually"),
+    ("experiment=grpo_toy", "+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: GRPO optimizes manually: clip with module.max_grad_norm"),
     ("experiment=grpo_toy", "reward.functions.budget_guided.delta=1", "reward.functions.budget_guided.delta=1: must be a finite number >= 0 and < 1"),
     ("experiment=sft_toy", "output_format.max_budget=0", "output_format.max_budget=0: must be an integer >= 1"),
     ("experiment=sft_toy", "output_format.budget_close='<solution>'", "output_format=['<budget>', '<solution>', '<solution>', '</solution>']: the four tags must all differ"),
@@ -160,6 +163,11 @@ def test_surprising_values_are_a_warning_logged_once(caplog):
         check_train_config(cfg)
     warnings = [r.getMessage() for r in caplog.records if "module.sampling.temperature=0" in r.getMessage()]
     assert len(warnings) == 1 and "every advantage is 0" in warnings[0]
+    with caplog.at_level(logging.WARNING):
+        check_train_config(compose_cfg("experiment=sft_math", "model=tiny", "trainer=cpu", "data.val_size=10",
+                                       "data.max_length=1024", "data.max_prompt_length=512",
+                                       "module.val_sampling.max_new_tokens=500"))
+    assert "data.val_size=10: is ignored: data.val has sources" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # greedy validation is the normal case: no warning
         check_train_config(compose_cfg("experiment=grpo_toy", "module.val_sampling.temperature=0"))

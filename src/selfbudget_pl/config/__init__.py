@@ -48,6 +48,8 @@ def check_train_config(cfg: DictConfig) -> None:
     model, module, data = plain_cfg["model"] or {}, plain_cfg["module"] or {}, plain_cfg["data"] or {}
     rollout, strategy = plain_cfg["rollout"] or {}, plain_cfg["strategy"] or {}
     check_trainer(findings, plain_cfg["trainer"] or {}, _gpu_hints(rollout, strategy))
+    if str(module.get("_target_", "")).endswith("GRPOModule"):
+        _check_manual_optimization(findings, plain_cfg["trainer"] or {})
     if not findings.errors:  # the model's config is read only once the values that name it are sound
         facts = model_facts(model)
         prompt = data.get("max_prompt_length") if isinstance(data.get("max_prompt_length"), int) else None
@@ -169,6 +171,21 @@ def _check_top_level(cfg: DictConfig, findings: Findings) -> None:
     check_value(ckpt, Optional[str], {"note": "null: start fresh"}, "ckpt_path", findings)
     if isinstance(ckpt, str) and not Path(ckpt).exists():
         findings.error("ckpt_path", ckpt, "no such file or directory (a Lightning checkpoint to resume from)")
+
+
+def _check_manual_optimization(findings: Findings, trainer: Mapping[str, Any]) -> None:
+    """GRPO steps its optimizer itself (several steps per batch of rollouts), so Lightning's automatic
+    clipping and accumulation do not apply; Lightning refuses them only once the model is loaded."""
+    clip = trainer.get("gradient_clip_val")
+    if isinstance(clip, (int, float)) and clip > 0:
+        findings.error("trainer.gradient_clip_val", clip, "GRPO optimizes manually: clip with module.max_grad_norm")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        findings.error(
+            "trainer.accumulate_grad_batches", accumulate,
+            "GRPO optimizes manually: set completions per optimizer step with module.mini_batch_size and per "
+            "forward with module.micro_batch_size",
+        )  # fmt: skip
 
 
 def _check_device(findings: Findings, device: Any, key: str, hints: list[str]) -> None:

@@ -246,6 +246,13 @@ class BudgetGuidedRewardSchema(Schema):
     def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
         _ordered(node, key, findings, "correct_min", "correct_max")
         _ordered(node, key, findings, "wrong_min", "wrong_max")
+        correct_min, penalty, wrong_max = (node.get(name) for name in ("correct_min", "budget_penalty", "wrong_max"))
+        if all(isinstance(v, (int, float)) for v in (correct_min, penalty, wrong_max)) and correct_min + penalty < wrong_max:
+            findings.error(
+                f"{key}.budget_penalty", penalty,
+                f"{key}.correct_min={correct_min} + budget_penalty is below {key}.wrong_max={wrong_max}: a correct "
+                "answer over its budget cap would score below a wrong one (the paper's constraint)",
+            )  # fmt: skip
 
 
 @dataclass
@@ -352,6 +359,12 @@ class BudgetMathDataSchema(Schema):
     reference_b_max: bool = spec()
     data_root: Optional[str] = spec()
     pin_memory: bool = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        if node.get("val") and isinstance(node.get("val_size"), int) and node["val_size"] > 0:
+            findings.warning(f"{key}.val_size", node["val_size"],
+                             f"is ignored: {key}.val has sources (the hold-out is only for runs without them)")
 
 
 _SCHEMA_NAMES = ("gsm8k", "math", "math500", "labelled", "auto")
