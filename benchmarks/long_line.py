@@ -18,7 +18,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mb", type=float, default=50.0, help="size of the long line in MB")
+    parser.add_argument("--mb", type=int, default=50, help="size of the long line in MB")
     args = parser.parse_args()
 
     from selfbudget_pl.data.datamodule import BudgetMathDataModule
@@ -30,7 +30,10 @@ def main() -> None:
         path = Path(folder) / "long.jsonl"
         with path.open("w") as handle:
             handle.write(json.dumps({"problem": "1+2", "answer": "3"}) + "\n")
-            handle.write(json.dumps({"problem": "3+4 " * int(args.mb * 250_000), "answer": "7"}) + "\n")
+            handle.write('{"problem": "')
+            for _ in range(int(args.mb)):  # 1 MB at a time: the peak RSS below is the loader's, not ours
+                handle.write("3+4 " * 250_000)
+            handle.write('", "answer": "7"}\n')
             handle.write(json.dumps({"problem": "5+6", "answer": "11"}) + "\n")
         size = path.stat().st_size
         base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
