@@ -96,6 +96,7 @@ BAD_VALUES = [
     ("experiment=sft_toy", "output_format.budget_close='<solution>'", "output_format=['<budget>', '<solution>', '<solution>', '</solution>']: the four tags must all differ"),
     ("experiment=sft_toy", "trainer.max_steps=0", "trainer.max_steps=0: must be an integer >= 1, or -1"),
     ("experiment=sft_toy", "trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1, or -1 or null"),
+    ("experiment=sft_toy", "trainer.max_steps=-1", "trainer.max_epochs=-1", "trainer.max_epochs=-1: with trainer.max_steps=-1 training never ends"),
     ("experiment=sft_toy", "data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
     ("experiment=sft_toy", "data.on_bad_row=skip", "data.on_bad_row='skip': must be one of 'drop', 'error'"),
     ("experiment=sft_toy", "data.prompt_template=hello", "data.prompt_template='hello': has no {problem} field"),
@@ -168,6 +169,9 @@ def test_surprising_values_are_a_warning_logged_once(caplog):
                                        "data.max_length=1024", "data.max_prompt_length=512",
                                        "module.val_sampling.max_new_tokens=500"))
     assert "data.val_size=10: is ignored: data.val has sources" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        check_train_config(compose_cfg("experiment=sft_toy", "trainer.max_steps=40"))
+    assert "module.warmup_steps=50: is not below trainer.max_steps=40" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):  # greedy validation is the normal case: no warning
         check_train_config(compose_cfg("experiment=grpo_toy", "module.val_sampling.temperature=0"))

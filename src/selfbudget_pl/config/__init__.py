@@ -50,6 +50,10 @@ def check_train_config(cfg: DictConfig) -> None:
     check_trainer(findings, plain_cfg["trainer"] or {}, _gpu_hints(rollout, strategy))
     if str(module.get("_target_", "")).endswith("GRPOModule"):
         _check_manual_optimization(findings, plain_cfg["trainer"] or {})
+    warmup, max_steps = module.get("warmup_steps"), (plain_cfg["trainer"] or {}).get("max_steps")
+    if isinstance(warmup, int) and isinstance(max_steps, int) and 0 < max_steps <= warmup:
+        findings.warning("module.warmup_steps", warmup, f"is not below trainer.max_steps={max_steps}: the learning "
+                         "rate never reaches module.optimizer.lr")
     if not findings.errors:  # the model's config is read only once the values that name it are sound
         facts = model_facts(model)
         prompt = data.get("max_prompt_length") if isinstance(data.get("max_prompt_length"), int) else None

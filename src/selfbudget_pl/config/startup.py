@@ -160,6 +160,9 @@ def check_trainer(findings: Findings, trainer: Mapping[str, Any], gpu_hints: Seq
         value = trainer.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value == 0 or value < -1):
             findings.error(f"trainer.{name}", value, f"must be an integer >= 1, or {what}")
+    if trainer.get("max_steps") == -1 and trainer.get("max_epochs") == -1:
+        findings.error("trainer.max_epochs", -1, "with trainer.max_steps=-1 training never ends, and the learning-rate "
+                       "schedule needs a length: set trainer.max_steps or trainer.max_epochs")
     check_devices(findings, trainer.get("accelerator", "auto"), trainer.get("devices", "auto"), "trainer.accelerator",
                   "trainer.devices", gpu_hints)
 
