@@ -258,6 +258,13 @@ def test_trainer_flags_as_typed_become_additions_and_typos_are_named():
     assert {"fast_dev_run", "overfit_batches", "detect_anomaly", "max_steps"} <= trainer_arguments()
 
 
+def test_reproduce_stages_take_lightning_flags_as_typed(tmp_path):
+    from selfbudget_pl.reproduce import compose_stage
+
+    cfg = compose_stage(["experiment=sft_toy", "trainer.overfit_batches=1", "trainer.detect_anomaly=true"], tmp_path)
+    assert (cfg.trainer.overfit_batches, cfg.trainer.detect_anomaly) == (1, True)
+
+
 def test_train_cli_runs_with_lightning_flags_as_typed(tmp_path, tiny_cache):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "src"), "SELFBUDGET_CACHE": str(tiny_cache)}
     result = subprocess.run(
