@@ -194,6 +194,22 @@ def test_max_new_tokens_past_the_tiny_models_positions_names_both_keys():
     assert "module.val_sampling.max_new_tokens=300: leaves no room for the prompt within the model's max_position_embeddings=256" in message
 
 
+def test_training_prompts_are_checked_after_tokenising_before_the_weights_load(tmp_path, tiny_cache):
+    """data.max_prompt_length=null: the longest prompt is known only once the data is tokenised."""
+    from selfbudget_pl.train import train
+
+    cfg = compose_cfg("experiment=grpo_toy", "model.name_or_path=null", "module.sampling.max_new_tokens=1020",
+                      "module.val_sampling.max_new_tokens=20", "+trainer.fast_dev_run=true", "num_threads=1",
+                      "data.train.0.size=64", "data.train.0.k_min=6", "data.train.0.operand_max=99")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.module.export_dir = str(tmp_path / "export")
+    with pytest.raises(ConfigError, match=r"module.sampling.max_new_tokens=1020: with the longest train prompt "
+                                          r"\(synthetic/train/\d+\)=(\d+) that is \d+ tokens, more than the model's "
+                                          r"max_position_embeddings=1024"):
+        train(cfg)
+
+
 def test_positions_are_read_from_a_checkpoint_config_without_its_weights(tiny_model_dir, tmp_path):
     checkpoint = tmp_path / "ckpt"
     checkpoint.mkdir()

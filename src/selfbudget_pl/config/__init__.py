@@ -27,7 +27,15 @@ from selfbudget_pl.config.startup import (
     model_facts,
 )
 
-__all__ = ["ConfigError", "check_eval_config", "check_eval_prompts", "check_generation", "check_train_config", "plain"]
+__all__ = [
+    "ConfigError",
+    "check_eval_config",
+    "check_eval_prompts",
+    "check_generation",
+    "check_train_config",
+    "check_training_prompts",
+    "plain",
+]
 
 _POSITIVE = {"ge": 1, "note": "null: torch's default"}
 _TARGET_GROUPS = ("module", "model", "data", "output_format", "reward", "grader", "rollout", "strategy")
@@ -125,6 +133,32 @@ def check_eval_prompts(
     findings = Findings()
     key = "the longest prompt" + (" with its pre-filled budget" if prefill else "") + f" ({where})"
     check_room(findings, facts, new_tokens, "sampling.max_new_tokens", longest + prefill, key)
+    findings.raise_or_warn()
+
+
+def check_training_prompts(module: Any, datamodule: Any) -> None:
+    """Once the data is tokenised and before the weights load (``PolicyModule.setup``): each split's longest
+    prompt plus the ``max_new_tokens`` it is sampled with must fit the model's positions. This covers runs
+    whose ``data.max_prompt_length`` is null, which :func:`check_train_config` cannot bound."""
+    from dataclasses import asdict
+
+    loader = module.model_loader
+    facts = model_facts({"name_or_path": loader.name_or_path, "tiny": asdict(loader.tiny),
+                         "trust_remote_code": loader.trust_remote_code})
+    datasets = getattr(datamodule, "datasets", None) or {}
+    if facts.max_positions is None:
+        return
+    sampled = {"val": ("module.val_sampling", module.val_sampling)}
+    if getattr(module, "sampling", None) is not None:
+        sampled["train"] = ("module.sampling", module.sampling)
+    findings = Findings()
+    for split, (key, settings) in sampled.items():
+        examples = datasets.get(split) or []
+        if not examples:
+            continue
+        longest = max(examples, key=lambda example: len(example["prompt_ids"]))
+        check_room(findings, facts, settings.max_new_tokens, f"{key}.max_new_tokens", len(longest["prompt_ids"]),
+                   f"the longest {split} prompt ({longest['id']})")
     findings.raise_or_warn()
 
 
