@@ -70,7 +70,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loader = ModelLoader(name_or_path=args.model, dtype=args.dtype)
     tokenizer = loader.load_tokenizer()
     dropped = DroppedRows()
-    records = source.load(on_bad_answer=args.on_bad_answer, dropped=dropped, root=args.data_root)
+    records = source.load(on_bad_row=args.on_bad_answer, dropped=dropped, root=args.data_root)
     if args.samples:
         labelled = label_with_samples(args, loader, tokenizer, records, dropped)
     else:

@@ -178,7 +178,7 @@ def test_bad_answers_drop_or_raise_by_config(tokenizer, tmp_path):
     dm.connect(tokenizer)
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 1 and dm.dropped.by_reason("g") == {"unextractable_answer": 1}
-    strict = BudgetMathDataModule(train=[JsonlSource(path)], on_bad_answer="error")
+    strict = BudgetMathDataModule(train=[JsonlSource(path)], on_bad_row="error")
     strict.connect(tokenizer)
     with pytest.raises(DataError, match=f"{path}:2"):
         strict.setup("fit")

@@ -167,7 +167,7 @@ def test_cli_prefilled_budget_and_ceiling(tiny_model_dir):
 
 def test_cli_sigint_prints_partial_text_and_exits_130(tiny_model_dir, tokenizer, model_loader):
     process = subprocess.Popen(
-        _command(tiny_model_dir, "--max-tokens", "1000000"),
+        _command(tiny_model_dir, "--max-tokens", "1000"),  # within the tiny model's 1024 positions (more is refused at start-up)
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
         # As from an interactive shell. Started from a background job (`cmd &` in a script), pytest has
         # SIGINT ignored; a child inherits that, and Python then never raises KeyboardInterrupt.

@@ -33,6 +33,11 @@ def compose_small(experiment: str, output_dir: Path, *overrides: str):
         cfg.data.val_batch_size = 4
         if "data_root" in cfg.data:
             cfg.data.data_root = str(SHARED_DATA)
+        # The tiny model has 1024 positions: the real models' limits would not fit it.
+        if cfg.data.get("max_length"):
+            cfg.data.max_length = 1024
+        if cfg.data.get("max_prompt_length"):
+            cfg.data.max_prompt_length = 1000
         for split in ("train", "val", "test"):
             for source in cfg.data.get(split) or []:
                 key = "size" if "size" in source else "limit"

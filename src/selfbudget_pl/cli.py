@@ -32,8 +32,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.argv = [f"{sys.argv[0]} eval", *args.overrides]
         evaluate.main()
         return 0
+    from selfbudget_pl.config import ConfigError
+
     try:
         return _generate(args)
+    except ConfigError as error:  # checked before the weights load
+        print(f"selfbudget generate: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C while the model was still loading
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -66,16 +71,21 @@ def _positive_int(value: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from selfbudget_pl.data.prompts import build_prompt
+    from selfbudget_pl.config import check_generation
+    from selfbudget_pl.data.prompts import build_prompt, encode_prompt
     from selfbudget_pl.format import OutputFormat
     from selfbudget_pl.generate import BudgetEvent, DoneEvent, TokenEvent, stream_generation
     from selfbudget_pl.models import ModelLoader
 
+    check_generation(args.model, args.max_tokens, args.temperature, args.device, args.dtype)
     loader = ModelLoader(name_or_path=args.model, dtype=args.dtype)
     tokenizer = loader.load_tokenizer()
-    model = loader.load_model().to(args.device)
     prompt = build_prompt(args.problem, tokenizer, template=args.template, system_prompt=args.system_prompt)
     output_format = OutputFormat()
+    prefix = output_format.budget_prefix(args.budget) if args.budget is not None else ""
+    context = len(encode_prompt(prompt, tokenizer)) + len(tokenizer.encode(prefix, add_special_tokens=False))
+    check_generation(args.model, args.max_tokens, args.temperature, args.device, args.dtype, prompt_tokens=context)
+    model = loader.load_model().to(args.device)
     display = _Display(sys.stdout, sys.stderr)
     events = stream_generation(
         model,

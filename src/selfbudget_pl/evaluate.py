@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -32,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from selfbudget_pl.config import ConfigError, check_eval_config, check_eval_prompts
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import encode_prompts, generate_and_annotate
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
@@ -529,11 +531,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loader_overrides: dict[str, Any] = {"lora": {"enabled": False}, "gradient_checkpointing": False}
     if cfg.get("model_path"):
         loader_overrides["name_or_path"] = str(cfg.model_path)
+    check_eval_config(cfg, loader_overrides)  # every bad value named by its key, before anything loads
     loader = instantiate(cfg.model, _convert_="all", **loader_overrides)
     tokenizer = loader.load_tokenizer()
-    model = loader.load_model().to(cfg.get("device", "cpu"))
     datasets = load_datasets(cfg.datasets, list(cfg.eval_datasets), cfg.get("limit"), cfg.get("data_root"))
     sampling = SamplingSettings(**OmegaConf.to_container(cfg.sampling, resolve=True))
+    check_eval_prompts(cfg, loader_overrides, datasets, tokenizer)  # the data's prompts, still before the weights
+    model = loader.load_model().to(cfg.get("device", "cpu"))
     backend = instantiate(cfg.rollout, _convert_="all")(model=model, tokenizer=tokenizer)
     grader = instantiate(cfg.grader)
     try:
@@ -566,7 +570,10 @@ def _plain(value: Any) -> Any:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    summary = evaluate(cfg)
+    try:
+        summary = evaluate(cfg)
+    except ConfigError as error:  # a sentence for the user, not a traceback
+        sys.exit(f"error: {error}")
     print(summary["markdown"])
 
 

@@ -43,6 +43,10 @@ class ModelLoader:
         attn_implementation: passed to ``from_pretrained`` (e.g. ``sdpa``, ``flash_attention_2``).
         trust_remote_code: passed to ``from_pretrained``.
         cache_dir: where tiny models are built.
+        allow_low_precision_training: opt in to training bfloat16/float16 weights with a plain optimizer
+            (``torch.optim``), which the start-up checks otherwise refuse (most small updates round away in
+            those dtypes; see :func:`selfbudget_pl.config.startup.check_low_precision_training`). LoRA
+            with a low-precision frozen base needs no opt-in.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class ModelLoader:
         attn_implementation: Optional[str] = "sdpa",
         trust_remote_code: bool = False,
         cache_dir: Optional[str] = None,
+        allow_low_precision_training: bool = False,
     ) -> None:
         if dtype not in _DTYPES:
             raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
@@ -66,6 +71,7 @@ class ModelLoader:
         self.attn_implementation = attn_implementation
         self.trust_remote_code = trust_remote_code
         self.cache_dir = cache_dir
+        self.allow_low_precision_training = allow_low_precision_training
 
     @property
     def path(self) -> str:

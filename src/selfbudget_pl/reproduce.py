@@ -22,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from selfbudget_pl.callbacks.progress import pipeline_eta, stage_banner
+from selfbudget_pl.config.overrides import open_trainer_overrides
 from selfbudget_pl.evaluate import evaluate_model
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.train import CONFIG_DIR, train
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 def compose_stage(overrides: Sequence[str], output_dir: Path) -> DictConfig:
     """Compose ``train.yaml`` with a stage's overrides, writing into ``output_dir``."""
+    overrides = open_trainer_overrides(overrides)  # Lightning's Trainer flags as typed, as in train.py
     if GlobalHydra.instance().is_initialized():
         cfg = hydra.compose("train", overrides=list(overrides))
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from selfbudget_pl.callbacks.hparams import RunConfigHParams
+from selfbudget_pl.config import ConfigError, check_train_config
+from selfbudget_pl.config.overrides import open_trainer_overrides
 from selfbudget_pl.strategies import check_strategy_supports
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ def instantiate_dict(section: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train as ``cfg`` says; return the final logged metrics and the objects that were built."""
+    check_train_config(cfg)  # every bad value named by its key, before any model or data is loaded
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(cfg.seed, workers=True)
@@ -70,6 +74,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    metrics, _ = train(cfg)
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        metrics, _ = train(cfg)
+    except ConfigError as error:  # a sentence for the user, not a traceback
+        sys.exit(f"error: {error}")
     log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
+
+
+def main() -> None:
+    """``python train.py`` / ``selfbudget-train``: Hydra overrides, where any Lightning Trainer argument
+    may be given as typed (``trainer.fast_dev_run=true``), not only with Hydra's ``+``."""
+    try:
+        sys.argv = [sys.argv[0], *open_trainer_overrides(sys.argv[1:])]
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
+    _hydra_main()

@@ -30,7 +30,7 @@ from selfbudget_pl.data.collate import GRPOCollator, SFTCollator
 from selfbudget_pl.data.loader import ResumableDataLoader
 from selfbudget_pl.data.prompts import build_prompt, encode_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
-from selfbudget_pl.data.sources import BAD_ANSWER_POLICIES, Source
+from selfbudget_pl.data.sources import BAD_ROW_POLICIES, DEFAULT_MAX_LINE_BYTES, Source
 from selfbudget_pl.format import OutputFormat
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,10 @@ class BudgetMathDataModule(L.LightningDataModule):
         output_format: the answer format SFT targets are rendered in (train.py passes the shared one).
         max_length: SFT rows with more prompt + response tokens are dropped (targets are never truncated).
         max_prompt_length: rows with a longer prompt are dropped (both modes).
-        on_bad_answer: a row whose gold answer cannot be extracted is ``drop``-ped (counted) or an ``error``.
+        on_bad_row: a row that cannot be used (undecodable, invalid JSON, over-long, a missing field, an
+            answer that is NaN or not a string/number, a duplicate id, ...: see :mod:`~selfbudget_pl.data.
+            sources`) is ``drop``-ped and counted (logged at the end of loading) or an ``error``.
+        max_line_bytes: a JSONL line longer than this is a bad row (read no further than this).
         val_size: with no val sources, hold out this many train problems as val (0: no validation).
         budget_round_to: budget labels are rounded up to a multiple of this (1: exact token counts).
         reference_b_max: in GRPO mode, a record without a cold-start label gets ``b_max`` = the label
@@ -83,7 +86,8 @@ class BudgetMathDataModule(L.LightningDataModule):
         output_format: Optional[OutputFormat] = None,
         max_length: Optional[int] = None,
         max_prompt_length: Optional[int] = None,
-        on_bad_answer: str = "drop",
+        on_bad_row: str = "drop",
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         val_size: int = 0,
         budget_round_to: int = 1,
         reference_b_max: bool = True,
@@ -93,8 +97,8 @@ class BudgetMathDataModule(L.LightningDataModule):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode={mode!r} is not one of {MODES}")
-        if on_bad_answer not in BAD_ANSWER_POLICIES:
-            raise ValueError(f"data.on_bad_answer={on_bad_answer!r} is not one of {BAD_ANSWER_POLICIES}")
+        if on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"data.on_bad_row={on_bad_row!r} is not one of {BAD_ROW_POLICIES}")
         self.sources = {"train": list(train or []), "val": list(val or []), "test": list(test or [])}
         self.mode = mode
         self.batch_size = batch_size
@@ -106,7 +110,8 @@ class BudgetMathDataModule(L.LightningDataModule):
         self.output_format = output_format or OutputFormat()
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
-        self.on_bad_answer = on_bad_answer
+        self.on_bad_row = on_bad_row
+        self.max_line_bytes = max_line_bytes
         self.val_size = val_size
         self.budget_round_to = budget_round_to
         self.reference_b_max = reference_b_max
@@ -153,7 +158,12 @@ class BudgetMathDataModule(L.LightningDataModule):
     def _load_split(self, split: str) -> list[MathRecord]:
         records: list[MathRecord] = []
         for source in self.sources[split]:
-            records.extend(source.load(on_bad_answer=self.on_bad_answer, dropped=self.dropped, root=self.data_root))
+            records.extend(
+                source.load(
+                    on_bad_row=self.on_bad_row, dropped=self.dropped, root=self.data_root,
+                    max_line_bytes=self.max_line_bytes,
+                )
+            )  # fmt: skip
         if not records:
             raise DataError(f"{split} split is empty: sources {self.sources[split]} gave no usable rows")
         return records

@@ -36,6 +36,16 @@ class DataError(ValueError):
     """Input that cannot be used; the message names the file (or dataset) and 1-based line/row."""
 
 
+class BadRow(DataError):
+    """One row that cannot be used, and why: ``cause`` is the short name it is counted under (e.g.
+    ``invalid_json``); the message is ``<file>:<line>: what is wrong``. Whether it stops the run or is
+    dropped and counted is the ``on_bad_row`` switch's decision."""
+
+    def __init__(self, cause: str, message: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
 class DroppedRows:
     """Counts rows left out, per scope (a source name or a split) and reason, for one logged summary."""
 
@@ -59,6 +69,14 @@ class DroppedRows:
     def by_reason(self, scope: str) -> dict[str, int]:
         """Drop counts of one scope, per reason."""
         return {reason: n for (row_scope, reason), n in self.counts.items() if row_scope == scope}
+
+    def describe(self, scope: Optional[str] = None) -> str:
+        """``reason: count (first: where)`` for every reason, optionally of one scope only."""
+        return "; ".join(
+            f"{reason}: {n} (first: {self.examples[(row_scope, reason)]})"
+            for (row_scope, reason), n in sorted(self.counts.items())
+            if scope is None or row_scope == scope
+        )
 
     def log_summary(self, logger: logging.Logger) -> None:
         """One warning line per (scope, reason) with a count and the first offending row."""

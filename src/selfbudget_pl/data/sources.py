@@ -13,23 +13,31 @@ Every source has ``load(...) -> list[MathRecord]``. File schemas (``schema=``):
   one short line, e.g. an AIME number); s1K-1.1's rows without a checkable answer are dropped.
 - ``auto``: one of the above, chosen from the first row's fields.
 
-A row missing a field raises :class:`DataError` naming the file, the 1-based line and the field. A
-gold answer that cannot be extracted drops the row (counted in ``dropped``) or, with
-``on_bad_answer="error"``, raises.
+Every row is checked before it becomes a record; a bad one is a :class:`BadRow` whose message is
+``<file>:<line>: what is wrong`` and whose ``cause`` it is counted under: ``invalid_utf8``,
+``line_too_long`` (over ``max_line_bytes``, never read whole), ``invalid_json``, ``too_deeply_nested``,
+``not_an_object``, ``invalid_unicode`` (a lone surrogate), ``unknown_schema``, ``missing_field``,
+``wrong_type``, ``empty_problem``, ``bad_answer`` (NaN, infinite, boolean, list or object; numbers are
+read as numbers: 27.0 -> "27"), ``unextractable_answer``, ``bad_budget``, ``duplicate_id``. With
+``on_bad_row="drop"`` (the default) bad rows are left out and counted in ``dropped`` (logged at the
+end of loading, never silently); ``"error"`` raises the first. A source whose every row is bad is an
+error either way.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Protocol
+from typing import Any, BinaryIO, Iterable, Iterator, Optional, Protocol
 
 from selfbudget_pl.data.answers import brace_boxed, extract_gsm8k_answer, extract_math_answer, gsm8k_reasoning
-from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
+from selfbudget_pl.data.records import BadRow, DataError, DroppedRows, MathRecord
 from selfbudget_pl.data.synthetic import SyntheticSource
 
 __all__ = [
+    "BadRow",
     "DataError",
     "HFSource",
     "JsonlSource",
@@ -41,21 +49,36 @@ __all__ = [
 ]
 
 SCHEMAS = ("gsm8k", "math", "math500", "labelled", "question_answer", "s1k", "auto")
-BAD_ANSWER_POLICIES = ("drop", "error")
+BAD_ROW_POLICIES = ("drop", "error")
+# A JSONL line longer than this is a bad row, and reading stops there (the rest of the line is skipped
+# in chunks): one 50 MB line otherwise costs minutes and gigabytes before the tokenizer refuses it.
+DEFAULT_MAX_LINE_BYTES = 4 * 1024 * 1024
+# Math rows are flat objects (labelled ones hold a list or two); deeper nesting is not data we read.
+MAX_NESTING = 32
+
+log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
     """Anything the DataModule can read problems from."""
 
     def load(
-        self, *, on_bad_answer: str = "drop", dropped: Optional[DroppedRows] = None, root: Optional[str] = None
+        self,
+        *,
+        on_bad_row: str = "drop",
+        dropped: Optional[DroppedRows] = None,
+        root: Optional[str] = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> list[MathRecord]:
         """All rows as records. ``root``: directory that relative paths are resolved against."""
         ...
 
 
-class UnextractableAnswer(DataError):
+class UnextractableAnswer(BadRow):
     """The row is well-formed but its gold answer cannot be found."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("unextractable_answer", message)
 
 
 def _resolve(path: str | Path, root: Optional[str]) -> Path:
@@ -87,31 +110,109 @@ class JsonlSource:
         return f"JsonlSource({self.path!r}, schema={self.schema!r}, limit={self.limit})"
 
     def load(
-        self, *, on_bad_answer: str = "drop", dropped: Optional[DroppedRows] = None, root: Optional[str] = None
+        self,
+        *,
+        on_bad_row: str = "drop",
+        dropped: Optional[DroppedRows] = None,
+        root: Optional[str] = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> list[MathRecord]:
-        """Read and normalise the file's rows."""
+        """Read and normalise the file's rows; lines longer than ``max_line_bytes`` are bad rows."""
         path = _resolve(self.path, root)
         if not path.is_file():
             raise DataError(f"{path}: no such file (source {self.name!r})")
-        return records_from_rows(self._rows(path), self.schema, self.name, on_bad_answer, dropped)
+        return records_from_rows(self._rows(path, max_line_bytes), self.schema, self.name, on_bad_row, dropped)
 
-    def _rows(self, path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _rows(self, path: Path, max_line_bytes: int) -> Iterator[tuple[str, dict[str, Any] | BadRow]]:
         read = 0
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for line_number, line in _bounded_lines(handle, max_line_bytes):
                 if self.limit is not None and read >= self.limit:
                     return
-                if not line.strip():
-                    continue
                 where = f"{path}:{line_number}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{where}: invalid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                row = _parse_line(line, where, max_line_bytes, first=line_number == 1)
+                if row is None:
+                    continue  # a blank line
                 read += 1
                 yield where, row
+
+
+def _bounded_lines(handle: BinaryIO, max_bytes: int) -> Iterator[tuple[int, bytes | int]]:
+    """``(1-based line number, line)``, or ``(number, its length in bytes)`` for a line longer than
+    ``max_bytes``, which is skipped in 1 MiB pieces rather than held in memory."""
+    number = 0
+    while True:
+        line = handle.readline(max_bytes + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) <= max_bytes or line.endswith(b"\n"):
+            yield number, line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = handle.readline(1 << 20)
+            if not line:
+                break
+            size += len(line)
+        yield number, size
+
+
+def _parse_line(line: bytes | int, where: str, max_bytes: int, first: bool) -> dict[str, Any] | BadRow | None:
+    """One JSONL line as a checked row, a :class:`BadRow` saying what is wrong with it, or None if blank."""
+    if isinstance(line, int):
+        return BadRow("line_too_long", f"{where}: line of {line:,} bytes is longer than max_line_bytes={max_bytes:,}")
+    if first:
+        line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return BadRow(
+            "invalid_utf8",
+            f"{where}: not UTF-8 (byte 0x{line[error.start]:02x} at byte {error.start + 1} of the line: {error.reason})",
+        )
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as error:
+        return BadRow("invalid_json", f"{where}: invalid JSON ({error.msg} at column {error.colno})")
+    except RecursionError:
+        return BadRow("too_deeply_nested", f"{where}: JSON nested deeper than the parser's recursion limit")
+    if not isinstance(row, dict):
+        return BadRow("not_an_object", f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def check_structure(row: dict[str, Any], where: str) -> None:
+    """Raise :class:`BadRow` if ``row`` nests deeper than :data:`MAX_NESTING` or holds a string that is
+    not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes let through and tokenizers refuse)."""
+    stack: list[tuple[Any, int, str]] = [(row, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > MAX_NESTING:
+                raise BadRow("too_deeply_nested", f"{where}: field {path!r} nests deeper than {MAX_NESTING} levels")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for key, item in items:
+                name = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str):
+                    _check_text(key, where, f"a key in {path!r}" if path else "a key")
+                stack.append((item, depth + 1, name))
+        elif isinstance(value, str):
+            _check_text(value, where, f"field {path!r}")
+
+
+def _check_text(text: str, where: str, what: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise BadRow(
+            "invalid_unicode",
+            f"{where}: {what} holds a lone surrogate U+{ord(text[error.start]):04X} at character {error.start + 1}",
+        ) from None
 
 
 class HFSource:
@@ -151,14 +252,19 @@ class HFSource:
         return f"HFSource({self.name_or_path!r}, split={self.split!r}, schema={self.schema!r}, limit={self.limit})"
 
     def load(
-        self, *, on_bad_answer: str = "drop", dropped: Optional[DroppedRows] = None, root: Optional[str] = None
+        self,
+        *,
+        on_bad_row: str = "drop",
+        dropped: Optional[DroppedRows] = None,
+        root: Optional[str] = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     ) -> list[MathRecord]:
-        """Load (lazily importing ``datasets``) and normalise the rows."""
+        """Load (lazily importing ``datasets``) and normalise the rows (``max_line_bytes`` is for files)."""
         dataset = self._dataset(root)
         if self.limit is not None:
             dataset = dataset.select(range(min(self.limit, len(dataset))))
         rows = ((f"{self.name_or_path}[{self.split}] row {index}", row) for index, row in enumerate(dataset, 1))
-        return records_from_rows(rows, self.schema, self.name, on_bad_answer, dropped)
+        return records_from_rows(rows, self.schema, self.name, on_bad_row, dropped)
 
     def _dataset(self, root: Optional[str]):
         import datasets
@@ -192,52 +298,90 @@ def detect_schema(row: dict[str, Any], where: str) -> str:
         return "math"
     if "question" in row and "answer" in row:
         return "gsm8k"
-    raise DataError(f"{where}: cannot tell the schema from fields {sorted(row)}; set schema= explicitly")
+    raise BadRow("unknown_schema", f"{where}: cannot tell the schema from fields {sorted(row)}; set schema= explicitly")
 
 
 def records_from_rows(
-    rows: Iterable[tuple[str, dict[str, Any]]],
+    rows: Iterable[tuple[str, dict[str, Any] | BadRow]],
     schema: str,
     source_name: str,
-    on_bad_answer: str = "drop",
+    on_bad_row: str = "drop",
     dropped: Optional[DroppedRows] = None,
 ) -> list[MathRecord]:
-    """Normalise ``(location, row)`` pairs into records; ``auto`` is decided by the first row."""
-    if on_bad_answer not in BAD_ANSWER_POLICIES:
-        raise ValueError(f"on_bad_answer={on_bad_answer!r} is not one of {BAD_ANSWER_POLICIES}")
+    """Normalise ``(location, row)`` pairs into records; ``auto`` is decided by the first good row.
+
+    A row that is a :class:`BadRow` already (the file reader's verdict) or fails a check here is dropped
+    and counted in ``dropped`` under its cause, or raised with ``on_bad_row="error"``. Without a
+    ``dropped`` to count in, the drops are logged here, at the end of the source.
+    """
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"on_bad_row={on_bad_row!r} is not one of {BAD_ROW_POLICIES}")
+    counts = DroppedRows() if dropped is None else dropped
+    before = counts.count(source_name)
     records: list[MathRecord] = []
+    first_seen: dict[str, str] = {}
+    number = 0
     for number, (where, row) in enumerate(rows, start=1):
-        if schema == "auto":
-            schema = detect_schema(row, where)
         try:
-            records.append(_CONVERTERS[schema](row, where, source_name, f"{source_name}:{number}"))
-        except UnextractableAnswer:
-            if on_bad_answer == "error":
+            if isinstance(row, BadRow):
+                raise row
+            check_structure(row, where)
+            row_schema = detect_schema(row, where) if schema == "auto" else schema
+            record = _CONVERTERS[row_schema](row, where, source_name, f"{source_name}:{number}")
+            if record["id"] in first_seen:
+                raise BadRow("duplicate_id", f"{where}: id {record['id']!r} already used at {first_seen[record['id']]}")
+        except BadRow as error:
+            if on_bad_row == "error":
                 raise
-            if dropped is not None:
-                dropped.add(source_name, "unextractable_answer", where)
+            counts.add(source_name, error.cause, str(error))
+            continue
+        if schema == "auto":
+            schema = row_schema
+        first_seen[record["id"]] = where
+        records.append(record)
+    bad = counts.count(source_name) - before
+    if bad and not records:
+        raise DataError(f"{source_name}: all {number} row(s) are bad: {counts.describe(source_name)}")
+    if dropped is None:
+        counts.log_summary(log)
     return records
 
 
 def _field(row: dict[str, Any], key: str, where: str, schema: str) -> Any:
     value = row.get(key)
     if value is None:
-        raise DataError(f"{where}: missing field {key!r} (schema {schema!r}; row has {sorted(row)})")
+        raise BadRow("missing_field", f"{where}: missing field {key!r} (schema {schema!r}; row has {sorted(row)})")
     return value
 
 
 def _text(row: dict[str, Any], key: str, where: str, schema: str) -> str:
     value = _field(row, key, where, schema)
     if not isinstance(value, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise BadRow("wrong_type", f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     return value
 
 
-def _answer_text(value: Any) -> str:
-    # AMC-style files store answers as floats (27.0); the grader compares "27" the same either way.
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value).strip()
+def _problem(row: dict[str, Any], key: str, where: str, schema: str) -> str:
+    problem = _text(row, key, where, schema)
+    if not problem.strip():
+        raise BadRow("empty_problem", f"{where}: field {key!r} is empty")
+    return problem
+
+
+def _answer_text(value: Any, where: str) -> str:
+    """A gold answer as the grader compares it: strings as written, numbers as numbers (AMC-style files
+    store 27.0, which is "27"); NaN, infinities, booleans, lists and objects are bad rows, not strings."""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = {bool: "a boolean", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+        raise BadRow("bad_answer", f"{where}: field 'answer' is {kind} ({value!r:.40}); expected a string or a number")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise BadRow("bad_answer", f"{where}: field 'answer' is {value} (NaN or infinite)")
+        if value.is_integer():
+            return str(int(value))
+    return str(value)
 
 
 def _level(value: Any) -> float:
@@ -256,7 +400,7 @@ def _row_id(row: dict[str, Any], fallback: str) -> str:
 
 
 def _from_gsm8k(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
-    problem = _text(row, "question", where, "gsm8k")
+    problem = _problem(row, "question", where, "gsm8k")
     text = _text(row, "answer", where, "gsm8k")
     answer = extract_gsm8k_answer(text)
     if answer is None:
@@ -273,7 +417,7 @@ def _from_gsm8k(row: dict[str, Any], where: str, source_name: str, fallback_id: 
 
 
 def _from_math(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
-    problem = _text(row, "problem", where, "math")
+    problem = _problem(row, "problem", where, "math")
     solution = brace_boxed(_text(row, "solution", where, "math"))
     answer = extract_math_answer(solution)
     if answer is None:
@@ -289,8 +433,8 @@ def _from_math(row: dict[str, Any], where: str, source_name: str, fallback_id: s
 
 
 def _from_math500(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
-    problem = _text(row, "problem", where, "math500")
-    answer = _answer_text(_field(row, "answer", where, "math500"))
+    problem = _problem(row, "problem", where, "math500")
+    answer = _answer_text(_field(row, "answer", where, "math500"), where)
     if not answer:
         raise UnextractableAnswer(f"{where}: empty field 'answer'")
     solution = row.get("solution")
@@ -307,15 +451,17 @@ def _from_math500(row: dict[str, Any], where: str, source_name: str, fallback_id
 def _from_labelled(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
     budget = _field(row, "budget", where, "labelled")
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise DataError(f"{where}: field 'budget' must be an integer >= 1, got {budget!r}")
+        raise BadRow("bad_budget", f"{where}: field 'budget' must be an integer >= 1, got {budget!r:.40}")
     b_max = row.get("b_max")
     if b_max is not None and (not isinstance(b_max, int) or isinstance(b_max, bool)):
-        raise DataError(f"{where}: field 'b_max' must be an integer or null, got {b_max!r}")
+        raise BadRow("bad_budget", f"{where}: field 'b_max' must be an integer or null, got {b_max!r:.40}")
     difficulty = row.get("difficulty")
+    if difficulty is not None and (isinstance(difficulty, bool) or not isinstance(difficulty, (int, float))):
+        raise BadRow("wrong_type", f"{where}: field 'difficulty' must be a number or null, got {difficulty!r:.40}")
     return MathRecord(
         id=str(_field(row, "id", where, "labelled")),
-        problem=_text(row, "problem", where, "labelled"),
-        answer=_answer_text(_field(row, "answer", where, "labelled")),
+        problem=_problem(row, "problem", where, "labelled"),
+        answer=_answer_text(_field(row, "answer", where, "labelled"), where),
         solution=row.get("solution"),
         difficulty=math.nan if difficulty is None else float(difficulty),
         source=str(row.get("source") or source_name),
@@ -327,7 +473,7 @@ def _from_labelled(row: dict[str, Any], where: str, source_name: str, fallback_i
 
 def _from_question_answer(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
     problem = _text(row, "question", where, "question_answer")
-    answer = _answer_text(_field(row, "answer", where, "question_answer"))
+    answer = _answer_text(_field(row, "answer", where, "question_answer"), where)
     if not answer:
         raise UnextractableAnswer(f"{where}: empty field 'answer'")
     return MathRecord(

@@ -111,9 +111,12 @@ class PolicyModule(L.LightningModule):
                 setattr(self, name, parallelize(model, mesh))
 
     def setup(self, stage: str) -> None:
+        from selfbudget_pl.config import check_training_prompts
         from selfbudget_pl.strategies import check_strategy_supports
 
         check_strategy_supports(self, self.trainer.strategy)
+        # The data is tokenised by now (Lightning sets the datamodule up first) and the weights load after.
+        check_training_prompts(self, self.trainer.datamodule)
 
     @property
     def rollout_backend(self) -> RolloutBackend:

@@ -1,0 +1,521 @@
+"""One schema per config group the code reads, field for field the constructor it configures.
+
+``tests/test_config_checks.py`` fails when a constructor gains or loses an argument that its schema
+does not (the ``TARGETS``/``INJECTED`` of each class below), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from selfbudget_pl.config.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
+
+# -- shared pieces -----------------------------------------------------------------------------------
+
+
+def _pair_in_order(value: Any) -> Optional[str]:
+    if len(value) != 2:
+        return f"has {len(value)} entries, not 2"
+    low, high = value
+    return None if 0 < low <= high else "must satisfy 0 < low <= high"
+
+
+def _two_betas(value: Any) -> Optional[str]:
+    return None if len(value) == 2 else f"has {len(value)} entries, not 2"
+
+
+def _not_empty(value: Any) -> Optional[str]:
+    return None if len(value) else "is empty"
+
+
+def _not_blank(value: str) -> Optional[str]:
+    return None if value.strip() else "is empty"
+
+
+def _ordered(node: Mapping[str, Any], key: str, findings: Findings, low: str, high: str) -> None:
+    """``node[low] <= node[high]`` when both are numbers."""
+    a, b = node.get(low), node.get(high)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:
+        findings.error(f"{key}.{low}", a, f"must be <= {key}.{high}={b}")
+
+
+@dataclass
+class SamplingSchema(Schema):
+    """:class:`~selfbudget_pl.rollout.base.SamplingSettings` (``module.sampling``, ``module.val_sampling``,
+    the evaluation's ``sampling``)."""
+
+    TARGETS = ("selfbudget_pl.rollout.base.SamplingSettings",)
+
+    temperature: float = spec(ge=0, note="0 = greedy")
+    top_p: float = spec(gt=0, le=1)
+    top_k: int = spec(ge=0, note="0 = off")
+    max_new_tokens: int = spec(ge=1)
+    stop: list[str] = spec()
+    seed: Optional[int] = spec()
+
+
+@dataclass
+class TrainingSamplingSchema(SamplingSchema):
+    """GRPO's rollout sampling: greedy is legal, but G identical completions teach nothing."""
+
+    TARGETS = ()
+
+    temperature: float = spec(
+        ge=0,
+        note="0 = greedy",
+        warn=lambda t: (
+            "greedy training rollouts: the G completions of a prompt are identical, so every advantage is 0 "
+            "and no step changes the policy; sample with a temperature > 0 (the paper uses 0.6)"
+        ) if t == 0 else None,
+    )
+
+
+@dataclass
+class OptimizerSchema(Schema):
+    """``module.optimizer``: any ``torch.optim``-style optimizer (``_partial_: true``); the usual
+    arguments are checked, the rest pass through to it."""
+
+    OPEN = True
+
+    lr: float = spec(gt=0)
+    weight_decay: float = spec(ge=0)
+    betas: list[float] = spec(ge=0, lt=1, rule=_two_betas)
+    eps: float = spec(gt=0)
+    momentum: float = spec(ge=0)
+
+
+# -- module ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class PolicyModuleSchema(Schema):
+    """:class:`~selfbudget_pl.modules.base.PolicyModule` (what SFT and GRPO share)."""
+
+    INJECTED = ("model_loader", "output_format", "grader", "rollout")
+
+    optimizer: OptimizerSchema = spec()
+    warmup_steps: int = spec(ge=0)
+    min_lr_ratio: float = spec(ge=0, le=1)
+    max_grad_norm: Optional[float] = spec(gt=0, note="null: no clipping")
+    val_sampling: Optional[SamplingSchema] = spec()
+    export_dir: Optional[str] = spec(note="null: no export")
+    merge_lora_on_export: bool = spec()
+
+
+@dataclass
+class SFTModuleSchema(PolicyModuleSchema):
+    TARGETS = ("selfbudget_pl.modules.sft.SFTModule",)
+
+    generate_in_validation: bool = spec()
+
+
+@dataclass
+class GRPOModuleSchema(PolicyModuleSchema):
+    TARGETS = ("selfbudget_pl.modules.grpo.GRPOModule",)
+
+    num_generations: int = spec(ge=2, note="G: GRPO's baseline is the group's mean")
+    sampling: Optional[TrainingSamplingSchema] = spec()
+    num_iterations: int = spec(ge=1)
+    mini_batch_size: Optional[int] = spec(ge=1, note="null: the whole batch in one optimizer step")
+    micro_batch_size: Optional[int] = spec(ge=1, note="null: a whole mini-batch per forward")
+    epsilon_low: float = spec(ge=0, lt=1, note="the ratio is clipped at 1 - epsilon_low")
+    epsilon_high: float = spec(ge=0)
+    beta: float = spec(ge=0, note="0: no KL term and no reference model")
+    loss_aggregation: str = spec(choices=("token", "sequence", "dr_grpo"))
+    scale_rewards: bool = spec()
+    advantage_eps: float = spec(gt=0)
+    rollout_seed: Optional[int] = spec(note="null: the global RNG")
+    log_entropy: bool = spec()
+    prefill_fraction: float = spec(ge=0, le=1)
+    prefill_budget_range: list[float] = spec(rule=_pair_in_order)
+    packed_forward: bool = spec()
+
+
+# -- model -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSchema(Schema):
+    TARGETS = ("selfbudget_pl.models.LoraSettings",)
+
+    enabled: bool = spec()
+    r: int = spec(ge=1)
+    alpha: float = spec(gt=0)
+    dropout: float = spec(ge=0, lt=1)
+    target_modules: list[str] = spec(rule=_not_empty)
+
+
+@dataclass
+class TinyModelSchema(Schema):
+    TARGETS = ("selfbudget_pl.tiny_model.TinyModelSpec",)
+
+    vocab_size: int = spec(ge=1)
+    hidden_size: int = spec(ge=1)
+    intermediate_size: int = spec(ge=1)
+    num_hidden_layers: int = spec(ge=1)
+    num_attention_heads: int = spec(ge=1)
+    num_key_value_heads: int = spec(ge=1)
+    max_position_embeddings: int = spec(ge=1)
+    tie_word_embeddings: bool = spec()
+    corpus_size: int = spec(ge=1)
+    seed: int = spec()
+    format_tags: list[str] = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        hidden, heads, kv = node.get("hidden_size"), node.get("num_attention_heads"), node.get("num_key_value_heads")
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads:
+            findings.error(f"{key}.hidden_size", hidden, f"must be a multiple of {key}.num_attention_heads={heads}")
+        if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv:
+            findings.error(f"{key}.num_attention_heads", heads, f"must be a multiple of {key}.num_key_value_heads={kv}")
+
+
+@dataclass
+class ModelLoaderSchema(Schema):
+    TARGETS = ("selfbudget_pl.models.ModelLoader",)
+
+    name_or_path: Optional[str] = spec(note="null: the tiny model built from `tiny`")
+    tiny: Optional[TinyModelSchema] = spec()
+    dtype: str = spec(choices=("float32", "bfloat16", "float16", "auto"))
+    lora: Optional[LoraSchema] = spec()
+    gradient_checkpointing: bool = spec()
+    attn_implementation: Optional[str] = spec()
+    trust_remote_code: bool = spec()
+    cache_dir: Optional[str] = spec()
+    allow_low_precision_training: bool = spec()
+
+
+# -- answer format, rewards, grader -----------------------------------------------------------------
+
+
+@dataclass
+class OutputFormatSchema(Schema):
+    TARGETS = ("selfbudget_pl.format.OutputFormat",)
+
+    budget_open: str = spec(rule=_not_blank)
+    budget_close: str = spec(rule=_not_blank)
+    solution_open: str = spec(rule=_not_blank)
+    solution_close: str = spec(rule=_not_blank)
+    max_budget: int = spec(ge=1)
+    max_chars: int = spec(ge=1)
+    require_solution_block: bool = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        tags = [node.get(name) for name in ("budget_open", "budget_close", "solution_open", "solution_close")]
+        if all(isinstance(tag, str) for tag in tags) and len(set(tags)) < len(tags):
+            findings.error(key, tags, "the four tags must all differ")
+
+
+@dataclass
+class RewardCallbackSchema(Schema):
+    TARGETS = ("selfbudget_pl.callbacks.reward.RewardCallback",)
+
+    functions: dict[str, Target] = spec(rule=_not_empty)
+    weights: Optional[dict[str, float]] = spec(note="names left out weigh 1.0")
+    sync_dist: bool = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        functions, weights = node.get("functions"), node.get("weights")
+        if isinstance(functions, Mapping) and isinstance(weights, Mapping):
+            for name in weights:
+                if name not in functions:
+                    findings.error(f"{key}.weights.{name}", weights[name],
+                                   f"names no reward function; {key}.functions has {sorted(functions)}")
+
+
+@dataclass
+class BudgetGuidedRewardSchema(Schema):
+    TARGETS = ("selfbudget_pl.rewards.budget.BudgetGuidedReward",)
+    INJECTED = ("output_format", "grader")
+
+    format_penalty: float = spec()
+    budget_penalty: float = spec()
+    delta: float = spec(ge=0, lt=1)
+    alpha_start: float = spec(gt=0)
+    alpha_end: float = spec(gt=0)
+    alpha_schedule: str = spec(choices=("linear", "cosine", "constant"))
+    correct_max: float = spec()
+    correct_min: float = spec()
+    wrong_max: float = spec()
+    wrong_min: float = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        _ordered(node, key, findings, "correct_min", "correct_max")
+        _ordered(node, key, findings, "wrong_min", "wrong_max")
+        correct_min, penalty, wrong_max = (node.get(name) for name in ("correct_min", "budget_penalty", "wrong_max"))
+        if all(isinstance(v, (int, float)) for v in (correct_min, penalty, wrong_max)) and correct_min + penalty < wrong_max:
+            findings.error(
+                f"{key}.budget_penalty", penalty,
+                f"{key}.correct_min={correct_min} + budget_penalty is below {key}.wrong_max={wrong_max}: a correct "
+                "answer over its budget cap would score below a wrong one (the paper's constraint)",
+            )  # fmt: skip
+
+
+@dataclass
+class L1ExactRewardSchema(Schema):
+    TARGETS = ("selfbudget_pl.rewards.length_control.L1ExactReward",)
+    INJECTED = ("output_format", "grader")
+
+    alpha: float = spec(ge=0)
+    no_target_reward: float = spec()
+
+
+@dataclass
+class L1MaxRewardSchema(L1ExactRewardSchema):
+    TARGETS = ("selfbudget_pl.rewards.length_control.L1MaxReward",)
+
+    delta: float = spec()
+
+
+@dataclass
+class AccuracyRewardSchema(Schema):
+    TARGETS = ("selfbudget_pl.rewards.simple.AccuracyReward",)
+    INJECTED = ("output_format", "grader")
+
+    correct_reward: float = spec()
+    wrong_reward: float = spec()
+
+
+@dataclass
+class FormatRewardSchema(Schema):
+    TARGETS = ("selfbudget_pl.rewards.simple.FormatReward",)
+    INJECTED = ("output_format",)
+
+    well_formed_reward: float = spec()
+    malformed_reward: float = spec()
+
+
+@dataclass
+class MathGraderSchema(Schema):
+    TARGETS = ("selfbudget_pl.rewards.grader.MathGrader",)
+
+    timeout_s: float = spec(gt=0)
+    retry_timeout_s: float = spec(gt=0, note="a timed-out item is retried once with this limit; >= timeout_s")
+    max_chars: int = spec(ge=1)
+    workers: Optional[int] = spec(ge=0, note="0: in the calling process; null: a default from the CPU count")
+    numeric_rel_tol: float = spec(ge=0)
+    float_rounding: int = spec(ge=0)
+    numeric_precision: int = spec(ge=1)
+    strict: bool = spec()
+    cache_size: int = spec(ge=0)
+    memory_limit_mb: Optional[int] = spec(ge=1, note="null: no limit")
+    startup_timeout_s: float = spec(gt=0)
+    max_failed_starts: int = spec(ge=1)
+
+
+# -- rollout -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class HFRolloutSchema(Schema):
+    TARGETS = ("selfbudget_pl.rollout.hf.HFRolloutBackend",)
+    INJECTED = ("model", "tokenizer")
+
+    batch_size: int = spec(ge=1)
+    decoder: str = spec(choices=("auto", "fused", "generate"))
+
+
+@dataclass
+class VLLMRolloutSchema(Schema):
+    TARGETS = ("selfbudget_pl.rollout.vllm.VLLMRolloutBackend",)
+    INJECTED = ("model", "tokenizer")
+    OPEN = True  # further keys are vLLM engine arguments
+
+    model_path: Optional[str] = spec(note="null: the policy's name_or_path")
+    gpu_memory_utilization: float = spec(gt=0, le=1)
+    enable_sleep_mode: bool = spec()
+    max_model_len: Optional[int] = spec(ge=1, note="null: the model config's")
+    dtype: str = spec()
+    seed: int = spec()
+    weight_sync_chunk_mb: float = spec(gt=0)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BudgetMathDataSchema(Schema):
+    TARGETS = ("selfbudget_pl.data.datamodule.BudgetMathDataModule",)
+    INJECTED = ("output_format",)
+
+    train: Optional[list[Target]] = spec()
+    val: Optional[list[Target]] = spec()
+    test: Optional[list[Target]] = spec()
+    mode: str = spec(choices=("sft", "grpo"))
+    batch_size: int = spec(ge=1)
+    val_batch_size: Optional[int] = spec(ge=1, note="null: batch_size")
+    num_workers: int = spec(ge=0)
+    seed: int = spec()
+    prompt_template: str = spec(rule=lambda t: None if "{problem}" in t else "has no {problem} field")
+    system_prompt: Optional[str] = spec()
+    max_length: Optional[int] = spec(ge=1, note="null: no limit")
+    max_prompt_length: Optional[int] = spec(ge=1, note="null: no limit")
+    on_bad_row: str = spec(choices=("drop", "error"))
+    max_line_bytes: int = spec(ge=1)
+    val_size: int = spec(ge=0)
+    budget_round_to: int = spec(ge=1)
+    reference_b_max: bool = spec()
+    data_root: Optional[str] = spec()
+    pin_memory: bool = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        if node.get("val") and isinstance(node.get("val_size"), int) and node["val_size"] > 0:
+            findings.warning(f"{key}.val_size", node["val_size"],
+                             f"is ignored: {key}.val has sources (the hold-out is only for runs without them)")
+
+
+_SCHEMA_NAMES = ("gsm8k", "math", "math500", "labelled", "auto")
+
+
+@dataclass
+class JsonlSourceSchema(Schema):
+    TARGETS = ("selfbudget_pl.data.sources.JsonlSource",)
+
+    path: str = spec(rule=_not_blank)
+    schema: str = spec(choices=_SCHEMA_NAMES)
+    limit: Optional[int] = spec(ge=1, note="null: every row")
+    name: Optional[str] = spec()
+
+
+@dataclass
+class HFSourceSchema(Schema):
+    TARGETS = ("selfbudget_pl.data.sources.HFSource",)
+
+    name_or_path: str = spec(rule=_not_blank)
+    split: str = spec()
+    schema: str = spec(choices=_SCHEMA_NAMES)
+    subset: Optional[str] = spec()
+    limit: Optional[int] = spec(ge=1, note="null: every row")
+    name: Optional[str] = spec()
+
+
+@dataclass
+class SyntheticSourceSchema(Schema):
+    TARGETS = ("selfbudget_pl.data.synthetic.SyntheticSource", "selfbudget_pl.data.sources.SyntheticSource")
+
+    size: int = spec(ge=1)
+    split: str = spec()
+    seed: int = spec()
+    operand_min: int = spec(ge=0)
+    operand_max: int = spec(ge=0)
+    k_min: int = spec(ge=1)
+    k_max: int = spec(ge=1)
+    checks_min: int = spec(ge=0)
+    checks_max: int = spec(ge=0)
+    heldout_fraction: float = spec(ge=0, lt=1)
+    name: str = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        for low, high in (("operand_min", "operand_max"), ("k_min", "k_max"), ("checks_min", "checks_max")):
+            _ordered(node, key, findings, low, high)
+
+
+# -- callbacks and strategy ----------------------------------------------------------------------------
+
+
+@dataclass
+class BudgetMetricsSchema(Schema):
+    TARGETS = ("selfbudget_pl.callbacks.budget_metrics.BudgetMetricsCallback",)
+
+    difficulty_buckets: Optional[list[float]] = spec()
+    prefix: str = spec()
+    histogram_prefix: Optional[str] = spec(note="null: no histograms")
+
+
+@dataclass
+class ProgressLinesSchema(Schema):
+    TARGETS = ("selfbudget_pl.callbacks.progress.ProgressLines",)
+
+    every_n_steps: int = spec(ge=1)
+    mode: str = spec(choices=("auto", "always", "never"))
+    disable_bar: bool = spec()
+
+
+# Thin subclasses of Lightning classes that take exactly their parent's arguments: Lightning checks them.
+LIGHTNING_SUBCLASSES = (
+    "selfbudget_pl.callbacks.checkpoint.StepCheckpoint",
+    "selfbudget_pl.callbacks.hparams.TensorBoardLogger",
+)
+
+
+@dataclass
+class DDPSchema(Schema):
+    TARGETS = ("selfbudget_pl.strategies.ddp_strategy",)
+    OPEN = True  # further keys go to Lightning's DDPStrategy
+
+    find_unused_parameters: bool = spec()
+    static_graph: bool = spec()
+
+
+@dataclass
+class FSDPSchema(Schema):
+    TARGETS = ("selfbudget_pl.strategies.fsdp_strategy",)
+    INJECTED = ("model",)
+    OPEN = True  # further keys go to Lightning's FSDPStrategy
+
+    wrap_layers: Optional[list[str]] = spec(note="null: the model's _no_split_modules")
+    activation_checkpointing: bool = spec()
+    mixed_precision: Optional[dict[str, Optional[str]]] = spec()
+    sharding_strategy: str = spec(choices=("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"))
+    state_dict_type: str = spec(choices=("sharded", "full"))
+    cpu_offload: bool = spec()
+
+
+@dataclass
+class FSDP2Schema(Schema):
+    TARGETS = ("selfbudget_pl.strategies.fsdp2_strategy",)
+    INJECTED = ("model",)
+    OPEN = True  # further keys go to Lightning's ModelParallelStrategy
+
+    wrap_layers: Optional[list[str]] = spec(note="null: the model's _no_split_modules")
+    activation_checkpointing: bool = spec()
+    mixed_precision: Optional[dict[str, Optional[str]]] = spec()
+    reshard_after_forward: bool = spec()
+    cpu_offload: bool = spec()
+    save_distributed_checkpoint: bool = spec()
+
+
+STRATEGY_OPTIONS: dict[str, Optional[type[Schema]]] = {"auto": None, "ddp": DDPSchema, "fsdp": FSDPSchema,
+                                                        "fsdp2": FSDP2Schema}
+
+
+@dataclass
+class StrategySchema(Schema):
+    """``selfbudget_pl.strategies.make_strategy``: ``name`` picks which options schema the rest follows."""
+
+    TARGETS = ("selfbudget_pl.strategies.make_strategy",)
+    INJECTED = ("model",)
+    OPEN = True  # the options of the chosen strategy, checked in check_together
+
+    name: str = spec(choices=tuple(STRATEGY_OPTIONS))
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        name = node.get("name", "auto")
+        if name not in STRATEGY_OPTIONS:
+            return  # reported by the `name` field
+        options = {k: v for k, v in node.items() if k != "name" and k not in HYDRA_KEYS}
+        schema = STRATEGY_OPTIONS[name]
+        if schema is None:
+            for option, value in options.items():
+                findings.error(f"{key}.{option}", value, "strategy 'auto' takes no options")
+            return
+        check_node(options, schema, key, findings)
+
+
+register(
+    SamplingSchema, SFTModuleSchema, GRPOModuleSchema, LoraSchema, TinyModelSchema, ModelLoaderSchema,
+    OutputFormatSchema, RewardCallbackSchema, BudgetGuidedRewardSchema, L1ExactRewardSchema, L1MaxRewardSchema,
+    AccuracyRewardSchema, FormatRewardSchema, MathGraderSchema, HFRolloutSchema, VLLMRolloutSchema,
+    BudgetMathDataSchema, JsonlSourceSchema, HFSourceSchema, SyntheticSourceSchema, BudgetMetricsSchema,
+    ProgressLinesSchema,
+    StrategySchema,
+)
+# Strategy options are checked through StrategySchema (they have no `_target_` of their own).
+ALL_SCHEMAS: tuple[type[Schema], ...] = (*dict.fromkeys(REGISTRY.values()), DDPSchema, FSDPSchema, FSDP2Schema)
