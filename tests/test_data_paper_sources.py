@@ -79,7 +79,7 @@ def test_cold_start_paper_config_reads_s1k_rows(tmp_path):
 def test_missing_field_names_the_row(tmp_path):
     folder = _hub_folder(tmp_path / "bad", [{"question": "q", "answer": "1"}, {"question": "q2", "answer": None}])
     with pytest.raises(DataError, match=r"row 2: missing field 'answer' \(schema 'question_answer'"):
-        HFSource(str(folder), schema="question_answer").load()
+        HFSource(str(folder), schema="question_answer").load(on_bad_row="error")
 
 
 def test_r1_distill_7b_model_config():
