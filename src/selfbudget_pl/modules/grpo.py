@@ -30,6 +30,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, ContextManager, Iterator, Optional
 
 import torch
@@ -37,6 +38,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from selfbudget_pl.data.collate import pad as pad_tokens
 from selfbudget_pl.modules import packing
+from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS, chunked_head, supports_chunked_head
 from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS,
@@ -123,6 +125,9 @@ class GRPOModule(PolicyModule):
         packed_forward: compute log-probs on packed tokens, each group's prompt once and no padding
             (:mod:`selfbudget_pl.modules.packing`; Qwen2, Llama and Qwen3, others run padded). The
             result equals the padded forward's up to float rounding.
+        head_chunk_tokens: completion tokens whose logits exist at once when scoring (the LM head,
+            temperature, log-softmax, gather and entropy run chunk by chunk, backward too): the head's
+            memory is ``head_chunk_tokens x vocabulary`` floats, not ``completion tokens x vocabulary``.
     """
 
     def __init__(
@@ -144,6 +149,7 @@ class GRPOModule(PolicyModule):
         prefill_fraction: float = 0.0,
         prefill_budget_range: tuple[float, float] = (0.5, 1.0),
         packed_forward: bool = True,
+        head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -177,6 +183,9 @@ class GRPOModule(PolicyModule):
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
         self.packed_forward = packed_forward
+        if head_chunk_tokens < 1:
+            raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
+        self.head_chunk_tokens = head_chunk_tokens
         self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
 
@@ -310,8 +319,7 @@ class GRPOModule(PolicyModule):
 
     def micro_batch_loss(self, micro: Experience, normaliser: float) -> tuple[PolicyLoss, Optional[torch.Tensor]]:
         """Forward the policy on one micro-batch and build its share of the mini-batch loss."""
-        logits = self.completion_logits(self.model, micro)
-        logprobs = completion_logprobs(logits, micro)
+        logprobs, entropy = self.completion_logprobs(self.model, micro)
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
         loss = policy_loss(
             logprobs, old, micro.advantages, micro.completion_mask,
@@ -319,33 +327,36 @@ class GRPOModule(PolicyModule):
             ref_logprobs=micro.ref_logprobs, beta=self.beta,
             max_length=self.sampling.max_new_tokens, normaliser=normaliser,
         )  # fmt: skip
-        entropy = None
-        if self.log_entropy:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach()).sum()
-        return loss, entropy
+        return loss, (entropy.sum() if self.log_entropy else None)
 
     # -- forward passes ------------------------------------------------------------------------
-    def completion_logits(self, model: torch.nn.Module, micro: Experience) -> torch.Tensor:
-        """``[C, V]`` logits predicting each real completion token (row by row, as
-        ``completion_mask.bool()`` orders them), scaled by the sampling temperature (the distribution
-        the tokens were drawn from)."""
+    def completion_logprobs(self, model: torch.nn.Module, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, T]`` log-probs of the completion tokens under ``model`` at the sampling temperature (the
+        distribution they were drawn from; 0 at padding), and the ``[C]`` entropies of those distributions
+        at the real tokens (no gradient).
+
+        The head runs in chunks of ``head_chunk_tokens`` from the hidden states
+        (:mod:`selfbudget_pl.modules.head`), so no ``[C, V]`` logits exist at once; a model whose output
+        layer is not a plain ``nn.Linear`` gets its full logits, scored chunk by chunk."""
+        mask = micro.completion_mask.bool()
+        targets = micro.completion_ids[mask]
+        temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
         if self.packed_forward and self._packable(model):
             batch = packing.pack(micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
-            logits = packing.packed_logits(model, batch)
+            forward, select = partial(packing.packed_forward, model, batch), packing.completion_rows
         else:
-            input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
-            attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
-            # Positions as in generation, where left padding does not advance them.
-            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-            width = micro.completion_ids.shape[1]
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=width + 1, use_cache=False,
-            ).logits[:, :-1][micro.completion_mask.bool()]  # fmt: skip
-        if self.sampling.temperature > 0:
-            logits = logits / self.sampling.temperature
-        return logits
+            forward = partial(_padded_forward, model, micro)
+            select = partial(_padded_completion_rows, mask=mask)
+        if supports_chunked_head(model):
+            with chunked_head(model, targets, select, temperature, self.head_chunk_tokens) as scores:
+                logprobs = forward()
+            entropy = scores.entropy
+        else:
+            logits = select(forward()) / temperature
+            logprobs = token_logprobs(logits, targets, self.head_chunk_tokens)
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits, self.head_chunk_tokens)
+        return packing.unpack(logprobs, mask), entropy
 
     def _packable(self, model: torch.nn.Module) -> bool:
         reason = packing.unsupported_reason(model)
@@ -360,7 +371,7 @@ class GRPOModule(PolicyModule):
         scores = torch.zeros(experience.completion_ids.shape, dtype=torch.float32, device=self.device)
         start = 0
         for micro in experience.chunks(self.micro_batch_size or len(experience)):
-            logprobs = completion_logprobs(self.completion_logits(model, micro), micro)
+            logprobs, _ = self.completion_logprobs(model, micro)
             scores[start : start + len(micro), : logprobs.shape[1]] = logprobs
             start += len(micro)
         return scores
@@ -400,10 +411,23 @@ def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int)
     }
 
 
-def completion_logprobs(logits: torch.Tensor, micro: Experience) -> torch.Tensor:
-    """``[n, T]`` log-probs of the completion tokens (0 at padding) from :meth:`GRPOModule.completion_logits`."""
-    mask = micro.completion_mask.bool()
-    return packing.unpack(token_logprobs(logits, micro.completion_ids[mask]), mask)
+def _padded_forward(model: torch.nn.Module, micro: Experience) -> torch.Tensor:
+    """The model's output over each row's prompt then completion, ``[n, T + 1, ...]`` from the last
+    prompt token on (the positions that predict completion tokens, and one more)."""
+    input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
+    attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
+    # Positions as in generation, where left padding does not advance them.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        logits_to_keep=micro.completion_ids.shape[1] + 1, use_cache=False,
+    ).logits  # fmt: skip
+
+
+def _padded_completion_rows(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[C, ...]`` rows of :func:`_padded_forward`'s output (or of the hidden states it projects) that
+    predict each real completion token, row by row as ``mask`` orders them."""
+    return states[:, :-1][mask]
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
