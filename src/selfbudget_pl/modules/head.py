@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 512
 
 
 class _ChunkedHeadLogprobs(torch.autograd.Function):
@@ -42,7 +42,7 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
                 normaliser[rows] = lse
                 logprobs[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
                 logits.sub_(lse[:, None])  # log-probs, in place
-                entropy[rows] = -(logits.exp() * logits).sum(-1)
+                entropy[rows] = -logits.exp().mul_(logits).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, normaliser)
         ctx.settings = (temperature, chunk_tokens, compute)
         ctx.mark_non_differentiable(entropy)
@@ -69,8 +69,10 @@ class _ChunkedHeadLogprobs(torch.autograd.Function):
                 grad_logits = grad_logits.to(compute)
                 if needs_hidden:
                     grad_hidden[rows] = (grad_logits @ cast_weight).to(hidden.dtype)
-                if needs_weight:
-                    grad_weight += (grad_logits.t() @ hidden[rows].to(compute)).float()
+                if needs_weight and compute == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), hidden[rows].float())  # no [V, H] temporary
+                elif needs_weight:
+                    grad_weight += grad_logits.t() @ hidden[rows].to(compute)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
