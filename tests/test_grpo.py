@@ -233,7 +233,8 @@ def test_kl_to_the_reference_is_zero_before_training(sharp_loader, prompt_ids):
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(sharp_loader, prompt_ids, tmp_path: Path):
     # A checkpoint every 2 steps, which is also every epoch (2 prompts, one per batch): Lightning restarts
     # an interrupted epoch from its first batch unless the dataloader is stateful (the DataModule's job).
-    settings = dict(warmup_steps=2, min_lr_ratio=0.1)  # a schedule, so its state must resume too
+    # A schedule, so its state must resume too; beta > 0: a reference model, rebuilt (not restored) on resume.
+    settings = dict(warmup_steps=2, min_lr_ratio=0.1, beta=0.1)
     data = lambda: _loader(prompt_ids[:2], batch_size=1)  # noqa: E731
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=2)
 
@@ -242,6 +243,9 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(sharp_loader, pro
     reward = FirstTokenReward(EVEN_FIRST_TOKEN)
     _trainer(4, [reward, checkpoints], enable_checkpointing=True).fit(uninterrupted, train_dataloaders=data())
     after_first_epoch = next(tmp_path.glob("*step=2.ckpt"))
+    saved = torch.load(after_first_epoch, weights_only=False)["state_dict"]
+    assert any(key.startswith("model.") for key in saved)
+    assert not [key for key in saved if "ref_model" in key]  # the reference is the base checkpoint, not saved
 
     L.seed_everything(1)  # a different process state: the checkpoint must carry all that matters
     resumed = _module(sharp_loader, **settings)
@@ -253,6 +257,9 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(sharp_loader, pro
     expected = uninterrupted.model.state_dict()
     for name, weight in resumed.model.state_dict().items():
         torch.testing.assert_close(weight, expected[name], msg=name)
+    base = sharp_loader.load_model().state_dict()
+    for name, weight in resumed.ref_model.state_dict().items():
+        torch.testing.assert_close(weight, base[name], rtol=0, atol=0, msg=name)
 
 
 def test_pad_handles_empty_rows_and_a_minimum_width():

@@ -188,6 +188,10 @@ class GRPOModule(PolicyModule):
         self.head_chunk_tokens = head_chunk_tokens
         self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
+        # The reference is rebuilt from the base checkpoint (configure_model, on resume too), never saved:
+        # checkpoints would otherwise carry a second full copy of the weights that nothing trains.
+        self.register_state_dict_post_hook(_drop_reference_weights)
+        self.register_load_state_dict_post_hook(_reference_weights_not_expected)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -218,7 +222,11 @@ class GRPOModule(PolicyModule):
         stats = self.update_policy(experience)
         stats["train/tokens_per_s"] = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
         metrics = {**rollout_metrics(rollouts, experience, self.num_generations), **stats}
-        # Each rank saw different prompts: log the mean over ranks, not rank 0's share.
+        # Each rank saw different prompts: log the mean over ranks, not rank 0's share; extremes are
+        # the extremes over ranks.
+        for reduce_fx in ("min", "max"):
+            extremes = {name: metrics.pop(name) for name in EXTREME_METRICS[reduce_fx]}
+            self.log_dict(extremes, on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx=reduce_fx)
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
     def sample_and_reward(self, batch: dict[str, Any]) -> Rollouts:
@@ -383,12 +391,25 @@ class GRPOModule(PolicyModule):
             return self.score_completions(self.model, experience)
 
     def _normaliser(self, mini: Experience) -> float:
-        if self.loss_aggregation == "token":
-            return float(mini.completion_mask.sum().clamp(min=1))
-        return float(len(mini))
+        """What each rank divides its summed mini-batch loss by. ``token``: the mini-batch's completion tokens
+        summed over ranks, over the number of ranks (DDP and FSDP average gradients over ranks), so the step
+        is the token mean over every rank's tokens, as in one process: with each rank's own count, a rank
+        with longer completions would weigh its tokens less. Otherwise the completions (equal on every rank)."""
+        if self.loss_aggregation != "token":
+            return float(len(mini))
+        tokens = mini.completion_mask.sum().float()
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(tokens)  # every rank runs the same mini-batches: a matched collective
+        return float(tokens.clamp(min=1)) / world
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_generation(batch)
+
+
+# Logged with these reductions over ranks (every other metric is the mean over ranks).
+EXTREME_METRICS = {"min": ("completions/min_length",), "max": ("completions/max_length",)}
 
 
 def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int) -> dict[str, float]:
@@ -428,6 +449,17 @@ def _padded_completion_rows(states: torch.Tensor, mask: torch.Tensor) -> torch.T
     """``[C, ...]`` rows of :func:`_padded_forward`'s output (or of the hidden states it projects) that
     predict each real completion token, row by row as ``mask`` orders them."""
     return states[:, :-1][mask]
+
+
+def _drop_reference_weights(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in [key for key in state_dict if key.startswith(prefix + "ref_model.")]:
+        del state_dict[key]
+
+
+def _reference_weights_not_expected(module: torch.nn.Module, incompatible_keys: Any) -> None:
+    # Keys are relative to where load_state_dict was called: this module or a wrapper around it.
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not ("." + key).count(".ref_model.")]
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
