@@ -140,6 +140,30 @@ def test_experience_pads_prompts_left_completions_right_and_keeps_the_sampled_st
     assert trimmed.prompt_ids.tolist() == [[8]] and trimmed.completion_ids.tolist() == [stop_ids]
 
 
+def test_a_drawn_stop_token_that_is_not_the_pad_id_is_scored_by_the_loss(sharp_loader, prompt_ids):
+    # A checkpoint whose end-of-turn id is neither its pad id nor the tokenizer's EOS (chat models list
+    # several): the stop token drawn by the sampler is in the experience and gets a log-prob, so the
+    # policy learns when to stop; nothing is guessed back from the text.
+    module = _module(sharp_loader, sampling=dict(temperature=0.0, max_new_tokens=8))
+    module.configure_model()
+    tokenizer, prompt = module.tokenizer, prompt_ids[0]
+    free = module.rollout_backend.generate([prompt], 1, module.sampling).completion_ids[0]
+    stop, first = free[2], free.index(free[2])
+    assert stop not in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    module.model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    module._rollout_backend = None  # rebuilt: it reads the stop ids from the model
+    rollouts = module.rollout_backend.generate([prompt, prompt_ids[2]], 1, module.sampling)
+    assert rollouts.finish_reasons[0] == "eos" and rollouts.stop_token_ids[0] == stop
+    experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0]))
+    assert experience.completion_ids[0, : first + 1].tolist() == free[:first] + [stop]
+    assert int(experience.completion_mask[0].sum()) == first + 1
+    logprobs, _ = module.completion_logprobs(module.model, experience)
+    with torch.no_grad():
+        logits = module.model(input_ids=torch.tensor([prompt + free[:first]])).logits[0, -1]
+    expected = float(torch.log_softmax(logits, -1)[stop])
+    assert float(logprobs[0, first]) == pytest.approx(expected, abs=1e-5) and expected < -1e-3
+
+
 def test_micro_batch_losses_match_a_hand_computed_policy_gradient(sharp_loader, prompt_ids):
     module = _module(sharp_loader, micro_batch_size=3)
     module.configure_model()
