@@ -439,7 +439,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         loader_overrides["name_or_path"] = str(cfg.model_path)
     loader = instantiate(cfg.model, _convert_="all", **loader_overrides)
     tokenizer = loader.load_tokenizer()
-    model = loader.load_model().to(cfg.get("device", "cpu"))
+    model = loader.load_model(frozen=True).to(cfg.get("device", "cpu"))  # model.frozen_dtype: bf16 for real models
     datasets = load_datasets(cfg.datasets, list(cfg.eval_datasets), cfg.get("limit"), cfg.get("data_root"))
     sampling = SamplingSettings(**OmegaConf.to_container(cfg.sampling, resolve=True))
     backend = instantiate(cfg.rollout, _convert_="all")(model=model, tokenizer=tokenizer)
