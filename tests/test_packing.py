@@ -249,7 +249,7 @@ def test_lora_logits_and_adapter_gradients_equal_the_padded_forward_and_can_be_d
 
 # -- 5. unpacked calls after the switch ---------------------------------------------------------
 def test_the_switched_attention_leaves_padded_forwards_and_generate_unchanged(model_loader):
-    """packed_logits leaves the model on packed_attention (checkpointed layers recompute in backward);
+    """packed_forward leaves the model on packed_attention (checkpointed layers recompute in backward);
     calls without ``packing`` must then compute exactly what SDPA did."""
     model = _model("qwen2", model_loader).eval()
     prompts = [A, B, C]

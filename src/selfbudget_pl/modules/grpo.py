@@ -20,7 +20,9 @@ Under DDP or FSDP each rank samples for its own prompts (the DistributedSampler 
 different slice of the batch) with its own rollout seed, and all G completions of a prompt are drawn
 on the rank that holds it: a group never straddles ranks, so step 3 is local and exact, with no
 gather. Gradients are all-reduced once per optimizer step (micro-batches before the last accumulate
-locally), so every rank takes the same step; the logged scalars are averaged across ranks.
+locally), so every rank takes the same step; with token aggregation the loss is divided by the tokens of
+every rank, so that step is the one a single process would take over all of them. The logged scalars are
+averaged across ranks (min/max lengths: reduced with min/max).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from lightning.pytorch.strategies import ParallelStrategy
 
 from selfbudget_pl.data.collate import pad as pad_tokens
 from selfbudget_pl.modules import packing
-from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS, chunked_head, supports_chunked_head
 from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
+from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS, chunked_head, supports_chunked_head
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS,
     Aggregation,
