@@ -34,7 +34,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("before", "after", "trl", "trl_fused")
-PROMPT, COMPLETION, ROWS, TEMPERATURE = 64, 2048, 2, 0.6
+PROMPT, ROWS, TEMPERATURE = 64, 2, 0.6
+COMPLETION = 2048  # --completion-tokens
 
 
 def build(variant: str):
@@ -124,17 +125,19 @@ def measure(variant: str, repeats: int) -> dict:
     )  # fmt: skip
     step(variant, module, model, warm)
     model.zero_grad(set_to_none=True)
-    peaks, seconds = [], []
+    peaks, seconds, cpu_seconds = [], [], []
     for _ in range(repeats):
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
         before = _status("VmRSS")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         step(variant, module, model, experience)
         seconds.append(time.perf_counter() - started)
+        cpu_seconds.append(time.process_time() - cpu_started)
         peaks.append(_status("VmHWM") - before)
         model.zero_grad(set_to_none=True)
-    return {"variant": variant, "peak_mib": peaks, "seconds": seconds}
+    # CPU seconds (all threads): on a shared machine, wall time depends on the other processes' load.
+    return {"variant": variant, "peak_mib": peaks, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def check() -> dict:
@@ -159,12 +162,15 @@ def check() -> dict:
 
 
 def main() -> None:
+    global COMPLETION
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check", action="store_true", help="only the equality check")
+    parser.add_argument("--completion-tokens", type=int, default=COMPLETION, help="per completion (2 completions)")
     args = parser.parse_args()
+    COMPLETION = args.completion_tokens
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.variant:
@@ -176,7 +182,7 @@ def main() -> None:
     rows = []
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant, "--repeats", str(args.repeats),
-                   "--threads", str(args.threads)]  # fmt: skip
+                   "--threads", str(args.threads), "--completion-tokens", str(COMPLETION)]  # fmt: skip
         rows.append(json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
     print("| variant | peak MiB (mean, min-max) | seconds (mean, min-max) |\n|---|---|---|")
     for row in rows:
