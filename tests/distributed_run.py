@@ -24,12 +24,17 @@ from tests.test_train import compose_small
 
 
 class RecordExamples(L.Callback):
-    """Keeps the starting weights' digest and an identity for every training example this rank saw:
-    its dataset id (GRPO batches carry one) or a digest of its tokens (SFT batches)."""
+    """Keeps the starting weights' digest, an identity for every training example this rank saw (its
+    dataset id, which GRPO batches carry, or a digest of its tokens for SFT batches) and, under GRPO,
+    the completion lengths it sampled in the last step."""
 
     def __init__(self) -> None:
         self.examples: list[Any] = []
         self.initial_sha256 = ""
+        self.completion_lengths: list[int] = []  # GRPO: this rank's completion lengths in the last step
+
+    def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Any) -> None:
+        self.completion_lengths = [len(rollouts.sampled_ids(index)) for index in range(len(rollouts))]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initial_sha256 = weights_digest(pl_module.model)
@@ -89,6 +94,7 @@ def main(experiment: str, output_dir: str, *overrides: str) -> None:
         "initial_sha256": recorder.initial_sha256,
         "weights_sha256": weights_digest(objects["module"].model),
         "examples": recorder.examples,
+        "completion_lengths": recorder.completion_lengths,
     }
     if trainer.is_global_zero:
         from transformers import AutoModelForCausalLM

@@ -309,15 +309,24 @@ def test_train_cli_bad_value_is_one_sentence_not_a_traceback():
 def test_low_precision_trainable_weights_with_adamw_are_refused(dtype):
     message = error_of(compose_cfg("experiment=sft_toy", f"model.dtype={dtype}"))
     assert f"model.dtype='{dtype}': loads the trainable weights in {dtype}, and module.optimizer (torch.optim.AdamW)" in message
-    assert "model.dtype=float32" in message and "model.lora.enabled=true" in message
+    assert "model.dtype=float32" in message and f"model.frozen_dtype={dtype}" in message
     assert "model.allow_low_precision_training=true" in message
 
 
+def test_lora_adapters_in_low_precision_are_refused_too():
+    # model.dtype is the trained weights' dtype: under LoRA, the adapters'.
+    message = error_of(compose_cfg("experiment=sft_toy", "model.lora.enabled=true", "model.dtype=bfloat16"))
+    assert "model.dtype='bfloat16': loads the trainable weights in bfloat16" in message
+
+
 @pytest.mark.parametrize(
-    "overrides", [["model.lora.enabled=true"], ["model.allow_low_precision_training=true"]], ids=["lora", "opt_in"]
+    "overrides",
+    [["model.lora.enabled=true", "model.dtype=float32", "model.frozen_dtype=bfloat16"],
+     ["model.dtype=bfloat16", "model.allow_low_precision_training=true"]],
+    ids=["lora_bf16_base", "opt_in"],
 )
-def test_low_precision_is_fine_with_lora_or_an_explicit_opt_in(overrides):
-    check_train_config(compose_cfg("experiment=sft_toy", "model.dtype=bfloat16", *overrides))
+def test_low_precision_is_fine_for_frozen_weights_or_with_an_explicit_opt_in(overrides):
+    check_train_config(compose_cfg("experiment=sft_toy", *overrides))
 
 
 def test_dtype_auto_reads_the_checkpoints_dtype(tiny_model_dir, tmp_path):

@@ -87,4 +87,4 @@ def test_r1_distill_7b_model_config():
         cfg = compose(config_name="train", overrides=["model=r1_distill_qwen_7b"])
     loader = instantiate(cfg.model, _convert_="object")
     assert loader.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
-    assert cfg.model.dtype == "bfloat16" and cfg.model.lora.enabled is False
+    assert cfg.model.dtype == "float32" and cfg.model.frozen_dtype == "bfloat16" and cfg.model.lora.enabled is False

@@ -82,6 +82,15 @@ def test_ddp_grpo_ranks_agree_with_accumulated_micro_batches(tmp_path, tiny_cach
                                                  "completions/mean_length", "rewards/even_tokens/mean"])
     initial = reports[0]["initial_sha256"]
     assert reports[0]["weights_sha256"] != initial, "GRPO took no step: the test reward gave no advantage"
+    # Length extremes are the extremes over ranks, the mean the mean of the ranks' means (equal counts).
+    lengths = [report["completion_lengths"] for report in reports]
+    assert min(lengths[0]) != min(lengths[1]) or max(lengths[0]) != max(lengths[1])  # a mean would differ
+    for report in reports:
+        metrics = report["metrics"]
+        assert metrics["completions/min_length"] == min(min(lengths[0]), min(lengths[1]))
+        assert metrics["completions/max_length"] == max(max(lengths[0]), max(lengths[1]))
+        expected_mean = sum(sum(part) / len(part) for part in lengths) / 2
+        assert metrics["completions/mean_length"] == pytest.approx(expected_mean)
 
 
 def test_fsdp_strategy_wraps_the_models_decoder_layers(model_loader):
@@ -124,6 +133,27 @@ def test_sharded_weights_gather_and_export_like_unsharded(tmp_path, tiny_cache):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["sharded_parameters"] > 0, "fully_shard left every parameter whole"
     assert report["gathered_equals_unsharded"] and report["export_equals_unsharded"]
+
+
+def test_token_normaliser_counts_every_ranks_tokens_like_one_process(tmp_path, tiny_cache):
+    from tests.normaliser_run import LENGTHS, gradients, grpo_module, mini_batch
+
+    torchrun("normaliser_run", str(tmp_path))
+    distributed = torch.load(tmp_path / "distributed_grads.pt")
+    module = grpo_module()  # one process, no process group: the whole mini-batch at once
+    experience = mini_batch(module.model.config.vocab_size)
+    expected = gradients(module, experience, module._normaliser(experience))
+    assert module._normaliser(experience) == sum(LENGTHS)
+    scale = max(float(grad.abs().max()) for grad in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(distributed[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+    # Each rank dividing by its own tokens (the short completions' rank weighing 4x more per token)
+    # is a different step: the comparison above can tell them apart.
+    halves = [experience.rows(0, 4), experience.rows(4, 8)]
+    per_rank = [gradients(module, half, float(half.completion_mask.sum())) for half in halves]
+    wrong = max(float(((a + b) / 2 - expected[name]).abs().max()) for name, a, b in
+                ((name, per_rank[0][name], per_rank[1][name]) for name in expected))  # fmt: skip
+    assert wrong > 0.05 * scale
 
 
 def test_vllm_weight_sync_gives_every_rank_the_full_weights_under_fsdp(tmp_path, tiny_cache):
@@ -232,6 +262,13 @@ def test_fsdp2_grpo_ranks_agree_match_ddp_and_resume_from_the_sharded_checkpoint
     # ends bitwise where the uninterrupted run did, having trained on the batches it had not seen.
     checkpoint = tmp_path / "part" / "checkpoints" / "step_step=1.ckpt"
     assert {"__0_0.distcp", "__1_0.distcp", "meta.pt"} <= {p.name for p in checkpoint.iterdir()}
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = list(FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata)
+    assert any("layers.0" in key for key in saved)
+    # The reference is not saved: the resumed run rebuilt it from the base checkpoint, and its KL term
+    # still gives the uninterrupted run's weights (below).
+    assert not [key for key in saved if "ref_model" in key]
     assert part[0]["global_step"] == 1 and resumed[0]["global_step"] == 2
     for rank in (0, 1):
         assert resumed[rank]["initial_sha256"] == part[rank]["weights_sha256"]

@@ -142,6 +142,30 @@ def test_experience_pads_prompts_left_completions_right_and_keeps_the_sampled_st
     assert trimmed.prompt_ids.tolist() == [[8]] and trimmed.completion_ids.tolist() == [stop_ids]
 
 
+def test_a_drawn_stop_token_that_is_not_the_pad_id_is_scored_by_the_loss(sharp_loader, prompt_ids):
+    # A checkpoint whose end-of-turn id is neither its pad id nor the tokenizer's EOS (chat models list
+    # several): the stop token drawn by the sampler is in the experience and gets a log-prob, so the
+    # policy learns when to stop; nothing is guessed back from the text.
+    module = _module(sharp_loader, sampling=dict(temperature=0.0, max_new_tokens=8))
+    module.configure_model()
+    tokenizer, prompt = module.tokenizer, prompt_ids[0]
+    free = module.rollout_backend.generate([prompt], 1, module.sampling).completion_ids[0]
+    stop, first = free[2], free.index(free[2])
+    assert stop not in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    module.model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
+    module._rollout_backend = None  # rebuilt: it reads the stop ids from the model
+    rollouts = module.rollout_backend.generate([prompt, prompt_ids[2]], 1, module.sampling)
+    assert rollouts.finish_reasons[0] == "eos" and rollouts.stop_token_ids[0] == stop
+    experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0]))
+    assert experience.completion_ids[0, : first + 1].tolist() == free[:first] + [stop]
+    assert int(experience.completion_mask[0].sum()) == first + 1
+    logprobs, _ = module.completion_logprobs(module.model, experience)
+    with torch.no_grad():
+        logits = module.model(input_ids=torch.tensor([prompt + free[:first]])).logits[0, -1]
+    expected = float(torch.log_softmax(logits, -1)[stop])
+    assert float(logprobs[0, first]) == pytest.approx(expected, abs=1e-5) and expected < -1e-3
+
+
 def test_micro_batch_losses_match_a_hand_computed_policy_gradient(sharp_loader, prompt_ids):
     module = _module(sharp_loader, micro_batch_size=3)
     module.configure_model()
@@ -235,7 +259,8 @@ def test_kl_to_the_reference_is_zero_before_training(sharp_loader, prompt_ids):
 def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(sharp_loader, prompt_ids, tmp_path: Path):
     # A checkpoint every 2 steps, which is also every epoch (2 prompts, one per batch): Lightning restarts
     # an interrupted epoch from its first batch unless the dataloader is stateful (the DataModule's job).
-    settings = dict(warmup_steps=2, min_lr_ratio=0.1)  # a schedule, so its state must resume too
+    # A schedule, so its state must resume too; beta > 0: a reference model, rebuilt (not restored) on resume.
+    settings = dict(warmup_steps=2, min_lr_ratio=0.1, beta=0.1)
     data = lambda: _loader(prompt_ids[:2], batch_size=1)  # noqa: E731
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=2)
 
@@ -244,6 +269,9 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(sharp_loader, pro
     reward = FirstTokenReward(EVEN_FIRST_TOKEN)
     _trainer(4, [reward, checkpoints], enable_checkpointing=True).fit(uninterrupted, train_dataloaders=data())
     after_first_epoch = next(tmp_path.glob("*step=2.ckpt"))
+    saved = torch.load(after_first_epoch, weights_only=False)["state_dict"]
+    assert any(key.startswith("model.") for key in saved)
+    assert not [key for key in saved if "ref_model" in key]  # the reference is the base checkpoint, not saved
 
     L.seed_everything(1)  # a different process state: the checkpoint must carry all that matters
     resumed = _module(sharp_loader, **settings)
@@ -255,6 +283,9 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(sharp_loader, pro
     expected = uninterrupted.model.state_dict()
     for name, weight in resumed.model.state_dict().items():
         torch.testing.assert_close(weight, expected[name], msg=name)
+    base = sharp_loader.load_model().state_dict()
+    for name, weight in resumed.ref_model.state_dict().items():
+        torch.testing.assert_close(weight, base[name], rtol=0, atol=0, msg=name)
 
 
 def test_pad_handles_empty_rows_and_a_minimum_width():

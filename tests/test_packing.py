@@ -94,7 +94,8 @@ def _padded_logits(model, prompt_ids, prompt_mask, completion_ids, completion_ma
 
 
 def _packed_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
-    return packing.packed_logits(model, packing.pack(prompt_ids, prompt_mask, completion_ids, completion_mask))
+    batch = packing.pack(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return packing.completion_rows(packing.packed_forward(model, batch))
 
 
 def _gradients(model, logits_fn, tensors) -> dict[str, torch.Tensor]:
@@ -248,7 +249,7 @@ def test_lora_logits_and_adapter_gradients_equal_the_padded_forward_and_can_be_d
 
 # -- 5. unpacked calls after the switch ---------------------------------------------------------
 def test_the_switched_attention_leaves_padded_forwards_and_generate_unchanged(model_loader):
-    """packed_logits leaves the model on packed_attention (checkpointed layers recompute in backward);
+    """packed_forward leaves the model on packed_attention (checkpointed layers recompute in backward);
     calls without ``packing`` must then compute exactly what SDPA did."""
     model = _model("qwen2", model_loader).eval()
     prompts = [A, B, C]
@@ -306,16 +307,19 @@ def test_unsupported_models_run_the_padded_forward(model_loader, monkeypatch, ca
     assert isinstance(reason, str) and "gpt2" in reason
 
     def no_packing(*args, **kwargs):
-        raise AssertionError("packed_logits ran on a model packing does not support")
+        raise AssertionError("packed_forward ran on a model packing does not support")
 
-    monkeypatch.setattr(packing, "packed_logits", no_packing)
+    monkeypatch.setattr(packing, "packed_forward", no_packing)
     module = GRPOModule(**_settings(model_loader, packed_forward=True))
     micro = _experience("groups")
     with torch.no_grad(), caplog.at_level("WARNING", logger="selfbudget_pl.modules.grpo"):
-        logits = module.completion_logits(gpt2, micro)
-        module.completion_logits(gpt2, micro)
+        logprobs, entropy = module.completion_logprobs(gpt2, micro)
+        module.completion_logprobs(gpt2, micro)
         expected = _padded_logits(gpt2, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
-    torch.testing.assert_close(logits, expected / 0.7)
+    mask = micro.completion_mask.bool()
+    expected = torch.log_softmax(expected / 0.7, dim=-1)  # scored at the sampling temperature
+    torch.testing.assert_close(logprobs[mask], expected.gather(1, micro.completion_ids[mask][:, None])[:, 0])
+    torch.testing.assert_close(entropy, -(expected.exp() * expected).sum(-1))
     # Said once, with the reason, not on every micro-batch.
     told = [record.getMessage() for record in caplog.records if "packed_forward" in record.getMessage()]
     assert len(told) == 1 and "gpt2" in told[0]
@@ -357,8 +361,8 @@ def _update(model_loader, packed_forward: bool) -> tuple[dict, dict, dict]:
 
 def test_update_policy_is_the_same_with_and_without_packing(model_loader, monkeypatch):
     calls = []
-    original = packing.packed_logits
-    monkeypatch.setattr(packing, "packed_logits", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    original = packing.packed_forward
+    monkeypatch.setattr(packing, "packed_forward", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     before, packed, packed_stats = _update(model_loader, packed_forward=True)
     # Scoring old and reference log-probs (3 micro-batches each) and 3 training micro-batches.
     assert len(calls) == 9
@@ -378,7 +382,7 @@ def test_update_policy_is_the_same_with_and_without_packing(model_loader, monkey
 # -- 7. activation checkpointing -----------------------------------------------------------------
 @pytest.mark.parametrize("use_reentrant", [False, True])
 def test_gradients_with_activation_checkpointing_equal_the_padded_forward(use_reentrant, model_loader):
-    """Checkpointed layers recompute their forward during backward, after packed_logits has returned:
+    """Checkpointed layers recompute their forward during backward, after packed_forward has returned:
     the recompute must still attend within rows."""
     model = _model("qwen2", model_loader)
     tensors = _tensors("groups")

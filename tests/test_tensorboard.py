@@ -11,7 +11,7 @@ from selfbudget_pl.train import train
 from .test_train import compose_small
 
 # Where each scalar comes from: the first part of its name (TensorBoard's group).
-GROUPS = {"train", "val", "rollout", "rewards", "completions", "clip_ratio"}
+GROUPS = {"train", "val", "rollout", "rewards", "grader", "completions", "clip_ratio"}
 
 
 def _read(log_dir):

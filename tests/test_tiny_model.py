@@ -70,3 +70,19 @@ def test_lora_trains_only_adapters_and_merges_on_export(tmp_path, tiny_model_dir
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, expected, atol=1e-5)
+
+
+def test_padded_vocabulary_reaches_the_spec_size_and_encodes_as_before(tmp_path, tiny_model_dir):
+    # model=qwen2.5_0.5b_shape pads to 151,936 this way; a small size keeps the test fast.
+    spec = TinyModelSpec(vocab_size=700, pad_vocab=True, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, rope_theta=1e6)
+    path = ensure_tiny_model(spec, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    assert len(tokenizer) == config["vocab_size"] == 700
+    assert config["rope_parameters"]["rope_theta"] == 1e6
+    assert sorted(tokenizer.get_vocab().values()) == list(range(700))
+    unpadded = AutoTokenizer.from_pretrained(tiny_model_dir)  # the same corpus and trainer, not padded
+    text = "the sum of 12+30 is \\boxed{42}<|endoftext|>"
+    assert tokenizer.encode(text) == unpadded.encode(text)  # the added entries are never produced
+    assert tokenizer.decode([699]).startswith("<unused_")

@@ -537,7 +537,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datasets = load_datasets(cfg.datasets, list(cfg.eval_datasets), cfg.get("limit"), cfg.get("data_root"))
     sampling = SamplingSettings(**OmegaConf.to_container(cfg.sampling, resolve=True))
     check_eval_prompts(cfg, loader_overrides, datasets, tokenizer)  # the data's prompts, still before the weights
-    model = loader.load_model().to(cfg.get("device", "cpu"))
+    model = loader.load_model(frozen=True).to(cfg.get("device", "cpu"))  # model.frozen_dtype: bf16 for real models
     backend = instantiate(cfg.rollout, _convert_="all")(model=model, tokenizer=tokenizer)
     grader = instantiate(cfg.grader)
     try:

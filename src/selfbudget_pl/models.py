@@ -34,10 +34,18 @@ class LoraSettings:
 class ModelLoader:
     """Knows which checkpoint to load and how (dtype, LoRA, checkpointing); loads on demand.
 
+    Trained weights are the optimizer's master copy, so they load in ``dtype`` (float32 in every shipped
+    config): AdamW's updates at a GRPO learning rate (1e-6) are far below a bf16 weight's resolution and
+    round away. Compute runs in bf16 through ``trainer.precision=bf16-mixed`` or FSDP's mixed-precision
+    policy, which cast for the forward and leave the master weights alone. Weights nothing steps (the
+    LoRA base, GRPO's reference model) load in ``frozen_dtype``.
+
     Args:
         name_or_path: a hub id or a local directory; None means "build the tiny model" from ``tiny``.
         tiny: sizes of the tiny model (see :class:`TinyModelSpec`), used when ``name_or_path`` is None.
-        dtype: weights dtype: float32 | bfloat16 | float16 | auto.
+        dtype: dtype of the trained weights (the master copy): float32 | bfloat16 | float16 | auto.
+        frozen_dtype: dtype of weights that are never trained: the base under LoRA and GRPO's reference
+            model (None: ``dtype``). bfloat16 halves their memory at no cost to the updates.
         lora: LoRA settings (dict or :class:`LoraSettings`).
         gradient_checkpointing: recompute activations in backward to save memory.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``sdpa``, ``flash_attention_2``).
@@ -54,6 +62,7 @@ class ModelLoader:
         name_or_path: Optional[str] = None,
         tiny: Optional[dict[str, Any]] = None,
         dtype: str = "float32",
+        frozen_dtype: Optional[str] = None,
         lora: Optional[dict[str, Any] | LoraSettings] = None,
         gradient_checkpointing: bool = False,
         attn_implementation: Optional[str] = "sdpa",
@@ -61,11 +70,13 @@ class ModelLoader:
         cache_dir: Optional[str] = None,
         allow_low_precision_training: bool = False,
     ) -> None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"model.dtype={dtype!r} is not one of {sorted(_DTYPES)}")
+        for key, value in (("dtype", dtype), ("frozen_dtype", frozen_dtype or dtype)):
+            if value not in _DTYPES:
+                raise ValueError(f"model.{key}={value!r} is not one of {sorted(_DTYPES)}")
         self.name_or_path = name_or_path
         self.tiny = TinyModelSpec(**(tiny or {}))
         self.dtype = dtype
+        self.frozen_dtype = frozen_dtype or dtype
         self.lora = lora if isinstance(lora, LoraSettings) else LoraSettings(**dict(lora or {}))
         self.gradient_checkpointing = gradient_checkpointing
         self.attn_implementation = attn_implementation
@@ -89,18 +100,28 @@ class ModelLoader:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
 
-    def load_model(self) -> torch.nn.Module:
+    def load_model(self, frozen: bool = False) -> torch.nn.Module:
+        """The model to train (its trained weights in ``dtype``, a LoRA base in ``frozen_dtype``), or with
+        ``frozen=True`` a copy nothing will train (every weight in ``frozen_dtype``, no adapters)."""
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype], "trust_remote_code": self.trust_remote_code}
+        base_dtype = self.frozen_dtype if frozen or self.lora.enabled else self.dtype
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[base_dtype], "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
         model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        if frozen:
+            return model.requires_grad_(False)
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if self.lora.enabled:
             model = apply_lora(model, self.lora)
+            if self.dtype != "auto":
+                # The adapters are what the optimizer steps: their master copy is ``dtype``, whatever the base's.
+                for param in model.parameters():
+                    if param.requires_grad:
+                        param.data = param.data.to(_DTYPES[self.dtype])
         return model
 
 

@@ -37,7 +37,13 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class TinyModelSpec:
-    """Every size of the tiny model. The defaults give about 1M parameters."""
+    """Every size of the tiny model. The defaults give about 1M parameters.
+
+    ``vocab_size`` is what the tokenizer trainer aims for (the default corpus yields ~400 tokens); with
+    ``pad_vocab`` the vocabulary is filled up to exactly ``vocab_size`` with entries the tokenizer never
+    produces (``<unused_N>``), which gives a random-weight model a real checkpoint's vocabulary size
+    (Qwen2.5: 151,936) without a corpus that large. ``rope_theta`` as in the checkpoint being imitated.
+    """
 
     vocab_size: int = 512
     hidden_size: int = 128
@@ -47,6 +53,8 @@ class TinyModelSpec:
     num_key_value_heads: int = 4
     max_position_embeddings: int = 1024
     tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    pad_vocab: bool = False
     corpus_size: int = 4000
     seed: int = 0
     format_tags: list[str] = field(default_factory=lambda: OutputFormat().tags)
@@ -122,6 +130,7 @@ def build_tiny_model(spec: TinyModelSpec, out_dir: str | os.PathLike, corpus: It
         num_key_value_heads=spec.num_key_value_heads,
         max_position_embeddings=spec.max_position_embeddings,
         tie_word_embeddings=spec.tie_word_embeddings,
+        rope_theta=spec.rope_theta,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
@@ -153,4 +162,24 @@ def _train_tokenizer(spec: TinyModelSpec, corpus: Iterable[str] | None):
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus or math_corpus(spec.corpus_size, spec.seed), trainer=trainer)
+    if spec.pad_vocab:
+        tokenizer = _pad_vocabulary(tokenizer, spec.vocab_size)
     return tokenizer
+
+
+def _pad_vocabulary(tokenizer, size: int):
+    """``tokenizer`` with never-produced ``<unused_N>`` entries appended until it has ``size`` ids (no
+    merge builds them, so encoding is unchanged; they decode as their own text)."""
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    specials = {entry["content"] for entry in state["added_tokens"]}
+    count, index = len(vocab) + len(specials - vocab.keys()), 0
+    while count < size:
+        name = f"<unused_{index}>"
+        index += 1
+        if name not in vocab and name not in specials:
+            vocab[name] = count
+            count += 1
+    return Tokenizer.from_str(json.dumps(state))

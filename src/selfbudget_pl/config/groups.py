@@ -130,6 +130,7 @@ class GRPOModuleSchema(PolicyModuleSchema):
     prefill_fraction: float = spec(ge=0, le=1)
     prefill_budget_range: list[float] = spec(rule=_pair_in_order)
     packed_forward: bool = spec()
+    head_chunk_tokens: int = spec(ge=1, note="completion tokens whose logits exist at once")
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -161,6 +162,8 @@ class TinyModelSchema(Schema):
     corpus_size: int = spec(ge=1)
     seed: int = spec()
     format_tags: list[str] = spec()
+    rope_theta: float = spec(gt=0)
+    pad_vocab: bool = spec(note="fill the vocabulary up to vocab_size with unused entries")
 
     @classmethod
     def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
@@ -178,6 +181,7 @@ class ModelLoaderSchema(Schema):
     name_or_path: Optional[str] = spec(note="null: the tiny model built from `tiny`")
     tiny: Optional[TinyModelSchema] = spec()
     dtype: str = spec(choices=("float32", "bfloat16", "float16", "auto"))
+    frozen_dtype: Optional[str] = spec(choices=("float32", "bfloat16", "float16", "auto"), note="null: dtype")
     lora: Optional[LoraSchema] = spec()
     gradient_checkpointing: bool = spec()
     attn_implementation: Optional[str] = spec()

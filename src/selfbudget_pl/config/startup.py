@@ -120,13 +120,12 @@ def check_low_precision_training(findings: Findings, model: Mapping[str, Any], m
                                  facts: ModelFacts) -> None:
     """bf16/fp16 trainable weights stepped in place by a plain ``torch.optim`` optimizer lose most updates
     (at lr 1e-6 an update is below bf16's resolution for most weights); refuse unless opted in."""
+    # model.dtype is what the optimizer steps (the LoRA adapters under LoRA); frozen_dtype is the rest.
     dtype = model.get("dtype", "float32")
     loaded = facts.dtype if dtype == "auto" else dtype
-    lora = model.get("lora") or {}
     optimizer = str((module.get("optimizer") or {}).get("_target_", ""))
     if (
         loaded not in LOW_PRECISION
-        or lora.get("enabled")  # frozen base in low precision, the adapters kept in float32
         or model.get("allow_low_precision_training")
         or not optimizer.startswith("torch.optim.")
     ):
@@ -136,8 +135,9 @@ def check_low_precision_training(findings: Findings, model: Mapping[str, Any], m
         "model.dtype", dtype,
         f"loads the trainable weights in {loaded}{stored}, and module.optimizer ({optimizer}) updates them in place "
         f"in {loaded}: most small updates round away. Load them in float32 (model.dtype=float32; compute in "
-        f"bf16 with trainer.precision=bf16-mixed or strategy=fsdp2's mixed_precision), or train LoRA adapters "
-        f"(model.lora.enabled=true), or set model.allow_low_precision_training=true to train in {loaded} anyway",
+        f"bf16 with trainer.precision=bf16-mixed or strategy=fsdp2's mixed_precision; model.frozen_dtype={loaded} "
+        f"keeps untrained weights, such as a LoRA base, small), or set model.allow_low_precision_training=true "
+        f"to train in {loaded} anyway",
     )  # fmt: skip
 
 

@@ -20,7 +20,9 @@ Under DDP or FSDP each rank samples for its own prompts (the DistributedSampler 
 different slice of the batch) with its own rollout seed, and all G completions of a prompt are drawn
 on the rank that holds it: a group never straddles ranks, so step 3 is local and exact, with no
 gather. Gradients are all-reduced once per optimizer step (micro-batches before the last accumulate
-locally), so every rank takes the same step; the logged scalars are averaged across ranks.
+locally), so every rank takes the same step; with token aggregation the loss is divided by the tokens of
+every rank, so that step is the one a single process would take over all of them. The logged scalars are
+averaged across ranks (min/max lengths: reduced with min/max).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, ContextManager, Iterator, Optional
 
 import torch
@@ -38,6 +41,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from selfbudget_pl.data.collate import pad as pad_tokens
 from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
+from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS, chunked_head, supports_chunked_head
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS,
     Aggregation,
@@ -123,6 +127,9 @@ class GRPOModule(PolicyModule):
         packed_forward: compute log-probs on packed tokens, each group's prompt once and no padding
             (:mod:`selfbudget_pl.modules.packing`; Qwen2, Llama and Qwen3, others run padded). The
             result equals the padded forward's up to float rounding.
+        head_chunk_tokens: completion tokens whose logits exist at once when scoring (the LM head,
+            temperature, log-softmax, gather and entropy run chunk by chunk, backward too): the head's
+            memory is ``head_chunk_tokens x vocabulary`` floats, not ``completion tokens x vocabulary``.
     """
 
     def __init__(
@@ -144,6 +151,7 @@ class GRPOModule(PolicyModule):
         prefill_fraction: float = 0.0,
         prefill_budget_range: tuple[float, float] = (0.5, 1.0),
         packed_forward: bool = True,
+        head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -177,14 +185,21 @@ class GRPOModule(PolicyModule):
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
         self.packed_forward = packed_forward
+        if head_chunk_tokens < 1:
+            raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
+        self.head_chunk_tokens = head_chunk_tokens
         self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
+        # The reference is rebuilt from the base checkpoint (configure_model, on resume too), never saved:
+        # checkpoints would otherwise carry a second full copy of the weights that nothing trains.
+        self.register_state_dict_post_hook(_drop_reference_weights)
+        self.register_load_state_dict_post_hook(_reference_weights_not_expected)
 
     def configure_model(self) -> None:
         super().configure_model()
         if self.beta > 0 and self.ref_model is None and not _is_peft(self.model):
             # Loaded from the same checkpoint as the policy: the KL anchor is where training started.
-            self.ref_model = self.model_loader.load_model().eval().requires_grad_(False)
+            self.ref_model = self.model_loader.load_model(frozen=True).eval()
             self.shard_models()  # strategy=fsdp2: the reference is sharded like the policy
 
     def train(self, mode: bool = True) -> "GRPOModule":
@@ -216,7 +231,11 @@ class GRPOModule(PolicyModule):
         grader_metrics = getattr(self.grader, "pop_metrics", None)  # MathGrader's grader/timeouts; others may have none
         if grader_metrics is not None:
             metrics.update(grader_metrics())
-        # Each rank saw different prompts: log the mean over ranks, not rank 0's share.
+        # Each rank saw different prompts: log the mean over ranks, not rank 0's share; extremes are
+        # the extremes over ranks.
+        for reduce_fx in ("min", "max"):
+            extremes = {name: metrics.pop(name) for name in EXTREME_METRICS[reduce_fx]}
+            self.log_dict(extremes, on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx=reduce_fx)
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
     def sample_and_reward(self, batch: dict[str, Any]) -> Rollouts:
@@ -317,8 +336,7 @@ class GRPOModule(PolicyModule):
 
     def micro_batch_loss(self, micro: Experience, normaliser: float) -> tuple[PolicyLoss, Optional[torch.Tensor]]:
         """Forward the policy on one micro-batch and build its share of the mini-batch loss."""
-        logits = self.completion_logits(self.model, micro)
-        logprobs = completion_logprobs(logits, micro)
+        logprobs, entropy = self.completion_logprobs(self.model, micro)
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
         loss = policy_loss(
             logprobs, old, micro.advantages, micro.completion_mask,
@@ -326,33 +344,36 @@ class GRPOModule(PolicyModule):
             ref_logprobs=micro.ref_logprobs, beta=self.beta,
             max_length=self.sampling.max_new_tokens, normaliser=normaliser,
         )  # fmt: skip
-        entropy = None
-        if self.log_entropy:
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits.detach()).sum()
-        return loss, entropy
+        return loss, (entropy.sum() if self.log_entropy else None)
 
     # -- forward passes ------------------------------------------------------------------------
-    def completion_logits(self, model: torch.nn.Module, micro: Experience) -> torch.Tensor:
-        """``[C, V]`` logits predicting each real completion token (row by row, as
-        ``completion_mask.bool()`` orders them), scaled by the sampling temperature (the distribution
-        the tokens were drawn from)."""
+    def completion_logprobs(self, model: torch.nn.Module, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[n, T]`` log-probs of the completion tokens under ``model`` at the sampling temperature (the
+        distribution they were drawn from; 0 at padding), and the ``[C]`` entropies of those distributions
+        at the real tokens (no gradient).
+
+        The head runs in chunks of ``head_chunk_tokens`` from the hidden states
+        (:mod:`selfbudget_pl.modules.head`), so no ``[C, V]`` logits exist at once; a model whose output
+        layer is not a plain ``nn.Linear`` gets its full logits, scored chunk by chunk."""
+        mask = micro.completion_mask.bool()
+        targets = micro.completion_ids[mask]
+        temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
         if self.packed_forward and self._packable(model):
             batch = packing.pack(micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
-            logits = packing.packed_logits(model, batch)
+            forward, select = partial(packing.packed_forward, model, batch), packing.completion_rows
         else:
-            input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
-            attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
-            # Positions as in generation, where left padding does not advance them.
-            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-            width = micro.completion_ids.shape[1]
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=width + 1, use_cache=False,
-            ).logits[:, :-1][micro.completion_mask.bool()]  # fmt: skip
-        if self.sampling.temperature > 0:
-            logits = logits / self.sampling.temperature
-        return logits
+            forward = partial(_padded_forward, model, micro)
+            select = partial(_padded_completion_rows, mask=mask)
+        if supports_chunked_head(model):
+            with chunked_head(model, targets, select, temperature, self.head_chunk_tokens) as scores:
+                logprobs = forward()
+            entropy = scores.entropy
+        else:
+            logits = select(forward()) / temperature
+            logprobs = token_logprobs(logits, targets, self.head_chunk_tokens)
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits, self.head_chunk_tokens)
+        return packing.unpack(logprobs, mask), entropy
 
     def _packable(self, model: torch.nn.Module) -> bool:
         reason = packing.unsupported_reason(model)
@@ -367,7 +388,7 @@ class GRPOModule(PolicyModule):
         scores = torch.zeros(experience.completion_ids.shape, dtype=torch.float32, device=self.device)
         start = 0
         for micro in experience.chunks(self.micro_batch_size or len(experience)):
-            logprobs = completion_logprobs(self.completion_logits(model, micro), micro)
+            logprobs, _ = self.completion_logprobs(model, micro)
             scores[start : start + len(micro), : logprobs.shape[1]] = logprobs
             start += len(micro)
         return scores
@@ -379,12 +400,25 @@ class GRPOModule(PolicyModule):
             return self.score_completions(self.model, experience)
 
     def _normaliser(self, mini: Experience) -> float:
-        if self.loss_aggregation == "token":
-            return float(mini.completion_mask.sum().clamp(min=1))
-        return float(len(mini))
+        """What each rank divides its summed mini-batch loss by. ``token``: the mini-batch's completion tokens
+        summed over ranks, over the number of ranks (DDP and FSDP average gradients over ranks), so the step
+        is the token mean over every rank's tokens, as in one process: with each rank's own count, a rank
+        with longer completions would weigh its tokens less. Otherwise the completions (equal on every rank)."""
+        if self.loss_aggregation != "token":
+            return float(len(mini))
+        tokens = mini.completion_mask.sum().float()
+        world = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            torch.distributed.all_reduce(tokens)  # every rank runs the same mini-batches: a matched collective
+        return float(tokens.clamp(min=1)) / world
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.validation_generation(batch)
+
+
+# Logged with these reductions over ranks (every other metric is the mean over ranks).
+EXTREME_METRICS = {"min": ("completions/min_length",), "max": ("completions/max_length",)}
 
 
 def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int) -> dict[str, float]:
@@ -415,10 +449,34 @@ def update_metrics(stats: dict[str, float]) -> dict[str, float]:
     return {name if "/" in name else f"train/{name}": value for name, value in stats.items()}
 
 
-def completion_logprobs(logits: torch.Tensor, micro: Experience) -> torch.Tensor:
-    """``[n, T]`` log-probs of the completion tokens (0 at padding) from :meth:`GRPOModule.completion_logits`."""
-    mask = micro.completion_mask.bool()
-    return packing.unpack(token_logprobs(logits, micro.completion_ids[mask]), mask)
+def _padded_forward(model: torch.nn.Module, micro: Experience) -> torch.Tensor:
+    """The model's output over each row's prompt then completion, ``[n, T + 1, ...]`` from the last
+    prompt token on (the positions that predict completion tokens, and one more)."""
+    input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
+    attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
+    # Positions as in generation, where left padding does not advance them.
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        logits_to_keep=micro.completion_ids.shape[1] + 1, use_cache=False,
+    ).logits  # fmt: skip
+
+
+def _padded_completion_rows(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[C, ...]`` rows of :func:`_padded_forward`'s output (or of the hidden states it projects) that
+    predict each real completion token, row by row as ``mask`` orders them."""
+    return states[:, :-1][mask]
+
+
+def _drop_reference_weights(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    for key in [key for key in state_dict if key.startswith(prefix + "ref_model.")]:
+        del state_dict[key]
+
+
+def _reference_weights_not_expected(module: torch.nn.Module, incompatible_keys: Any) -> None:
+    # Keys are relative to where load_state_dict was called: this module or a wrapper around it.
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not ("." + key).count(".ref_model.")]
 
 
 def _is_peft(model: torch.nn.Module) -> bool:

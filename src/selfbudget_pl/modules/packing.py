@@ -107,7 +107,7 @@ def unpack(values: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
 
 
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
-    """Why :func:`packed_logits` cannot run ``model`` (None when it can)."""
+    """Why :func:`packed_forward` cannot run ``model`` (None when it can)."""
     config = getattr(_pretrained(model), "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -121,17 +121,23 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def packed_logits(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """``[C, V]`` logits predicting each completion token, from the model's own forward."""
+def packed_forward(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """The model's output ``logits`` at the packed tokens that predict completion tokens: ``[1, C, V]``
+    logits (``[1, C, ...]`` whatever its head returns); :func:`completion_rows` drops the batch axis."""
     _use_packed_attention(model)
     input_ids = batch.input_ids
-    output = model(
+    return model(
         # All ones: transformers then builds no mask (causal SDPA needs none); None would make it
         # build a [U, U] mask for what it takes to be packed sequences.
         input_ids=input_ids, attention_mask=torch.ones_like(input_ids), position_ids=batch.position_ids,
         logits_to_keep=batch.predictor, use_cache=False, packing=batch,
-    )  # fmt: skip
-    return output.logits[0]
+    ).logits  # fmt: skip
+
+
+def completion_rows(states: torch.Tensor) -> torch.Tensor:
+    """``[C, ...]`` rows of :func:`packed_forward`'s output (or of the hidden states its head projects),
+    one per completion token in ``completion_mask.bool()`` order."""
+    return states[0]
 
 
 def packed_attention(
