@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -38,13 +43,17 @@ def require_vllm():
     return vllm
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _vllm_installed():  # module scope: before the module's engine fixtures
+    require_vllm()
+
+
 PROMPTS = ["the sum of 3+4", "how many", "what is the total cost of 12+30+7 so", "each has more"]
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=24)
 
 
 @pytest.fixture(scope="module")
 def sharp_dir(model_loader, tmp_path_factory):
-    require_vllm()
     model = sharpen(model_loader.load_model())
     path = tmp_path_factory.mktemp("vllm_sharp_tiny")
     model.save_pretrained(path)
@@ -287,3 +296,107 @@ def test_grpo_syncs_once_per_rollout_and_the_engine_ends_on_the_trained_weights(
     trained = module.model.eval()
     assert_same_rollouts(engine, hf_rollouts(trained, loader.load_tokenizer(), prompts))
     assert engine.completion_ids != hf_rollouts(loader.load_model(), loader.load_tokenizer(), prompts).completion_ids
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ENGINE_OVERRIDES = ["rollout.dtype=float32", "+rollout.enforce_eager=true", "rollout.max_model_len=512"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT / "src")}
+    result = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_selfbudget_eval_with_rollout_vllm_gives_the_hf_backends_completions(sharp_dir, tmp_path):
+    common = [
+        "-m", "selfbudget_pl.evaluate", f"model_path={sharp_dir}", "limit=6", "batch_size=4",
+        "sampling.max_new_tokens=16", "budget=[null,9]", "grader.workers=0", "progress=false", "tensorboard=false",
+    ]  # fmt: skip
+    run_cli(*common, "rollout=vllm", *ENGINE_OVERRIDES, f"hydra.run.dir={tmp_path / 'vllm'}")
+    run_cli(*common, "rollout=hf", f"hydra.run.dir={tmp_path / 'hf'}")
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+            for name in ("vllm", "hf")}  # fmt: skip
+    assert len(rows["vllm"]) == 12  # 6 problems, own budget and pre-filled 9
+    keys = ("id", "requested_budget", "text", "response_tokens", "finish_reason", "truncated", "correct")
+    assert [[row[key] for key in keys] for row in rows["vllm"]] == [[row[key] for key in keys] for row in rows["hf"]]
+    assert json.loads((tmp_path / "vllm" / "summary.json").read_text())["rows"] == json.loads(
+        (tmp_path / "hf" / "summary.json").read_text()
+    )["rows"]
+
+
+class AcceptAll:
+    """Grades every answer correct: random weights never answer a sum, and what is under test is the sampling."""
+
+    def grade_batch(self, answers, golds):
+        return [True] * len(answers)
+
+
+class Recording:
+    """Passes generate() through to a backend and keeps what it returned."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.seen = backend, []
+
+    def generate(self, *args, **kwargs):
+        self.seen.append(self.backend.generate(*args, **kwargs))
+        return self.seen[-1]
+
+
+def test_self_labels_from_k_vllm_samples_keep_the_shortest_finished_one(backend, loader, monkeypatch):
+    from selfbudget_pl.data import self_labels
+    from selfbudget_pl.data.synthetic import SyntheticSource
+
+    # Random weights never write \boxed{gold}, so the final check that the rendered target parses to the
+    # gold answer (tested in tests/test_self_labels.py) would drop every choice: keep the choices as they are.
+    monkeypatch.setattr(self_labels, "label_records", lambda kept, *args, **kwargs: kept)
+
+    tokenizer = loader.load_tokenizer()
+    model = loader.load_model()
+    with torch.no_grad():  # EOS likelier (tied lm_head): samples end at different lengths, some not at all
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] *= 4.0
+    backend.sync_weights(model)
+    records = SyntheticSource(size=6, split="test").load()
+    recording = Recording(backend)
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0)
+    labelled = self_labels.label_from_samples(
+        records, recording, tokenizer, AcceptAll(), samples=4, sampling=sampling, batch_size=4
+    )
+    rollouts = [r for call in recording.seen for r in _per_completion(call)]
+    assert len(rollouts) == 6 * 4, "not K samples per problem"
+    assert any(r["truncated"] for r in rollouts) and not all(r["truncated"] for r in rollouts)
+    by_id = {record["id"]: record for record in labelled}
+    for index, record in enumerate(records):
+        finished = [r["text"].strip() for r in rollouts[4 * index : 4 * index + 4] if not r["truncated"]]
+        if not finished:
+            assert record["id"] not in by_id
+            continue
+        shortest = min(len(tokenizer.encode(text, add_special_tokens=False)) for text in finished)
+        label = by_id[record["id"]]
+        assert label["solution"] in finished
+        assert len(tokenizer.encode(label["solution"], add_special_tokens=False)) == shortest
+    assert labelled, "no problem kept: nothing shown"
+
+
+def _per_completion(rollouts) -> list[dict]:
+    return [{"text": text, "truncated": cut} for text, cut in zip(rollouts.completions, rollouts.truncated)]
+
+
+def test_grpo_toy_experiment_runs_on_the_vllm_engine(sharp_dir, tmp_path):
+    run_cli(
+        "train.py", "experiment=grpo_toy", "rollout=vllm", *ENGINE_OVERRIDES, f"model.name_or_path={sharp_dir}",
+        "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0", "data.batch_size=4",
+        "module.num_generations=4", "module.sampling.max_new_tokens=24",
+        "callbacks.model_checkpoint=null", f"paths.log_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+        f"module.export_dir={tmp_path / 'export'}",
+    )  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    scalars = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+    for tag in ("loss", "reward"):
+        assert len(scalars[tag]) == 3 and all(math.isfinite(value) for value in scalars[tag]), (tag, scalars[tag])
+    assert (tmp_path / "export" / "config.json").exists()
