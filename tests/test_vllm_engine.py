@@ -233,6 +233,22 @@ def test_completions_end_at_eos_stop_strings_and_stop_tokens_as_in_the_hf_backen
     assert free.truncated == [True] * len(prompts)
 
 
+def test_a_stop_string_that_is_a_special_token_stops_generation(backend, loader, prompts):
+    # The format's tags are special tokens: vLLM must match stop strings on text that keeps them.
+    tokenizer = loader.load_tokenizer()
+    model = loader.load_model()
+    close = tokenizer.convert_tokens_to_ids("</solution>")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[close] *= 6.0
+    backend.sync_weights(model)
+    sampling = SamplingSettings(temperature=0.0, max_new_tokens=24, stop=["</solution>"])
+    engine = backend.generate(prompts, 1, sampling)
+    assert_same_rollouts(engine, hf_rollouts(model, tokenizer, prompts, sampling))
+    assert "stop" in engine.finish_reasons
+    stopped = engine.finish_reasons.index("stop")
+    assert engine.completion_ids[stopped][-1] == close and engine.completions[stopped].endswith("</solution>")
+
+
 def test_a_weight_name_the_engine_lacks_is_named_and_a_good_sync_recovers(backend, loader, prompts):
     model = loader.load_model()
     model.model.register_parameter("extra_scale", torch.nn.Parameter(torch.ones(3)))
