@@ -4,7 +4,8 @@ random-weight model of Qwen2.5-0.5B's shape and vocabulary built from its config
 
 Every row of a batch gets its own random 64-token prompt and exactly ``--new-tokens`` sampled tokens
 (temperature 1, no EOS: vLLM ``ignore_eos``; the HF decoders get a stop id outside the vocabulary), float32
-everywhere, ``--threads`` cores. Each (model, backend) runs in its own process (vLLM's CPU worker pins the
+everywhere, ``--threads`` cores (default 1: on this shared 2-core machine two threads per process ran up to
+15x slower than one, their OpenMP threads waiting on each other behind other processes). Each (model, backend) runs in its own process (vLLM's CPU worker pins the
 process's OpenMP threads) and warms up once before its cells are timed. Tokens/s = generated tokens / wall
 seconds of the decode call (prompt processing included; detokenisation excluded on every backend).
 
@@ -122,7 +123,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--backends", nargs="+", default=["vllm", "fused", "generate"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--root", default="/tmp/bench_rollout", help="where the 0.5B-shaped checkpoint is built")
     parser.add_argument("--out", default="/tmp/bench_rollout/results.json")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)  # child process
