@@ -76,7 +76,7 @@ def run_backend(backend: str, name: str, root: Path, threads: int, cells: list[t
 
         llm = vllm.LLM(
             model=str(path), dtype="float32", skip_tokenizer_init=True, enforce_eager=True, seed=0,
-            max_model_len=PROMPT_TOKENS + max(n for _, n in cells), kv_cache_memory_bytes=4 * 2**30,
+            max_model_len=PROMPT_TOKENS + max(n for _, n in cells), kv_cache_memory_bytes=2**30,
             max_num_seqs=max(b for b, _ in cells),
         )  # fmt: skip
 
