@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GPU check (issue 9): GRPO with the colocated vLLM engine under FSDP on one GPU, on a scaled-up tiny
-# model (random weights, hidden 512, 8 layers), 5 steps. The run goes through the weight sync after every
-# optimizer step (FSDP-gathered weights streamed into vLLM) and the FSDP export at the end. Prints step
-# time, rollout tokens/s and peak GPU memory as a Markdown section for benchmarks/RESULTS.md.
+# GPU check (issues 9 and 16): first the vLLM tests (`pytest -m vllm`, tests/test_vllm_engine.py: the same
+# real-engine tests CI runs on vLLM's CPU build, here on CUDA), then GRPO with the colocated vLLM engine
+# under FSDP on one GPU, on a scaled-up tiny model (random weights, hidden 512, 8 layers), 5 steps. The run
+# goes through the weight sync before each rollout (FSDP-gathered weights reloaded into vLLM in place) and
+# the FSDP export at the end. Prints the tests' outcome, step time, rollout tokens/s and peak GPU memory as
+# a Markdown section for benchmarks/RESULTS.md.
 #
 #   bash scripts/gpu_check_grpo_fsdp_vllm.sh --fetch-wheels   # once, on a machine WITH internet: writes .whl/
 #   bash scripts/gpu_check_grpo_fsdp_vllm.sh                  # on the GPU machine (no internet); about 5 min
@@ -19,7 +21,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(hydra-core==1.3.8 omegaconf==2.3.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0)
+WHEELS=(hydra-core==1.3.8 omegaconf==2.3.1 math-verify==0.9.0 latex2sympy2_extended==1.11.0
+        pytest==9.2.0 iniconfig==2.3.1 pluggy==1.7.0)  # pytest: the vLLM tests
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   PY=$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)
@@ -108,6 +111,16 @@ else
 fi
 "$PY" -c "import torch; print('== torch', torch.__version__, torch.cuda.get_device_name(0))"
 
+# 2b. The vLLM tests on CUDA (the engine on the GPU, the HF reference on the CPU, both float32).
+TESTS_RC=skipped
+if [[ $ROLLOUT == vllm ]]; then
+  echo "== python -m pytest -m vllm tests/test_vllm_engine.py"
+  CI=true timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -m vllm -q -p no:cacheprovider tests/test_vllm_engine.py \
+    2>&1 | tee "$OUT/vllm_tests.log"
+  TESTS_RC=${PIPESTATUS[0]}
+  echo "== vllm tests exit code $TESTS_RC: $(grep -E '[0-9]+ (passed|failed)' "$OUT/vllm_tests.log" | tail -1)"
+fi
+
 # 3. The run: 5 GRPO steps, 32 prompts x G=8 = 256 completions of up to 256 tokens per step.
 overrides "$ROLLOUT" "paths.log_dir=$WORK/logs"
 echo "== python train.py ${OVERRIDES[*]}"
@@ -119,7 +132,7 @@ kill "$SMI" 2>/dev/null
 echo "== train.py exit code $RC after $(( $(date +%s) - started )) s"
 
 # 4. Numbers from the TensorBoard scalars (wall time per logged step) and nvidia-smi.
-ROLLOUT=$ROLLOUT VLLM_VERSION=$VLLM_VERSION RC=$RC WORK=$WORK OUT=$OUT "$PY" - <<'EOF'
+ROLLOUT=$ROLLOUT VLLM_VERSION=$VLLM_VERSION RC=$RC TESTS_RC=$TESTS_RC WORK=$WORK OUT=$OUT "$PY" - <<'EOF'
 import glob, json, os, statistics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -144,6 +157,7 @@ mem = [int(x) for x in open(f"{out}/gpu_mem.csv").read().split() if x.strip().is
 exported = any("exported model to" in line for line in open(f"{out}/train.log", errors="replace"))
 summary = {
     "rollout": os.environ["ROLLOUT"], "vllm": os.environ["VLLM_VERSION"], "exit_code": int(os.environ["RC"]),
+    "vllm_tests_exit_code": os.environ["TESTS_RC"],
     "steps_logged": len(rows), "step_seconds": step_s,
     # Step 1 has no start mark and step 2 still warms up: the median of steps 3-5.
     "median_step_s": statistics.median(step_s[1:] or step_s) if step_s else float("nan"),
@@ -162,8 +176,8 @@ Setup: the tiny Qwen2 scaled up (hidden 512, 8 layers, 8 heads, random weights, 
 bf16 FSDP mixed precision), synthetic sums, 32 prompts x G = 8 = 256 completions of up to 256 new tokens
 per step, micro-batch 32, 5 steps, `strategy=fsdp2 trainer=fsdp2 trainer.devices=1`, rollout={summary['rollout']}
 (vllm {summary['vllm']}{', gpu_memory_utilization 0.25, enforce_eager, bf16' if summary['rollout'] == 'vllm' else ''}).
-{'Weights synced into the engine after every optimizer step' if summary['rollout'] == 'vllm' else 'No weight sync (HF generate shares the policy)'}; FSDP export at the end: {'written' if exported else 'NOT written'}.
-train.py exit code {summary['exit_code']}; {len(rows)} steps logged; step seconds {', '.join(f'{x:.2f}' for x in step_s)}.
+{'Weights reloaded into the engine before each rollout' if summary['rollout'] == 'vllm' else 'No weight sync (HF generate shares the policy)'}; FSDP export at the end: {'written' if exported else 'NOT written'}.
+vLLM tests (`pytest -m vllm`) exit code {summary['vllm_tests_exit_code']}; train.py exit code {summary['exit_code']}; {len(rows)} steps logged; step seconds {', '.join(f'{x:.2f}' for x in step_s)}.
 
 | what | value |
 |---|---|
@@ -177,4 +191,5 @@ open(f"{out}/results.md", "w").write(md)
 print(md)
 print(json.dumps(summary))
 EOF
+[[ $TESTS_RC == skipped || $TESTS_RC == 0 ]] || exit "$TESTS_RC"
 exit "$RC"

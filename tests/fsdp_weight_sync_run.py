@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import sys
 from functools import partial
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -25,6 +24,7 @@ from selfbudget_pl.modules.base import full_state_dict
 from selfbudget_pl.strategies import decoder_layer_classes
 
 from .rank_cases import run_cases
+from .vllm_stand_in import install_stand_in_vllm
 
 CASES = [("fsdp2", False), ("fsdp2", True), ("fsdp1", False), ("fsdp1", True)]
 
@@ -41,24 +41,22 @@ class Holder(torch.nn.Module):
 
 
 class RecordingLLM:
-    """Stand-in ``vllm.LLM``: its in-process engine model records every ``load_weights`` call."""
+    """Stand-in ``vllm.LLM``: its worker's in-place reload records the weights it is handed."""
 
     def __init__(self, **kwargs) -> None:
         self.kwargs = kwargs
-        self.loads: list[list[tuple[str, torch.Tensor]]] = []
-        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load_weights))
-        executor = SimpleNamespace(driver_worker=SimpleNamespace(model_runner=runner))
-        self.llm_engine = SimpleNamespace(model_executor=executor)
+        self.reloads: list[list[tuple[str, torch.Tensor]]] = []
 
-    def _load_weights(self, weights) -> None:
-        # Copied, as the engine copies into its own parameters: the gathered storage is released after.
-        self.loads.append([(name, tensor.detach().clone()) for name, tensor in weights])
+    def collective_rpc(self, method, kwargs) -> None:
+        assert method == "reload_weights"
+        # Copied as they come, as the engine copies into its own parameters: gathered storage is released after.
+        self.reloads.append([(name, tensor.detach().clone()) for name, tensor in kwargs["weights_iterator"]])
 
     def reset_prefix_cache(self) -> None:
         pass
 
     def received(self) -> dict[str, torch.Tensor]:
-        return {name: tensor for chunk in self.loads for name, tensor in chunk}
+        return dict(self.reloads[-1])
 
 
 def same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
@@ -126,7 +124,7 @@ def run_case(kind: str, lora: bool, loader: ModelLoader, tokenizer, layers: tupl
     local_numel = sum(parameter.to_local().numel() if hasattr(parameter, "to_local") else parameter.numel()
                       for parameter in root.parameters())  # fmt: skip
 
-    backend = VLLMRolloutBackend(model, tokenizer, weight_sync_chunk_mb=0.05)
+    backend = VLLMRolloutBackend(model, tokenizer)
     engine = backend.llm
     backend.sync_weights(root, "model.")
     received_before = engine.received()
@@ -141,15 +139,14 @@ def run_case(kind: str, lora: bool, loader: ModelLoader, tokenizer, layers: tupl
     oracle = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True))
     oracle = {key[len("model.") :]: value.clone() for key, value in oracle.items() if key.startswith("model.")}
     expected_after = merged(loader, lora, oracle)
-    engine.loads.clear()
     backend.sync_weights(root, "model.")
     received_after = engine.received()
 
     return {
         "sharded": local_numel < full_numel,
         "external_launcher": engine.kwargs.get("distributed_executor_backend") == "external_launcher",
-        "chunks": len(engine.loads),
-        "names_once": sum(len(chunk) for chunk in engine.loads) == len(received_after),
+        "one_reload_per_sync": len(engine.reloads) == 2,
+        "names_once": len(engine.reloads[-1]) == len(received_after),
         "before_equals_unsharded": same(received_before, expected_before),
         "after_step_equals_torch_state_dict": same(received_after, expected_after),
         "weights_moved": not same(expected_after, expected_before),
@@ -160,7 +157,7 @@ def run_case(kind: str, lora: bool, loader: ModelLoader, tokenizer, layers: tupl
 
 def main(output_dir: str) -> None:
     dist.init_process_group("gloo")
-    sys.modules["vllm"] = SimpleNamespace(LLM=RecordingLLM, SamplingParams=dict)  # type: ignore[assignment]
+    install_stand_in_vllm(RecordingLLM)
     loader = ModelLoader()
     tokenizer = loader.load_tokenizer()
     layers = tuple(decoder_layer_classes(loader))

@@ -166,9 +166,8 @@ def test_vllm_weight_sync_gives_every_rank_the_full_weights_under_fsdp(tmp_path,
         rank0, rank1 = reports[0][case], reports[1][case]
         assert rank0["digest"] == rank1["digest"], f"{case}: the ranks' engines hold different weights"
         for report in (rank0, rank1):
-            checks = {key: value for key, value in report.items() if key not in ("digest", "chunks")}
+            checks = {key: value for key, value in report.items() if key != "digest"}
             assert all(checks.values()), f"{case}: {checks}"
-            assert report["chunks"] > 1, f"{case}: the weights went to the engine in one piece"
 
 
 def test_hf_rollouts_from_a_sharded_policy_match_the_unsharded_model(tmp_path, tiny_cache):

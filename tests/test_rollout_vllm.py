@@ -1,6 +1,8 @@
-"""VLLMRolloutBackend without a GPU: lazy import, the install hint, request building, output conversion
-and the weight sync, against a stand-in ``vllm`` module that records what it is asked. The sync under
-FSDP (two processes) is in tests/test_distributed.py."""
+"""VLLMRolloutBackend without vLLM installed: lazy import, the install hint, request building, output
+conversion and what the weight sync hands the engine, against a stand-in ``vllm`` module that records what
+it is asked (the default suite runs where vLLM is absent). The same against a real engine is
+tests/test_vllm_engine.py (`pytest -m vllm`); the sync under FSDP (two processes) is in
+tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from selfbudget_pl.rollout.vllm import rollouts_from_outputs, sampling_params_kw
 from selfbudget_pl.weights import iter_full_weights
 
 from .conftest import randomize_lora_b
+from .vllm_stand_in import install_stand_in_vllm
 
 
 def test_importing_the_module_does_not_import_vllm():
@@ -33,13 +36,32 @@ def test_building_without_vllm_names_the_install_command(monkeypatch, tokenizer)
         VLLMRolloutBackend(torch.nn.Linear(1, 1), tokenizer)
 
 
+class _BrokenTorchvision:
+    """A meta-path finder under which `import vllm` fails as it does beside a mismatched torchvision."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "vllm":
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
+
+
+def test_a_mismatched_torchvision_is_named_with_the_fix(monkeypatch, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_BrokenTorchvision(), *sys.meta_path])
+    with pytest.raises(ImportError, match=r"pip uninstall -y torchvision torchaudio torchcodec"):
+        VLLMRolloutBackend(torch.nn.Linear(1, 1), tokenizer)
+
+
 def test_sampling_params_give_each_completion_its_own_seed():
     sampling = SamplingSettings(temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=32, stop=["</solution>"], seed=7)
     kwargs = [sampling_params_kwargs(sampling, [1, 2], index) for index in range(3)]
     assert [k["seed"] for k in kwargs] == [7, 8, 9]
     assert kwargs[0] == {
         "n": 1, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "stop": ["</solution>"],
-        "stop_token_ids": [1, 2], "include_stop_str_in_output": True, "seed": 7,
+        "stop_token_ids": [1, 2], "include_stop_str_in_output": True, "skip_special_tokens": False,
+        "spaces_between_special_tokens": False, "seed": 7,
     }
     assert sampling_params_kwargs(SamplingSettings(seed=None), [1])["seed"] is None
 
@@ -66,7 +88,7 @@ def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
 
 
 class _FakeLLM:
-    """Records calls; its in-process "engine model" is a copy of the policy, loaded via load_weights."""
+    """Records calls; its worker's in-place reload consumes the weights iterator as vLLM's does."""
 
     instances: list["_FakeLLM"] = []
 
@@ -74,21 +96,18 @@ class _FakeLLM:
         self.kwargs = kwargs
         self.calls: list[str] = []
         self.requests = None
-        self.engine_model = None
-        self.loads: list[list[tuple[str, torch.Tensor]]] = []
-        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self._load_weights))
-        worker = SimpleNamespace(model_runner=runner)
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker))
+        self.reloads: list[list[tuple[str, torch.Tensor]]] = []
         _FakeLLM.instances.append(self)
 
-    def _load_weights(self, weights):
-        self.calls.append("load_weights")
+    def collective_rpc(self, method, kwargs):
+        self.calls.append(method)
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"] is True
         # Copied, as vLLM copies into its own parameters; every call's pairs are kept, in order.
-        self.loads.append([(name, tensor.detach().clone()) for name, tensor in weights])
+        self.reloads.append([(name, tensor.detach().clone()) for name, tensor in kwargs["weights_iterator"]])
 
     @property
     def loaded(self) -> dict[str, torch.Tensor]:
-        pairs = [pair for chunk in self.loads for pair in chunk]
+        pairs = self.reloads[-1]
         assert len({name for name, _ in pairs}) == len(pairs), "a weight was sent twice"
         return dict(pairs)
 
@@ -109,8 +128,10 @@ class _FakeLLM:
 
 @pytest.fixture
 def fake_vllm(monkeypatch):
-    module = SimpleNamespace(LLM=_FakeLLM, SamplingParams=lambda **kwargs: kwargs)
-    monkeypatch.setitem(sys.modules, "vllm", module)
+    modules: dict = {}
+    module = install_stand_in_vllm(_FakeLLM, modules)
+    for name, value in modules.items():
+        monkeypatch.setitem(sys.modules, name, value)
     _FakeLLM.instances.clear()
     return module
 
@@ -143,11 +164,39 @@ def test_sleep_mode_releases_memory_between_rollouts(fake_vllm, model_loader, to
     backend = VLLMRolloutBackend(model, tokenizer, enable_sleep_mode=True)
     llm = _FakeLLM.instances[-1]
     backend.generate([[1]], 1, SamplingSettings())
-    backend.sync_weights(model)
+    backend.mark_stale(model)
     backend.generate([[1]], 1, SamplingSettings())
     assert llm.calls == [
-        "generate", "sleep1", "wake_up", "load_weights", "reset_prefix_cache", "sleep1", "wake_up", "generate", "sleep1"
+        "generate", "sleep1", "wake_up", "reload_weights", "reset_prefix_cache", "sleep1", "wake_up", "generate", "sleep1"
     ]
+
+
+def test_steps_between_rollouts_cost_one_sync_before_the_next_generate(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    model = model_loader.load_model()
+    backend = VLLMRolloutBackend(model, tokenizer)
+    llm = _FakeLLM.instances[-1]
+    for _ in range(3):  # three optimizer steps
+        backend.mark_stale(model)
+    assert llm.calls == []
+    backend.generate([[1]], 1, SamplingSettings())
+    backend.generate([[1]], 1, SamplingSettings())
+    assert llm.calls == ["reload_weights", "reset_prefix_cache", "generate", "generate"]
+    assert backend.num_syncs == 1
+
+
+def test_a_cpu_engine_gets_a_bounded_kv_cache(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    model = model_loader.load_model()
+    VLLMRolloutBackend(model, tokenizer)
+    assert "kv_cache_memory_bytes" not in _FakeLLM.instances[-1].kwargs  # GPU: gpu_memory_utilization decides
+    fake_vllm.platforms.current_platform.is_cpu = lambda: True
+    VLLMRolloutBackend(model, tokenizer, cpu_kv_cache_gb=0.5)
+    assert _FakeLLM.instances[-1].kwargs["kv_cache_memory_bytes"] == 2**29
+    VLLMRolloutBackend(model, tokenizer, kv_cache_gb=2)
+    assert _FakeLLM.instances[-1].kwargs["kv_cache_memory_bytes"] == 2 * 2**30
 
 
 def assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -156,17 +205,16 @@ def assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
         assert torch.equal(loaded[name], tensor), name
 
 
-def test_sync_weights_streams_a_plain_model_state_dict_in_chunks(fake_vllm, model_loader, tokenizer):
+def test_sync_weights_reloads_the_plain_model_state_dict_in_one_call(fake_vllm, model_loader, tokenizer):
     from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
 
     model = model_loader.load_model()
     expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    backend = VLLMRolloutBackend(model, tokenizer, weight_sync_chunk_mb=0.1)
+    backend = VLLMRolloutBackend(model, tokenizer)
     backend.sync_weights(model)
     llm = _FakeLLM.instances[-1]
+    assert len(llm.reloads) == 1  # layerwise reload needs every weight of a layer within one call
     assert_same(llm.loaded, expected)
-    assert len(llm.loads) > 1, "the weights went to the engine in one piece"
-    assert all(sum(t.numel() * t.element_size() for _, t in chunk[:-1]) < 0.1 * 2**20 for chunk in llm.loads)
 
 
 def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm, model_loader, tokenizer):
@@ -177,11 +225,10 @@ def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm
     expected = copy.deepcopy(policy).merge_and_unload().state_dict()
     before = {name: weight.clone() for name, weight in policy.state_dict().items()}
 
-    backend = VLLMRolloutBackend(policy, tokenizer, weight_sync_chunk_mb=0.1)
+    backend = VLLMRolloutBackend(policy, tokenizer)
     backend.sync_weights(policy)
     llm = _FakeLLM.instances[-1]
     assert_same(llm.loaded, expected)  # exactly peft's merge, under the HF checkpoint's names
-    assert len(llm.loads) > 1
     # The adapters were never merged into the training weights.
     for name, weight in policy.state_dict().items():
         assert torch.equal(weight, before[name]), name

@@ -23,10 +23,6 @@ import torch
 # Wrapper modules whose attribute name is not part of the checkpoint's names.
 TRANSPARENT_CHILDREN = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
 
-# Yielded by _walk just before gathered storage is released (an FSDP1 unit is resharded): tensors
-# yielded since the previous marker may alias that storage and must be used before iteration resumes.
-_RELEASE = object()
-
 
 def is_sharded(root: torch.nn.Module) -> bool:
     """Whether ``root`` holds FSDP-sharded modules (the FSDP1 wrapper or FSDP2 ``fully_shard``)."""
@@ -48,52 +44,24 @@ def iter_full_weights(
             (``model.layers.0.self_attn.q_proj.weight``, as in the HF checkpoint); False yields the
             peft model's own state-dict names and tensors (adapters separate).
 
-    A yielded tensor may alias the parameter (or gathered FSDP1 storage that is released as soon as the
-    iteration moves on): copy it before asking for the next one. Use :func:`full_weight_chunks` to hold
-    several at once.
+    A yielded tensor may alias the parameter, or gathered FSDP1 storage that stays valid only while the walk
+    is inside that FSDP unit: copy what must outlive it (vLLM's reload holds a tensor until the rest of its
+    layer has arrived, which is inside the same decoder-layer unit).
     """
-    for item in _walk_root(root, prefix, merge_lora):
-        if item is not _RELEASE:
-            yield item
-
-
-def full_weight_chunks(
-    root: torch.nn.Module, prefix: str = "", merge_lora: bool = True, max_bytes: int = 512 * 2**20
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """:func:`iter_full_weights` in lists of about ``max_bytes`` (at least one tensor each).
-
-    Every tensor of a list stays valid until the next list is asked for: a list is cut early where FSDP1
-    releases gathered storage, so memory stays within one gather unit plus one list.
-    """
-    chunk: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for item in _walk_root(root, prefix, merge_lora):
-        if item is not _RELEASE:
-            name, tensor = item
-            chunk.append((name, tensor))
-            size += tensor.numel() * tensor.element_size()
-        if chunk and (item is _RELEASE or size >= max_bytes):
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    yield from _walk_root(root, prefix, merge_lora)
 
 
 def _walk_root(root: torch.nn.Module, prefix: str, merge_lora: bool) -> Iterator:
     # No torch.no_grad() around the walk: a grad mode set inside a generator would leak into the
     # caller's code between items. Gathers and merges are wrapped individually instead.
     _reshard_idle_units(root)
-    for item in _walk(root, "", prefix, merge_lora):
-        if item is _RELEASE:
-            yield item
-        else:
-            name, tensor = item
-            yield name[len(prefix) :], tensor.detach()
+    for name, tensor in _walk(root, "", prefix, merge_lora):
+        yield name[len(prefix) :], tensor.detach()
 
 
 def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> Iterator:
     """Pre-order over ``module`` (at dotted ``path``, wrapper names left out), yielding ``(path + name,
-    full tensor)`` for its state dict entries under ``prefix`` and ``_RELEASE`` before storage goes."""
+    full tensor)`` for its state dict entries under ``prefix``."""
     if not (path.startswith(prefix) or prefix.startswith(path)):
         return  # outside the policy (e.g. a frozen reference model): never gathered
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -103,7 +71,6 @@ def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> 
         # reaches them. writeback=False: nothing here modifies the parameters.
         with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
             yield from _walk(module._fsdp_wrapped_module, path, prefix, merge_lora)
-            yield _RELEASE
         return
     peft = _peft_classes() if merge_lora else None
     if peft is not None:

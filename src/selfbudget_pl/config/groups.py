@@ -331,11 +331,12 @@ class VLLMRolloutSchema(Schema):
 
     model_path: Optional[str] = spec(note="null: the policy's name_or_path")
     gpu_memory_utilization: float = spec(gt=0, le=1)
+    kv_cache_gb: Optional[float] = spec(gt=0, note="null: gpu_memory_utilization on GPUs, cpu_kv_cache_gb on CPU")
+    cpu_kv_cache_gb: float = spec(gt=0)
     enable_sleep_mode: bool = spec()
     max_model_len: Optional[int] = spec(ge=1, note="null: the model config's")
     dtype: str = spec()
     seed: int = spec()
-    weight_sync_chunk_mb: float = spec(gt=0)
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"module.loss_aggregation={loss_aggregation!r} is not one of {AGGREGATIONS}")
         if num_iterations < 1:
             raise ValueError(f"module.num_iterations={num_iterations} must be >= 1")
-        # Several optimizer steps per batch of rollouts, each followed by a weight sync.
+        # Several optimizer steps per batch of rollouts; the rollout backend syncs before the next rollout.
         self.automatic_optimization = False
         self.num_generations = num_generations
         self.sampling = sampling_settings(sampling, temperature=0.6, max_new_tokens=8192)
@@ -211,7 +211,7 @@ class GRPOModule(PolicyModule):
     def on_train_start(self) -> None:
         super().on_train_start()
         # A resumed run's policy is not the checkpoint the backend loaded from disk.
-        self.rollout_backend.sync_weights(*self.weights_source())
+        self.rollout_backend.mark_stale(*self.weights_source())
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -324,7 +324,7 @@ class GRPOModule(PolicyModule):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-                self.rollout_backend.sync_weights(*self.weights_source())
+                self.rollout_backend.mark_stale(*self.weights_source())  # synced before the next rollout
         return _token_means(totals, steps_per_batch)
 
     def _gradient_sync(self, last: bool) -> ContextManager[None]:

