@@ -305,7 +305,7 @@ def test_grpo_syncs_once_per_rollout_and_the_engine_ends_on_the_trained_weights(
     # one sync before each rollout (the first for on_train_start), none after the other steps.
     assert trainer.global_step == 8
     assert backend.num_syncs - syncs == 2
-    assert torch.isfinite(trainer.callback_metrics["loss"])
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
     # The last steps are synced lazily, by the next generate: then the engine holds the trained policy.
     engine = backend.generate(prompts, 1, GREEDY)
     assert backend.num_syncs - syncs == 3
@@ -413,6 +413,6 @@ def test_grpo_toy_experiment_runs_on_the_vllm_engine(sharp_dir, tmp_path):
     accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
     accumulator.Reload()
     scalars = {tag: [event.value for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-    for tag in ("loss", "reward"):
+    for tag in ("train/loss", "rewards/mean"):
         assert len(scalars[tag]) == 3 and all(math.isfinite(value) for value in scalars[tag]), (tag, scalars[tag])
     assert (tmp_path / "export" / "config.json").exists()
