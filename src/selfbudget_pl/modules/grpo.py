@@ -26,6 +26,7 @@ locally), so every rank takes the same step; the logged scalars are averaged acr
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -123,6 +124,9 @@ class GRPOModule(PolicyModule):
         packed_forward: compute log-probs on packed tokens, each group's prompt once and no padding
             (:mod:`selfbudget_pl.modules.packing`; Qwen2, Llama and Qwen3, others run padded). The
             result equals the padded forward's up to float rounding.
+        mask_truncated_completions: leave completions cut off by ``max_new_tokens`` out of the loss
+            (TRL's option): their reward says nothing about an answer the model never got to finish.
+            They still count in their group's baseline.
     """
 
     def __init__(
@@ -144,6 +148,7 @@ class GRPOModule(PolicyModule):
         prefill_fraction: float = 0.0,
         prefill_budget_range: tuple[float, float] = (0.5, 1.0),
         packed_forward: bool = True,
+        mask_truncated_completions: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -177,6 +182,7 @@ class GRPOModule(PolicyModule):
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
         self.packed_forward = packed_forward
+        self.mask_truncated_completions = mask_truncated_completions
         self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
 
@@ -208,7 +214,9 @@ class GRPOModule(PolicyModule):
         started = time.perf_counter()
         stats = self.update_policy(experience)
         stats["train/tokens_per_s"] = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
-        metrics = {**rollout_metrics(rollouts, experience, self.num_generations), **stats}
+        metrics = {**rollout_metrics(rollouts, self.num_generations), **stats}
+        if self.mask_truncated_completions:
+            metrics["rollout/masked_truncated"] = float(sum(rollouts.truncated))
         # Each rank saw different prompts: log the mean over ranks, not rank 0's share.
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
@@ -268,6 +276,8 @@ class GRPOModule(PolicyModule):
         # min_width 1: a batch whose completions are all empty still has a token axis.
         prompt_ids, prompt_mask = pad_tokens(rollouts.prompt_ids, pad, left=True, min_width=1)
         completion_ids, completion_mask = pad_tokens(completions, pad, min_width=1)
+        if self.mask_truncated_completions:
+            completion_mask = completion_mask * ~torch.tensor(rollouts.truncated, dtype=torch.bool)[:, None]
         return Experience(
             prompt_ids.to(self.device), prompt_mask.to(self.device),
             completion_ids.to(self.device), completion_mask.to(self.device), advantages,
@@ -277,7 +287,7 @@ class GRPOModule(PolicyModule):
         """``num_iterations`` passes of optimizer steps over ``experience``; returns token-weighted stats."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         mini_batch = self.mini_batch_size or len(experience)
-        steps_per_batch = self.num_iterations * -(-len(experience) // mini_batch)
+        steps_per_batch = self.optimizer_steps_per_batch(len(experience))
         if steps_per_batch > 1:
             # The policy moves after the first step: ratios need the log-probs that sampled the tokens.
             experience.old_logprobs = self.score_completions(self.model, experience)
@@ -300,6 +310,25 @@ class GRPOModule(PolicyModule):
                 scheduler.step()
                 self.rollout_backend.sync_weights(*self.weights_source())
         return _token_means(totals, steps_per_batch)
+
+    def optimizer_steps_per_batch(self, num_completions: int) -> int:
+        """Optimizer steps one batch of rollouts takes: ``num_iterations`` x its mini-batches."""
+        return self.num_iterations * -(-num_completions // (self.mini_batch_size or num_completions))
+
+    def total_optimizer_steps(self) -> float:
+        """Optimizer steps the run takes (see :meth:`PolicyModule.total_optimizer_steps`), counting every
+        mini-batch and iteration of every batch: ``trainer.max_steps`` counts optimizer steps too, but
+        Lightning's epoch-based estimate counts batches."""
+        trainer = self.trainer
+        bounded_by_steps = trainer.estimated_stepping_batches  # also loads the train dataloader
+        if trainer.max_epochs == -1 or not math.isfinite(trainer.num_training_batches):
+            return float(bounded_by_steps)
+        per_epoch = sum(
+            self.optimizer_steps_per_batch(prompts * self.num_generations)
+            for prompts in epoch_batch_sizes(trainer.train_dataloader, int(trainer.num_training_batches))
+        )
+        total = per_epoch * max(trainer.max_epochs, 1)
+        return float(min(total, trainer.max_steps) if trainer.max_steps > 0 else total)
 
     def _gradient_sync(self, last: bool) -> ContextManager[None]:
         """All-reduce gradients only on a mini-batch's last backward; earlier ones accumulate locally."""
@@ -380,10 +409,11 @@ class GRPOModule(PolicyModule):
         self.validation_generation(batch)
 
 
-def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int) -> dict[str, float]:
-    """What TRL logs about a batch of rollouts, under TRL's names, plus counts of dead weight."""
+def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
+    """What TRL logs about a batch of rollouts, under TRL's names, plus counts of dead weight
+    (``rollout/unfinished``: cut off or solution block never closed, so scored as malformed)."""
     rewards = rollouts.rewards.float().view(-1, group_size)
-    lengths = experience.completion_mask.sum(1).float()
+    lengths = torch.tensor([len(rollouts.sampled_ids(index)) for index in range(len(rollouts))], dtype=torch.float32)
     zero_std = (rewards == rewards[:, :1]).all(dim=1)
     return {
         "reward": float(rewards.mean()),
@@ -395,9 +425,20 @@ def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int)
         "completions/clipped_ratio": sum(rollouts.truncated) / len(rollouts),
         "rollout/zero_std_groups": float(zero_std.sum()),
         "rollout/truncated": float(sum(rollouts.truncated)),
+        "rollout/unfinished": float(sum(not done for done in rollouts.columns.get("finished", []))),
         "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }
+
+
+def epoch_batch_sizes(loader: Any, num_batches: int) -> list[int]:
+    """Prompts in each of an epoch's first ``num_batches`` batches on this rank (the sampler Lightning
+    installed, e.g. a DistributedSampler, gives this rank's share)."""
+    size, batch = len(loader.sampler), loader.batch_size
+    if batch is None:  # a custom batch_sampler
+        return [len(indices) for indices in loader.batch_sampler][:num_batches]
+    sizes = [batch] * (size // batch) + ([size % batch] if size % batch and not loader.drop_last else [])
+    return sizes[:num_batches]
 
 
 def completion_logprobs(logits: torch.Tensor, micro: Experience) -> torch.Tensor:
