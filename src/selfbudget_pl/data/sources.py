@@ -7,7 +7,7 @@ Every source has ``load(...) -> list[MathRecord]``. File schemas (``schema=``):
 - ``math500``: ``problem``, ``answer``, optional ``solution``, ``level`` (int), ``unique_id``/``id``
   (also reads AIME/AMC-style files that give the answer directly).
 - ``labelled``: what ``scripts/label_budgets.py`` writes: the record fields plus ``response``,
-  ``budget``, ``b_max``.
+  ``budget``, ``b_max`` (``response``/``budget`` null: no cold-start target; ``b_max`` null: no cap).
 - ``auto``: one of the above, chosen from the first row's fields.
 
 A row missing a field raises :class:`DataError` naming the file, the 1-based line and the field. A
@@ -296,24 +296,30 @@ def _from_math500(row: dict[str, Any], where: str, source_name: str, fallback_id
 
 
 def _from_labelled(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
-    budget = _field(row, "budget", where, "labelled")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise DataError(f"{where}: field 'budget' must be an integer >= 1, got {budget!r}")
+    """A labelled row; ``response`` and ``budget`` null together mark a problem with no cold-start target
+    (RL only, capped by ``b_max`` or, when that is null too, uncapped)."""
     b_max = row.get("b_max")
-    if b_max is not None and (not isinstance(b_max, int) or isinstance(b_max, bool)):
-        raise DataError(f"{where}: field 'b_max' must be an integer or null, got {b_max!r}")
+    if b_max is not None and (not isinstance(b_max, int) or isinstance(b_max, bool) or b_max < 1):
+        raise DataError(f"{where}: field 'b_max' must be an integer >= 1 or null (no cap), got {b_max!r}")
     difficulty = row.get("difficulty")
-    return MathRecord(
+    record = MathRecord(
         id=str(_field(row, "id", where, "labelled")),
         problem=_text(row, "problem", where, "labelled"),
         answer=_answer_text(_field(row, "answer", where, "labelled")),
         solution=row.get("solution"),
         difficulty=math.nan if difficulty is None else float(difficulty),
         source=str(row.get("source") or source_name),
-        response=_text(row, "response", where, "labelled"),
-        budget=budget,
         b_max=b_max,
     )
+    for key in ("response", "budget"):
+        if key not in row:
+            raise DataError(f"{where}: missing field {key!r} (schema 'labelled'; null for no cold-start target)")
+    if row["response"] is None and row["budget"] is None:
+        return record
+    budget = row["budget"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise DataError(f"{where}: field 'budget' must be an integer >= 1, got {budget!r}")
+    return MathRecord(**record, response=_text(row, "response", where, "labelled"), budget=budget)
 
 
 _CONVERTERS = {"gsm8k": _from_gsm8k, "math": _from_math, "math500": _from_math500, "labelled": _from_labelled}
