@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from selfbudget_pl.reproduce import reproduce
+from selfbudget_pl.reproduce import check_targets, combine_figures, over_seeds, reproduce
 
 from .test_train import CONFIG_DIR
 
@@ -68,3 +69,34 @@ def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache):
 def test_missing_sft_model_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="sft_model=.*nowhere"):
         reproduce(_config(tmp_path, sft_model=tmp_path / "nowhere"))
+
+
+def _figures(seed: str, length: float, within: float) -> dict:
+    results = {
+        "sft": {"accuracy": 1.0, "spearman_budget_difficulty": 0.97, "mean_tokens": 80.0},
+        "grpo": {seed: {"accuracy": 1.0, "mean_tokens": length, "within_10": within, "spearman_budget_difficulty": 0.9}},
+        "sweep": {seed: [{"within_10": 0.9}, {"within_10": 0.85}]},
+    }
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        targets = compose("reproduce").targets
+    checks = {seed: check_targets(results, seed, targets)}
+    return {"checks": checks, "over_seeds": over_seeds(checks)}
+
+
+def test_separate_runs_combine_into_one_table_over_seeds(tmp_path, capsys):
+    import runpy
+
+    for seed, length, within in (("0", 36.0, 0.9), ("1", 44.0, 0.7)):
+        (tmp_path / seed).mkdir()
+        (tmp_path / seed / "figures.json").write_text(json.dumps(_figures(seed, length, within)))
+    script = runpy.run_path(str(Path(CONFIG_DIR).parent / "scripts" / "combine_reproductions.py"), run_name="combine")
+    assert script["main"]([str(tmp_path / "0"), str(tmp_path / "1"), "--markdown", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| seed 0 | seed 1 |" in table
+    # length ratio 0.45 and 0.55: mean 0.5, the worst is seed 1's, missed there
+    assert "| GRPO mean length / SFT mean length | <= 0.5 | 0.450 | 0.550 **✗** | 0.500 ± 0.071 | 0.550 (1) | **no** |" in table
+    assert "| GRPO own budget within ±10% of length | >= 0.8 | 0.900 | 0.700 **✗** |" in table
+    assert "| pre-filled budgets: worst fraction within ±10% | >= 0.8 | 0.850 | 0.850 | 0.850 ± 0.000 | 0.850 (0) | yes |" in table
+    assert table in capsys.readouterr().out
+    with pytest.raises(ValueError, match="seed 0 appears in two runs"):
+        combine_figures([_figures("0", 36.0, 0.9)] * 2, ["a", "b"])

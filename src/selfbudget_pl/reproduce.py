@@ -187,6 +187,31 @@ def over_seeds(checks: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return summary
 
 
+def combine_figures(figures: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Several runs' ``figures.json`` as one: their GRPO seeds side by side (a seed that two runs share
+    is an error: they would be the same run) and the targets over all of them."""
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for run, name in zip(figures, names):
+        for seed, rows in run["checks"].items():
+            if seed in checks:
+                raise ValueError(f"{name}: GRPO seed {seed} appears in two runs")
+            checks[seed] = rows
+    return {"checks": checks, "over_seeds": over_seeds(checks)}
+
+
+def targets_markdown(figures: dict[str, Any]) -> str:
+    """The targets table: each seed's figure (✗ where missed), mean ± sd, the worst seed, met on every seed."""
+    checks, seeds = figures["checks"], list(figures["checks"])
+    lines = ["| target | goal | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean ± sd | worst (seed) | met on every seed |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]  # fmt: skip
+    for index, row in enumerate(figures["over_seeds"]):
+        cells = [_figure(checks[seed][index]["measured"]) + ("" if checks[seed][index]["met"] else " **✗**") for seed in seeds]
+        spread = "" if row["sd"] is None else f" ± {row['sd']:.3f}"
+        lines.append(f"| {row['target']} | {row['goal']} | {' | '.join(cells)} | {_figure(row['mean'])}{spread} | "
+                     f"{_figure(row['worst'])} ({row['worst_seed']}) | {'yes' if row['met_on_every_seed'] else '**no**'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _figure(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
@@ -194,17 +219,10 @@ def _figure(value: Optional[float]) -> str:
 def report_markdown(figures: dict[str, Any], out: Path) -> str:
     """The reproduction report: targets per seed and over seeds, the main tables, the sweeps, the plots."""
     command = " ".join(["selfbudget-reproduce", *sys.argv[1:]]) if sys.argv[0].endswith("reproduce") else None
-    checks, seeds = figures["checks"], list(figures["checks"])
+    seeds = list(figures["checks"])
     lines = ["# SelfBudgeter on the tiny model (CPU reproduction)", ""]
     lines += [f"Command: `{command}`", ""] if command else []
-    lines += ["## Targets", "", f"GRPO seeds: {', '.join(seeds)} (one SFT model).", "",
-              "| target | goal | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean ± sd | worst (seed) | met on every seed |",
-              "|---|---|" + "---|" * len(seeds) + "---|---|---|"]  # fmt: skip
-    for index, row in enumerate(figures["over_seeds"]):
-        cells = [_figure(checks[seed][index]["measured"]) + ("" if checks[seed][index]["met"] else " **✗**") for seed in seeds]
-        spread = "" if row["sd"] is None else f" ± {row['sd']:.3f}"
-        lines.append(f"| {row['target']} | {row['goal']} | {' | '.join(cells)} | {_figure(row['mean'])}{spread} | "
-                     f"{_figure(row['worst'])} ({row['worst_seed']}) | {'yes' if row['met_on_every_seed'] else '**no**'} |")  # fmt: skip
+    lines += ["## Targets", "", f"GRPO seeds: {', '.join(seeds)} (one SFT model).", "", targets_markdown(figures)]
     lines += ["", "## Held-out synthetic problems (greedy)", ""]
     runs = ["sft", *(f"grpo_seed{seed}" for seed in seeds), "control"]
     for run in runs:
