@@ -353,3 +353,20 @@ def test_schedules_span_the_optimizer_steps_with_mini_batches_and_iterations(sha
     # annealed rewards, scored before each batch's steps (at steps 0, 4, 8, 10, 14, 18; 4, 4, 2 steps each): step /
     # (20 - the batch's own steps), so 0 at the first batch and 1 at the last; counted in batches it ended at step 6
     assert recorder.progress == pytest.approx([0.0, 4 / 16, 8 / 18, 10 / 16, 14 / 16, 1.0])
+
+
+def test_unfinished_completions_are_scored_malformed_and_counted(sharp_loader, prompt_ids):
+    from selfbudget_pl.callbacks.reward import RewardCallback
+    from selfbudget_pl.rewards.budget import BudgetGuidedReward
+    from selfbudget_pl.rewards.grader import MathGrader
+
+    module = _module(sharp_loader, grader=MathGrader(workers=0), sampling=dict(temperature=1.0, max_new_tokens=2))
+    recorder = FirstTokenReward(set())  # runs after the reward callback: sees its rewards
+    recorder.on_rollouts = lambda trainer, pl_module, rollouts: recorder.seen.append(rollouts)
+    trainer = _trainer(1, [RewardCallback({"budget_guided": BudgetGuidedReward()}), recorder])
+    trainer.fit(module, train_dataloaders=_loader(prompt_ids[:2], batch_size=2))
+    (rollouts,) = recorder.seen
+    unfinished = [not done for done in rollouts.columns["finished"]]
+    assert all(unfinished)  # two tokens cannot close a solution block
+    assert rollouts.rewards.tolist() == [-1.0] * len(rollouts)
+    assert float(trainer.callback_metrics["rollout/unfinished"]) == len(rollouts)

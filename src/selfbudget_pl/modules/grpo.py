@@ -415,7 +415,7 @@ def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
     rewards = rollouts.rewards.float().view(-1, group_size)
     lengths = torch.tensor([len(rollouts.sampled_ids(index)) for index in range(len(rollouts))], dtype=torch.float32)
     zero_std = (rewards == rewards[:, :1]).all(dim=1)
-    return {
+    metrics = {
         "reward": float(rewards.mean()),
         "reward_std": float(rewards.std(dim=1).mean()),
         "frac_reward_zero_std": float(zero_std.float().mean()),
@@ -425,10 +425,12 @@ def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
         "completions/clipped_ratio": sum(rollouts.truncated) / len(rollouts),
         "rollout/zero_std_groups": float(zero_std.sum()),
         "rollout/truncated": float(sum(rollouts.truncated)),
-        "rollout/unfinished": float(sum(not done for done in rollouts.columns.get("finished", []))),
         "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }
+    if "finished" in rollouts.columns:  # set by the reward callback
+        metrics["rollout/unfinished"] = float(sum(not done for done in rollouts.columns["finished"]))
+    return metrics
 
 
 def epoch_batch_sizes(loader: Any, num_batches: int) -> list[int]:
