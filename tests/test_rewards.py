@@ -391,3 +391,18 @@ def test_annotate_requires_the_answer_column():
     rollouts = Rollouts(prompt_ids=[[1]], completion_ids=[[1]], completions=["x"], finish_reasons=["eos"], group_index=[0])
     with pytest.raises(ValueError, match="'answer'"):
         annotate(rollouts, FORMAT, MathGrader(workers=0), CharTokenizer())
+
+
+@pytest.mark.parametrize("name, peak, shape, cost", [
+    ("selfbudgeter", "alpha", "cosine", 0.0), ("selfbudgeter_fixed", "fixed", "cosine", 0.0),
+    ("selfbudgeter_forecast", "fixed", "linear", 0.3),
+])  # fmt: skip
+def test_named_reward_forms_compose(name, peak, shape, cost):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"reward={name}"])
+    reward = instantiate(cfg.reward).rewards.functions["budget_guided"]
+    assert (reward.peak, reward.shape, reward.budget_cost) == (peak, shape, cost)
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        assert compose("train", overrides=["experiment=grpo_toy"]).reward.functions.budget_guided.shape == "linear"
