@@ -1,15 +1,25 @@
 """Write budget-labelled cold-start data (JSONL, the ``labelled`` schema) from reference solutions,
 or (``--samples K``, the paper's way) from the model's own correct answers among K samples per problem.
 
-Each row gets ``response = <budget>N</budget><solution>{reference}</solution>``, where N counts the
-solution's tokens under the model's tokenizer, and ``budget = b_max = N``. Rows whose answer cannot be
-extracted, or whose rendered target would not parse back to the gold answer, are dropped and counted.
+Each labelled row gets ``response = <budget>N</budget><solution>{solution}</solution>``, where N counts
+the solution's tokens under the model's tokenizer, and ``budget = b_max = N``.
+
+With ``--samples K`` the prompts are rendered with the training template of ``--data`` (a data config),
+sampled through the ``--rollout`` backend config (``hf``, or ``vllm`` on GPUs) and judged by the
+``--grader`` config; one correct finished sample per problem is kept (``--choose``). Every problem is
+written: one without a correct sample gets ``b_max: null`` (no cap) and no target (``response`` and
+``budget`` null), so it stays in the RL data and out of SFT. The run prints its counts: problems,
+solved, labelled, without a cap, and the rest by cause.
+
+Without ``--samples``, rows whose answer cannot be extracted, or whose rendered reference would not parse
+back to the gold answer, are dropped and counted.
 
   python scripts/label_budgets.py --jsonl ../shared/data/gsm8k/train.jsonl --schema gsm8k \\
       --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --output data/gsm8k_train_labelled.jsonl
   python scripts/label_budgets.py --source-config my_source.yaml --output labelled.jsonl   # tiny model
   python scripts/label_budgets.py --jsonl ../shared/data/gsm8k/train.jsonl --schema gsm8k --samples 4 \
-      --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --device cuda --output data/gsm8k_self.jsonl
+      --data gsm8k --rollout vllm --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --device cuda \
+      --dtype bfloat16 --output data/gsm8k_self.jsonl
 
 The DataModule reads the output with ``JsonlSource(path, schema="labelled")``.
 """
@@ -20,7 +30,8 @@ import argparse
 import logging
 import statistics
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from selfbudget_pl.data.budget_labels import label_records, write_jsonl
 from selfbudget_pl.data.records import DroppedRows
@@ -29,6 +40,7 @@ from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.models import ModelLoader
 
 log = logging.getLogger("label_budgets")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -49,7 +61,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sampled.add_argument("--temperature", type=float, default=0.6)
     sampled.add_argument("--max-new-tokens", type=int, default=4096)
     sampled.add_argument("--batch-size", type=int, default=16, help="problems per generate call")
-    sampled.add_argument("--prompt-template", default="{problem}", help="user turn; {problem} is replaced")
+    sampled.add_argument("--data", default="math", help="data config (name in configs/data or a YAML file) "
+                         "whose prompt_template and system_prompt render the prompts, as in training")
+    sampled.add_argument("--rollout", default="hf", help="rollout config (configs/rollout: hf | vllm, or a YAML file)")
+    sampled.add_argument("--grader", default="math_verify", help="grader config (configs/grader, or a YAML file)")
     sampled.add_argument("--dtype", default="float32", help="model weights dtype (bfloat16 on GPUs)")
     sampled.add_argument("--device", default="cpu")
     sampled.add_argument("--seed", type=int, default=0)
@@ -72,12 +87,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dropped = DroppedRows()
     records = source.load(on_bad_row=args.on_bad_answer, dropped=dropped, root=args.data_root)
     if args.samples:
-        labelled = label_with_samples(args, loader, tokenizer, records, dropped)
+        result = label_with_samples(args, loader, tokenizer, records, dropped)
+        labelled = result.records
     else:
         labelled = label_records(records, tokenizer, OutputFormat(), args.round_to, dropped)
     rows = write_jsonl(labelled, args.output)
     dropped.log_summary(log)
-    budgets = [record["budget"] for record in labelled]
+    if args.samples:
+        print(f"label_budgets: {result.summary(dropped)}", file=sys.stderr)
+    budgets = [record["budget"] for record in labelled if "budget" in record]
     log.info(
         "wrote %d rows to %s; budget mean %.1f, median %.0f, max %d",
         rows, args.output,
@@ -87,19 +105,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer, records, dropped) -> list:
-    from selfbudget_pl.data.self_labels import label_from_samples
-    from selfbudget_pl.rewards.grader import MathGrader
-    from selfbudget_pl.rollout.base import SamplingSettings
-    from selfbudget_pl.rollout.hf import HFRolloutBackend
+def config_file(group: str, name: str) -> Any:
+    """A config of ``group`` by name (``configs/<group>/<name>.yaml``) or path."""
+    from omegaconf import OmegaConf
 
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        sys.exit(f"--{group} {name}: no such config ({path}); choices: {', '.join(choices)}, or a YAML file")
+    return OmegaConf.load(path)
+
+
+def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer, records, dropped):
+    from hydra.utils import instantiate
+
+    from selfbudget_pl.data.self_labels import label_from_samples
+    from selfbudget_pl.rollout.base import SamplingSettings
+
+    data = config_file("data", args.data)
+    rollout = instantiate(config_file("rollout", args.rollout))  # a partial: finished with the model
     model = loader.load_model().to(args.device)
     sampling = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
-    with MathGrader() as grader:
+    with instantiate(config_file("grader", args.grader)) as grader:
         return label_from_samples(
-            records, HFRolloutBackend(model, tokenizer), tokenizer, grader, samples=args.samples,
-            choose=args.choose, sampling=sampling, prompt_template=args.prompt_template,
-            round_to=args.round_to, batch_size=args.batch_size, seed=args.seed, dropped=dropped,
+            records, rollout(model=model, tokenizer=tokenizer), tokenizer, grader, samples=args.samples,
+            choose=args.choose, sampling=sampling, prompt_template=data.get("prompt_template") or "{problem}",
+            system_prompt=data.get("system_prompt"), round_to=args.round_to, batch_size=args.batch_size,
+            seed=args.seed, dropped=dropped,
         )  # fmt: skip
 
 

@@ -88,7 +88,7 @@ BAD_VALUES = [
     ("experiment=grpo_toy", "reward.weights.budget_guided=nan", "reward.weights.budget_guided=nan: is not a finite number"),
     ("experiment=grpo_toy", "+reward.weights.typo=1", "reward.weights.typo=1: names no reward function"),
     ("experiment=grpo_toy", "reward.functions.budget_guided.correct_max=inf", "reward.functions.budget_guided.correct_max=inf: is not a finite number"),
-    ("experiment=grpo_toy", "reward.functions.budget_guided.budget_penalty=-2", "reward.functions.budget_guided.budget_penalty=-2: reward.functions.budget_guided.correct_min=0.5 + budget_penalty is below reward.functions.budget_guided.wrong_max=-0.5"),
+    ("experiment=grpo_toy", "reward.functions.budget_guided.budget_penalty=-2", "reward.functions.budget_guided.budget_penalty=-2: reward.functions.budget_guided.correct_min=0.5 + budget_penalty - budget_cost=0.3 is below reward.functions.budget_guided.wrong_max=-0.5"),
     ("experiment=grpo_toy", "trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4: GRPO optimizes manually"),
     ("experiment=grpo_toy", "+trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=1.0: GRPO optimizes manually: clip with module.max_grad_norm"),
     ("experiment=grpo_toy", "reward.functions.budget_guided.delta=1", "reward.functions.budget_guided.delta=1: must be a finite number >= 0 and < 1"),

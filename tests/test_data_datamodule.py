@@ -74,7 +74,7 @@ def test_sft_val_batches_also_carry_prompts_and_columns(tokenizer):
 
 
 def test_grpo_batches_are_left_padded_prompts_with_columns(tokenizer):
-    dm = _datamodule(tokenizer, mode="grpo")
+    dm = _datamodule(tokenizer, mode="grpo", reference_b_max=True)  # opt-in: caps from the references
     batch = next(iter(dm.train_dataloader()))
     assert "labels" not in batch
     assert set(batch) >= {"prompt_input_ids", "prompt_attention_mask", "prompt_ids", "id", "problem", "answer",
@@ -87,7 +87,7 @@ def test_grpo_batches_are_left_padded_prompts_with_columns(tokenizer):
         assert batch["prompt_input_ids"][row, width - len(prompt_ids):].tolist() == prompt_ids
         assert batch["answer"][row] == str(sum(int(v) for v in batch["problem"][row].split("+")))
         assert isinstance(batch["b_max"][row], int) and batch["b_max"][row] > 0
-    no_cap = _datamodule(tokenizer, mode="grpo", reference_b_max=False)
+    no_cap = _datamodule(tokenizer, mode="grpo")  # the default: no label file, no cap
     assert next(iter(no_cap.train_dataloader()))["b_max"] == [None] * 8
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import lightning as L
@@ -324,3 +325,81 @@ def test_grpo_and_rollout_configs_build_what_they_name(model_loader):
     assert isinstance(module.rollout_backend, HFRolloutBackend)
     vllm_partial = instantiate(OmegaConf.load(configs / "rollout/vllm.yaml"))
     assert vllm_partial.func.__name__ == "VLLMRolloutBackend" and vllm_partial.keywords["gpu_memory_utilization"] == 0.3
+
+
+def test_mask_truncated_completions_leaves_them_out_of_the_loss(sharp_loader, prompt_ids):
+    rollouts = Rollouts(
+        prompt_ids=[prompt_ids[0]] * 3, completion_ids=[[11, 12], [13], [14, 15]], completions=["a"] * 3,
+        finish_reasons=["length", "eos", "stop"], group_index=[0] * 3, stop_token_ids=[None, 2, None],
+    )  # fmt: skip
+    kept = _module(sharp_loader).make_experience(rollouts, torch.tensor([1.0, -1.0, 0.0]))
+    masked = _module(sharp_loader, mask_truncated_completions=True).make_experience(rollouts, torch.tensor([1.0, -1.0, 0.0]))
+    assert kept.completion_mask.tolist() == [[1, 1], [1, 1], [1, 1]]
+    assert masked.completion_mask.tolist() == [[0, 0], [1, 1], [1, 1]]
+
+
+def test_mask_truncated_completions_trains_and_counts_them(sharp_loader, prompt_ids):
+    module = _module(sharp_loader, mask_truncated_completions=True, sampling=dict(temperature=1.0, max_new_tokens=2))
+    reward = FirstTokenReward(EVEN_FIRST_TOKEN)
+    trainer = _trainer(2, [reward])
+    trainer.fit(module, train_dataloaders=_loader(prompt_ids, batch_size=2))
+    truncated = sum(reward.seen[-1].truncated)
+    assert truncated > 0 and float(trainer.callback_metrics["rollout/masked_truncated"]) == truncated
+    assert float(trainer.callback_metrics["rollout/truncated"]) == truncated
+
+
+class StepRecorder(L.Callback):
+    """The learning rate at every optimizer step, and the reward's training progress at every batch."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.progress: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def on_rollouts(self, trainer, pl_module, rollouts) -> None:
+        from selfbudget_pl.callbacks.reward import training_progress
+
+        self.progress.append(training_progress(trainer, pl_module, pl_module.optimizer_steps_per_batch(len(rollouts))))
+        rollouts.rewards = torch.zeros(len(rollouts))
+
+
+def test_schedules_span_the_optimizer_steps_with_mini_batches_and_iterations(sharp_loader, prompt_ids):
+    # 5 prompts in batches of 2, 2, 1; G = 4; mini-batches of 4 completions, 2 iterations:
+    # 4 + 4 + 2 = 10 optimizer steps per epoch, 20 in 2 epochs, while Lightning counts 6 batches.
+    module = _module(sharp_loader, num_iterations=2, mini_batch_size=4, min_lr_ratio=0.1)
+    recorder = StepRecorder()
+    trainer = L.Trainer(
+        max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[recorder],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=_loader(prompt_ids + prompt_ids[:1], batch_size=2))
+    assert trainer.estimated_stepping_batches == 6
+    assert trainer.global_step == len(recorder.lrs) == module.total_optimizer_steps() == 20
+    # the cosine runs over all 20 steps: halfway at step 10, near its end (0.1) only at the last step
+    base = 3e-3
+    assert recorder.lrs[0] == pytest.approx(base)
+    assert recorder.lrs[10] == pytest.approx(base * 0.55)
+    assert recorder.lrs == sorted(recorder.lrs, reverse=True)
+    assert recorder.lrs[-2] > base * 0.11 and recorder.lrs[-1] == pytest.approx(base * (0.1 + 0.45 * (1 + math.cos(math.pi * 19 / 20))))
+    # annealed rewards, scored before each batch's steps (at steps 0, 4, 8, 10, 14, 18; 4, 4, 2 steps each): step /
+    # (20 - the batch's own steps), so 0 at the first batch and 1 at the last; counted in batches it ended at step 6
+    assert recorder.progress == pytest.approx([0.0, 4 / 16, 8 / 18, 10 / 16, 14 / 16, 1.0])
+
+
+def test_unfinished_completions_are_scored_malformed_and_counted(sharp_loader, prompt_ids):
+    from selfbudget_pl.callbacks.reward import RewardCallback
+    from selfbudget_pl.rewards.budget import BudgetGuidedReward
+    from selfbudget_pl.rewards.grader import MathGrader
+
+    module = _module(sharp_loader, grader=MathGrader(workers=0), sampling=dict(temperature=1.0, max_new_tokens=2))
+    recorder = FirstTokenReward(set())  # runs after the reward callback: sees its rewards
+    recorder.on_rollouts = lambda trainer, pl_module, rollouts: recorder.seen.append(rollouts)
+    trainer = _trainer(1, [RewardCallback({"budget_guided": BudgetGuidedReward()}), recorder])
+    trainer.fit(module, train_dataloaders=_loader(prompt_ids[:2], batch_size=2))
+    (rollouts,) = recorder.seen
+    unfinished = [not done for done in rollouts.columns["finished"]]
+    assert all(unfinished)  # two tokens cannot close a solution block
+    assert rollouts.rewards.tolist() == [-1.0] * len(rollouts)
+    assert float(trainer.callback_metrics["rollout/unfinished"]) == len(rollouts)

@@ -56,7 +56,8 @@ class RecordRollouts(LengthReward):
 
 
 def test_prefilled_budgets_start_whole_groups_below_b_max(model_loader, tokenizer):
-    data = BudgetMathDataModule(train=[SyntheticSource(split="train", size=8, seed=0)], mode="grpo", batch_size=4)
+    data = BudgetMathDataModule(train=[SyntheticSource(split="train", size=8, seed=0)], mode="grpo", batch_size=4,
+                                reference_b_max=True)  # pre-filled budgets are drawn below a cap
     data.connect(tokenizer)
     module = GRPOModule(
         model_loader=model_loader, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), num_generations=2,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from selfbudget_pl.reproduce import reproduce
+from selfbudget_pl.reproduce import check_targets, combine_figures, over_seeds, reproduce
 
 from .test_train import CONFIG_DIR
 
@@ -18,11 +21,11 @@ SHRINK = [
 ]  # fmt: skip
 
 
-def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache, capsys):
+def _config(tmp_path, **overrides):
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("reproduce", overrides=[
             "evaluation.size=6", "evaluation.batch_size=6", "evaluation.max_new_tokens=8",
-            "sweep.size=3", "sweep.budgets=[30,50]",
+            "sweep.size=3", "sweep.budgets=[30,50]", *[f"{key}={value}" for key, value in overrides.items()],
         ])  # fmt: skip
     grpo = ["module.num_generations=2", "module.sampling.max_new_tokens=8", *SHRINK]
     with open_dict(cfg):
@@ -30,21 +33,76 @@ def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache, capsys):
         cfg.sft = ["experiment=sft_toy", *SHRINK]
         cfg.grpo = ["experiment=grpo_toy", *grpo]
         cfg.control = ["experiment=grpo_toy", "reward=correctness", *grpo]
-    figures = reproduce(cfg)
+    return cfg
+
+
+def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache, capsys):
+    figures = reproduce(_config(tmp_path, grpo_seeds="[0,1]"))
     banners = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==== [stage")]
-    assert [line.split("]")[0] for line in banners] == [f"==== [stage {i}/7" for i in range(1, 8)]
-    assert banners[0].endswith("| elapsed 0:00 | ETA 9:18")  # the reference stage times, unscaled
+    # sft, its eval, (GRPO, eval, sweep) per seed, the control and its eval
+    assert [line.split("]")[0] for line in banners] == [f"==== [stage {i}/10" for i in range(1, 11)]
+    # The reference stage times, unscaled: 227 + 2 + 2 x (163 + 1 + 1) + 163 + 1 s; each seed takes the GRPO run's.
+    assert banners[0].endswith("| elapsed 0:00 | ETA 12:03")
     assert all("| ETA " in line and "?" not in line for line in banners)
 
-    for stage in ("sft", "grpo", "control"):
+    for stage in ("sft", "grpo_seed0", "grpo_seed1", "control"):
         assert (tmp_path / stage / "export" / "config.json").exists(), stage
         assert (tmp_path / f"eval_{stage}" / "completions.jsonl").exists(), stage
     # GRPO started from the SFT export, not from a fresh tiny model.
-    grpo_config = json.loads((tmp_path / "grpo" / "export" / "config.json").read_text())
+    grpo_config = json.loads((tmp_path / "grpo_seed0" / "export" / "config.json").read_text())
     assert grpo_config["model_type"] == "qwen2"
     report = (tmp_path / "report.md").read_text()
-    assert [c["target"] for c in figures["checks"]][0] == "SFT accuracy"
-    assert len(figures["checks"]) == 5 and "| SFT accuracy |" in report
+    assert set(figures["checks"]) == {"0", "1"}
+    targets = [c["target"] for c in figures["checks"]["0"]]
+    assert targets[0] == "SFT accuracy" and len(targets) == 7
+    assert "GRPO own budget within ±10% of length" in targets and "GRPO Spearman(budget, difficulty)" in targets
+    assert "| SFT accuracy |" in report and "mean ± sd" in report
+    summary = figures["over_seeds"][2]  # the length ratio: lower is better, so the worst seed is the longest
+    values = {seed: figures["checks"][seed][2]["measured"] for seed in ("0", "1")}
+    assert summary["worst"] == max(values.values()) and values[summary["worst_seed"]] == summary["worst"]
+    assert summary["met_on_every_seed"] == all(figures["checks"][seed][2]["met"] for seed in ("0", "1"))
     assert "Pre-filled budgets" in report and "requested N" in report
-    assert {row["budget"] for row in figures["results"]["sweep"]} == {30, 50}
-    assert json.loads((tmp_path / "figures.json").read_text())["timings_s"].keys() >= {"sft", "grpo", "sweep"}
+    assert {row["budget"] for row in figures["results"]["sweep"]["1"]} == {30, 50}
+    assert json.loads((tmp_path / "figures.json").read_text())["timings_s"].keys() >= {"sft", "grpo_seed0", "sweep_grpo_seed1"}
+
+    # Stage 2 again from that SFT export: stage 1 is skipped, the SFT figures are the same.
+    again = reproduce(_config(tmp_path / "again", sft_model=tmp_path / "sft" / "export", control="null"))
+    assert "sft" not in again["timings_s"] and not (tmp_path / "again" / "sft").exists()
+    assert again["results"]["sft"]["mean_tokens"] == figures["results"]["sft"]["mean_tokens"]
+    assert again["results"]["grpo"]["0"] == figures["results"]["grpo"]["0"]
+
+
+def test_missing_sft_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sft_model=.*nowhere"):
+        reproduce(_config(tmp_path, sft_model=tmp_path / "nowhere"))
+
+
+def _figures(seed: str, length: float, within: float) -> dict:
+    results = {
+        "sft": {"accuracy": 1.0, "spearman_budget_difficulty": 0.97, "mean_tokens": 80.0},
+        "grpo": {seed: {"accuracy": 1.0, "mean_tokens": length, "within_10": within, "spearman_budget_difficulty": 0.9}},
+        "sweep": {seed: [{"within_10": 0.9}, {"within_10": 0.85}]},
+    }
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        targets = compose("reproduce").targets
+    checks = {seed: check_targets(results, seed, targets)}
+    return {"checks": checks, "over_seeds": over_seeds(checks)}
+
+
+def test_separate_runs_combine_into_one_table_over_seeds(tmp_path, capsys):
+    import runpy
+
+    for seed, length, within in (("0", 36.0, 0.9), ("1", 44.0, 0.7)):
+        (tmp_path / seed).mkdir()
+        (tmp_path / seed / "figures.json").write_text(json.dumps(_figures(seed, length, within)))
+    script = runpy.run_path(str(Path(CONFIG_DIR).parent / "scripts" / "combine_reproductions.py"), run_name="combine")
+    assert script["main"]([str(tmp_path / "0"), str(tmp_path / "1"), "--markdown", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| seed 0 | seed 1 |" in table
+    # length ratio 0.45 and 0.55: mean 0.5, the worst is seed 1's, missed there
+    assert "| GRPO mean length / SFT mean length | <= 0.5 | 0.450 | 0.550 **✗** | 0.500 ± 0.071 | 0.550 (1) | **no** |" in table
+    assert "| GRPO own budget within ±10% of length | >= 0.8 | 0.900 | 0.700 **✗** |" in table
+    assert "| pre-filled budgets: worst fraction within ±10% | >= 0.8 | 0.850 | 0.850 | 0.850 ± 0.000 | 0.850 (0) | yes |" in table
+    assert table in capsys.readouterr().out
+    with pytest.raises(ValueError, match="seed 0 appears in two runs"):
+        combine_figures([_figures("0", 36.0, 0.9)] * 2, ["a", "b"])

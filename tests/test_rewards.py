@@ -33,11 +33,15 @@ def completion(budget: int, answer: str = "7") -> str:
 # -- the SelfBudgeter reward, against method.md's formula ------------------------------------------
 
 
-def reference_reward(well_formed, budget, length, correct, b_max, alpha):
-    """method.md's default parameterisation, written out independently of the implementation."""
+def reference_reward(well_formed, budget, length, correct, b_max, alpha, peak="alpha"):
+    """method.md's parameterisation (peak alpha: Formula 2; peak fixed: delta = 0.1), written out
+    independently of the implementation."""
     if not well_formed:
         return -1.0
-    t = budget * 0.9 if correct else budget * 1.1
+    if peak == "alpha":
+        t = max(0.0, (1 - alpha) * budget) if correct else (1 + alpha) * budget
+    else:
+        t = budget * 0.9 if correct else budget * 1.1
     r0, rx = (1.0, 0.5) if correct else (-0.5, -1.0)
     width = alpha * budget
     x = min(abs(length - t), width)
@@ -45,15 +49,83 @@ def reference_reward(well_formed, budget, length, correct, b_max, alpha):
     return value + (-0.5 if b_max is not None and budget > b_max else 0.0)
 
 
+@pytest.mark.parametrize("peak", ["alpha", "fixed"])
 @pytest.mark.parametrize("correct", [True, False])
 @pytest.mark.parametrize("length", [0, 45, 90, 100, 110, 150, 400, 10_000])
-@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
-def test_budget_guided_matches_method_formula(correct, length, progress):
-    reward = BudgetGuidedReward()
+@pytest.mark.parametrize("progress", [0.0, 0.5, 0.9, 1.0])
+def test_budget_guided_matches_method_formula(peak, correct, length, progress):
+    reward = BudgetGuidedReward(peak=peak)
     alpha = 6.0 + (0.1 - 6.0) * progress
     for b_max in (None, 50, 100, 1000):
-        expected = reference_reward(True, 100, length, correct, b_max, alpha)
+        expected = reference_reward(True, 100, length, correct, b_max, alpha, peak)
         assert reward.score(True, 100, length, correct, b_max, progress) == pytest.approx(expected)
+
+
+def test_alpha_peak_rewards_shorter_correct_answers_early_and_settles_late():
+    reward = BudgetGuidedReward()  # peak="alpha", the paper's reading and the default
+    early = [reward.score(True, 100, length, True, progress=0.0) for length in (20, 50, 90, 120)]
+    assert early == sorted(early, reverse=True) and early[0] > early[-1]  # shorter is better while alpha >= 1
+    assert reward.best_length(100, True, 0.0) == 0.0 and reward.best_length(100, False, 0.0) == pytest.approx(700)
+    assert reward.best_length(100, True, 1.0) == pytest.approx(90) and reward.best_length(100, False, 1.0) == pytest.approx(110)
+    late = {length: reward.score(True, 100, length, True, progress=1.0) for length in (80, 90, 100)}
+    assert late[90] == pytest.approx(1.0) and late[80] < 1.0 and late[100] < 1.0
+    wrong = {length: reward.score(True, 100, length, False, progress=1.0) for length in (100, 110, 120)}
+    assert wrong[110] == pytest.approx(-0.5) and wrong[100] < -0.5 and wrong[120] < -0.5
+    # the fixed peak has no length preference early on beyond the budget's own point
+    fixed = BudgetGuidedReward(peak="fixed")
+    assert fixed.score(True, 100, 90, True, progress=0.0) > fixed.score(True, 100, 20, True, progress=0.0)
+
+
+def test_linear_shape_costs_every_token_of_forecast_error():
+    cosine = BudgetGuidedReward(peak="fixed", delta=0.0, alpha_start=0.5, alpha_schedule="constant")
+    linear = BudgetGuidedReward(peak="fixed", delta=0.0, alpha_start=0.5, alpha_schedule="constant", shape="linear")
+    assert linear.score(True, 100, 125, True) == pytest.approx(0.75)  # half the width: half the range
+    assert linear.score(True, 100, 150, True) == linear.score(True, 100, 400, True) == pytest.approx(0.5)
+    # near the peak the cosine is flat, the line is not
+    assert 1.0 - cosine.score(True, 100, 102, True) < 0.01 < 1.0 - linear.score(True, 100, 102, True)
+
+
+def test_budget_cost_charges_correct_answers_for_their_own_budget():
+    reward = BudgetGuidedReward(peak="fixed", budget_cost=0.3)
+    base = BudgetGuidedReward(peak="fixed")
+    assert reward.score(True, 50, 45, True, b_max=100, progress=1.0) == pytest.approx(1.0 - 0.15)
+    assert reward.score(True, 100, 90, True, b_max=100, progress=1.0) == pytest.approx(1.0 - 0.3)
+    # capped at the full cost (r_b charges for the rest), and absent without a cap, when wrong, or pre-filled
+    assert reward.score(True, 200, 180, True, b_max=100, progress=1.0) == pytest.approx(1.0 - 0.3 - 0.5)
+    for kwargs in ({"b_max": None}, {"b_max": 100, "prefilled": True}):
+        assert reward.score(True, 50, 45, True, progress=1.0, **kwargs) == base.score(True, 50, 45, True, progress=1.0)
+    assert reward.score(True, 50, 55, False, b_max=100, progress=1.0) == base.score(True, 50, 55, False, b_max=100, progress=1.0)
+    with pytest.raises(ValueError, match=r"- `budget_cost` must be >= `wrong_max`"):
+        BudgetGuidedReward(budget_cost=0.6)
+    with pytest.raises(ValueError, match="budget_cost"):
+        BudgetGuidedReward(budget_cost=-0.1)
+
+
+def test_prefilled_budget_is_never_charged_the_cap_penalty():
+    reward = BudgetGuidedReward()
+    own = reward.score(True, 100, 110, False, b_max=50, progress=1.0)
+    prefilled = reward.score(True, 100, 110, False, b_max=50, progress=1.0, prefilled=True)
+    assert own == pytest.approx(-1.0) and prefilled == pytest.approx(-0.5)
+    # a wrong answer far from a pre-filled budget above b_max scores no lower than... a wrong answer
+    assert reward.score(True, 100, 900, False, b_max=50, progress=1.0, prefilled=True) == pytest.approx(-1.0)
+    assert reward.score(True, 100, 900, False, b_max=50, progress=1.0, prefilled=True) > -1.5
+    values = reward(completions=["a", "b"], parsed=[FORMAT.parse(completion(100))] * 2, correct=[False, False],
+                    solution_lengths=[110, 110], b_max=[50, 50], prefilled=[False, True], progress=1.0)
+    assert values == pytest.approx([-1.0, -0.5])
+
+
+def test_truncated_or_unclosed_completions_get_the_format_penalty():
+    reward = BudgetGuidedReward()
+    closed = completion(100)
+    unclosed = closed.replace("</solution>", "")
+    parsed = [FORMAT.parse(text) for text in (closed, closed, unclosed)]
+    assert all(p.well_formed for p in parsed)  # the parser alone accepts all three
+    values = reward(completions=[closed, closed, unclosed], parsed=parsed, correct=[True] * 3,
+                    solution_lengths=[90] * 3, truncated=[False, True, False], progress=1.0)
+    assert values == pytest.approx([1.0, -1.0, -1.0])
+    # the callback's `finished` column, when given, decides
+    assert reward(completions=[unclosed], parsed=parsed[2:], correct=[True], solution_lengths=[90],
+                  finished=[True], progress=1.0) == pytest.approx([1.0])
 
 
 def test_budget_guided_peaks_under_budget_when_correct_and_over_when_wrong():
@@ -101,12 +173,16 @@ def test_cosine_interpolation_endpoints():
 
 
 def test_constraint_violation_names_the_fields():
-    with pytest.raises(ValueError, match=r"`correct_min` \+ `budget_penalty` must be >= `wrong_max`"):
+    with pytest.raises(ValueError, match=r"`correct_min` \+ `budget_penalty` - `budget_cost` must be >= `wrong_max`"):
         BudgetGuidedReward(correct_min=0.1, budget_penalty=-1.0, wrong_max=-0.5)
     with pytest.raises(ValueError, match="alpha_schedule"):
         BudgetGuidedReward(alpha_schedule="exponential")
     with pytest.raises(ValueError, match="alpha_start"):
         BudgetGuidedReward(alpha_end=0.0)
+    with pytest.raises(ValueError, match=r"`peak` must be one of \('alpha', 'fixed'\), got 'moving'"):
+        BudgetGuidedReward(peak="moving")
+    with pytest.raises(ValueError, match="`shape`"):
+        BudgetGuidedReward(shape="gaussian")
 
 
 def test_budget_guided_standalone_grades_itself():
@@ -304,10 +380,29 @@ def test_training_progress_falls_back_to_zero():
         max_steps = 20
 
     assert training_progress(NoLimits()) == 0.0
-    assert training_progress(Limited()) == 0.25
+    # steps 0..19: the last batch of rollouts (step 19, one optimizer step per batch) is scored at 1
+    assert training_progress(Limited()) == pytest.approx(5 / 19)
+    Limited.global_step = 19
+    assert training_progress(Limited()) == 1.0
+    assert training_progress(Limited(), steps_per_batch=4) == 1.0  # reached at step 16 already
 
 
 def test_annotate_requires_the_answer_column():
     rollouts = Rollouts(prompt_ids=[[1]], completion_ids=[[1]], completions=["x"], finish_reasons=["eos"], group_index=[0])
     with pytest.raises(ValueError, match="'answer'"):
         annotate(rollouts, FORMAT, MathGrader(workers=0), CharTokenizer())
+
+
+@pytest.mark.parametrize("name, peak, shape, cost", [
+    ("selfbudgeter", "alpha", "cosine", 0.0), ("selfbudgeter_fixed", "fixed", "cosine", 0.0),
+    ("selfbudgeter_forecast", "fixed", "linear", 0.3),
+])  # fmt: skip
+def test_named_reward_forms_compose(name, peak, shape, cost):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[f"reward={name}"])
+    reward = instantiate(cfg.reward).rewards.functions["budget_guided"]
+    assert (reward.peak, reward.shape, reward.budget_cost) == (peak, shape, cost)
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        assert compose("train", overrides=["experiment=grpo_toy"]).reward.functions.budget_guided.shape == "linear"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-import json
+
+import pytest
+from omegaconf import OmegaConf
 
 from selfbudget_pl.data.budget_labels import count_solution_tokens
-from selfbudget_pl.data.records import DroppedRows
+from selfbudget_pl.data.prompts import build_prompt
+from selfbudget_pl.data.records import DataError, DroppedRows
+from selfbudget_pl.data.sources import JsonlSource
 from selfbudget_pl.data.self_labels import label_from_samples
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.rewards.grader import MathGrader
@@ -36,21 +41,98 @@ def test_keeps_the_shortest_correct_finished_sample(tokenizer):
         {"id": "a", "problem": "2+3", "answer": "5", "solution": None, "difficulty": 2.0, "source": "t"},
         {"id": "b", "problem": "4+4", "answer": "8", "solution": None, "difficulty": 2.0, "source": "t"},
         {"id": "c", "problem": "1+1", "answer": "2", "solution": None, "difficulty": 2.0, "source": "t"},
+        {"id": "d", "problem": "1/2", "answer": "0.5", "solution": None, "difficulty": 1.0, "source": "t"},
+        {"id": "e", "problem": "6+1", "answer": "7", "solution": None, "difficulty": 2.0, "source": "t"},
     ]
-    long_right, short_right, cut = "so 2+3 is \\boxed{5} indeed yes", "\\boxed{5}", "2+3=5 \\boxed{5}"
+    long_right, short_right, cut = "so 2+3 is \\boxed{5} indeed yes", "\\boxed{5}", "1+1=2 \\boxed{2}"
+    breaks_format = "I write </solution> early \\boxed{7}"
     backend = ScriptedBackend(
-        [[long_right, "\\boxed{6}", short_right], ["\\boxed{9}", "no answer"], [cut]], truncated_texts={cut}
-    )
+        [[long_right, "\\boxed{6}", short_right], ["\\boxed{9}", "no answer"], [cut], ["so \\boxed{\\frac12}"],
+         [breaks_format]], truncated_texts={cut},
+    )  # fmt: skip
     dropped = DroppedRows()
     with MathGrader(workers=0) as grader:
-        labelled = label_from_samples(records, backend, tokenizer, grader, samples=3, batch_size=2, dropped=dropped)
-    assert [r["id"] for r in labelled] == ["a"]
+        result = label_from_samples(records, backend, tokenizer, grader, samples=3, batch_size=2, dropped=dropped)
+    # every problem is written, with a cap or None
+    assert [r["id"] for r in result.records] == ["a", "b", "c", "d", "e"]
+    by_id = {r["id"]: r for r in result.records}
     fmt = OutputFormat()
-    (record,) = labelled
+    record = by_id["a"]
     assert record["solution"] == short_right
     assert record["response"] == fmt.render(record["budget"], short_right)
     assert record["budget"] == record["b_max"] == count_solution_tokens(fmt.solution_text(short_right), tokenizer)
-    assert dropped.count(reason="no_correct_sample") == 2  # b: all wrong; c: only a truncated sample
+    # the grader decides, not string equality: \frac12 for 0.5 is a cold-start target
+    assert by_id["d"]["response"] == fmt.render(by_id["d"]["budget"], "so \\boxed{\\frac12}")
+    # b: all wrong; c: only a truncated sample -> no cap, no target
+    assert by_id["b"]["b_max"] is None and by_id["c"]["b_max"] is None
+    assert "response" not in by_id["b"] and "response" not in by_id["c"]
+    # e: correct, but its text closes the solution early: no target, its length still caps the question
+    assert "response" not in by_id["e"] and by_id["e"]["b_max"] == count_solution_tokens(fmt.solution_text(breaks_format), tokenizer)
+    assert dropped.by_reason("self_label") == {"no_correct_sample": 1, "only_truncated_correct": 1, "target_does_not_parse": 1}
+    assert result.summary(dropped) == (
+        "problems 5, solved 3, labelled 2, no_cap 2; "
+        "not labelled: no_correct_sample 1, only_truncated_correct 1, target_does_not_parse 1"
+    )
+
+
+class AnswerFiveBackend(RolloutBackend):
+    """Answers every prompt with ``\\boxed{5}`` and keeps the prompts it was given (decoded)."""
+
+    prompts: list[str] = []
+
+    def __init__(self, model, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def generate(self, prompt_ids, num_samples, sampling, prefill=None, columns=None) -> Rollouts:
+        AnswerFiveBackend.prompts += [self.tokenizer.decode(ids) for ids in prompt_ids]
+        size = len(prompt_ids) * num_samples
+        return Rollouts(prompt_ids=[list(ids) for ids in prompt_ids for _ in range(num_samples)],
+                        completion_ids=[[1]] * size, completions=["\\boxed{5}"] * size, finish_reasons=["eos"] * size,
+                        group_index=[g for g in range(len(prompt_ids)) for _ in range(num_samples)])
+
+
+def test_script_samples_through_the_configured_backend_template_and_grader(tmp_path, tiny_model_dir, tokenizer, capsys):
+    import runpy
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(6)))
+    rollout = tmp_path / "rollout.yaml"
+    rollout.write_text("_target_: tests.test_self_labels.AnswerFiveBackend\n_partial_: true\n")
+    grader = tmp_path / "grader.yaml"
+    grader.write_text("_target_: selfbudget_pl.rewards.grader.MathGrader\nworkers: 0\n")
+    out = tmp_path / "out.jsonl"
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "label_budgets.py"), run_name="label_budgets")
+    AnswerFiveBackend.prompts = []
+    code = script["main"](["--jsonl", str(problems), "--schema", "gsm8k", "--samples", "2", "--model", str(tiny_model_dir),
+                           "--data", "gsm8k", "--rollout", str(rollout), "--grader", str(grader), "--output", str(out)])
+    assert code == 0
+    # prompts rendered with the data config's training template
+    template = OmegaConf.load(REPO_ROOT / "configs" / "data" / "gsm8k.yaml").prompt_template
+    assert AnswerFiveBackend.prompts == [build_prompt(f"{i}+1?", tokenizer, template) for i in range(6)]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["b_max"] is not None for row in rows] == [False] * 4 + [True] + [False]  # only 4+1 = 5
+    assert rows[0]["response"] is None and rows[0]["budget"] is None and rows[4]["budget"] == rows[4]["b_max"]
+    assert "problems 6, solved 1, labelled 1, no_cap 5; not labelled: no_correct_sample 5" in capsys.readouterr().err
+    # the GRPO data reads the caps, the SFT data only the labelled problem
+    from selfbudget_pl.data.datamodule import BudgetMathDataModule
+
+    for mode, expected in (("grpo", [None] * 4 + [rows[4]["b_max"], None]), ("sft", [rows[4]["b_max"]])):
+        dm = BudgetMathDataModule(train=[JsonlSource(str(out))], mode=mode, batch_size=8)
+        dm.connect(tokenizer)
+        dm.setup("fit")
+        assert [example["b_max"] for example in dm.datasets["train"]] == expected
+    assert dm.dropped.by_reason("train") == {"no_cold_start_target": 5}
+    with pytest.raises(SystemExit, match="--rollout nowhere: no such config"):
+        script["main"](["--jsonl", str(problems), "--samples", "1", "--rollout", "nowhere", "--output", str(out)])
+
+
+@pytest.mark.parametrize("b_max", [-3, 0, "120", 1.5, True])
+def test_bad_b_max_in_a_label_file_names_file_and_line(tmp_path, b_max):
+    good = {"id": "x", "problem": "1+1", "answer": "2", "response": None, "budget": None, "b_max": None}
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "y", "b_max": b_max}) + "\n")
+    with pytest.raises(DataError, match=rf"labels.jsonl:2: field 'b_max' must be an integer >= 1 or null"):
+        JsonlSource(str(path), schema="labelled").load()
 
 
 def test_script_samples_with_the_tiny_model(tmp_path, tiny_model_dir):
@@ -63,6 +145,8 @@ def test_script_samples_with_the_tiny_model(tmp_path, tiny_model_dir):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    # An untrained model answers nothing correctly: every problem is dropped and the summary says why.
-    assert out.read_text() == ""
-    assert "no_correct_sample" in result.stderr
+    # An untrained model answers nothing correctly: every problem is written without a cap or a target,
+    # and the counts say why.
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(row["b_max"], row["response"]) for row in rows] == [(None, None)] * 3
+    assert "problems 3, solved 0, labelled 0, no_cap 3; not labelled: no_correct_sample 3" in result.stderr

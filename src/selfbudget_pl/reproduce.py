@@ -5,12 +5,19 @@ pre-filled budget sweep (-> optional correctness-only control run) -> ``report.m
 synthetic task; every stage is an ordinary ``train.yaml`` composition (``configs/reproduce.yaml`` lists
 the overrides per stage), so anything in a stage can be changed from the shell, e.g.
 ``selfbudget-reproduce "sft=['experiment=sft_toy','trainer.max_steps=500']"``.
+
+``grpo_seeds=[0,1,2]`` runs stage 2 once per seed (``seed=N module.rollout_seed=N``) from the same SFT
+model and reports each target per seed, with mean, standard deviation and the worst seed;
+``sft_model=<an SFT export>`` skips stage 1 and starts every GRPO run from that export.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -18,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import hydra
 from hydra.core.global_hydra import GlobalHydra
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -54,6 +62,26 @@ def heldout_records(stage_cfg: DictConfig, size: int, difficulty: Optional[float
     return records[:size]
 
 
+def load_stage_module(stage_cfg: DictConfig) -> Any:
+    """A stage's module with its model loaded, untrained (for an export made earlier)."""
+    if stage_cfg.get("num_threads"):
+        torch.set_num_threads(int(stage_cfg.num_threads))
+    module = instantiate(
+        stage_cfg.module, model_loader=instantiate(stage_cfg.model, _convert_="object"),
+        output_format=instantiate(stage_cfg.output_format), grader=instantiate(stage_cfg.grader),
+        rollout=instantiate(stage_cfg.rollout), _convert_="object",
+    )  # fmt: skip
+    module.configure_model()
+    return module.eval()
+
+
+def stage_references(plan: list[str], stage_seconds: dict[str, float]) -> dict[str, float]:
+    """The reference run's time for each planned stage: every GRPO seed's stages take the times of the
+    reference's one GRPO run (``grpo_seed1`` -> ``grpo``, ``sweep_grpo_seed1`` -> ``sweep``)."""
+    kinds = {name: re.sub(r"_seed\d+$", "", name).replace("sweep_grpo", "sweep") for name in plan}
+    return {name: stage_seconds[kind] for name, kind in kinds.items() if kind in stage_seconds}
+
+
 def reproduce(cfg: DictConfig) -> dict[str, Any]:
     """Run every stage; return the figures that ``report.md`` states (also written as ``figures.json``)."""
     out = Path(cfg.paths.output_dir)
@@ -61,33 +89,49 @@ def reproduce(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     sampling = SamplingSettings(temperature=0.0, max_new_tokens=int(cfg.evaluation.max_new_tokens))
     eval_kwargs = {"sampling": sampling, "batch_size": int(cfg.evaluation.batch_size), "progress": True}
+    seeds = [int(seed) for seed in cfg.get("grpo_seeds") or [0]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"grpo_seeds={seeds} repeats a seed")
 
-    runs = {"grpo": cfg.grpo, **({"control": cfg.control} if cfg.get("control") else {})}
-    plan = ["sft", "eval_sft", *[k for run in runs for k in (run, f"eval_{run}", *(["sweep"] if run == "grpo" else []))]]
+    runs = [(f"grpo_seed{seed}", [*cfg.grpo, f"seed={seed}", f"module.rollout_seed={seed}"]) for seed in seeds]
+    if cfg.get("control"):
+        runs.append(("control", [*cfg.control, f"seed={seeds[0]}", f"module.rollout_seed={seeds[0]}"]))
+    plan = [*([] if cfg.get("sft_model") else ["sft"]), "eval_sft"]
+    plan += [name for run, _ in runs for name in (run, f"eval_{run}", *([] if run == "control" else [f"sweep_{run}"]))]
+    reference = stage_references(plan, cfg.get("stage_seconds") or {})
 
     def stage(name: str) -> float:
         # One line per stage with where the pipeline is and how long the rest should take (from a
         # reference run's stage times, scaled by how fast this machine ran the stages so far).
-        eta = pipeline_eta(timings, plan[len(timings):], cfg.get("stage_seconds") or {})
+        eta = pipeline_eta(timings, plan[len(timings):], reference)
         print(stage_banner(len(timings) + 1, len(plan), name, sum(timings.values()), eta), flush=True)
         return time.perf_counter()
 
-    started = stage("stage 1: cold-start SFT")
-    sft_cfg = compose_stage([*cfg.sft, f"module.export_dir={out / 'sft' / 'export'}"], out / "sft")
-    _, sft = train(sft_cfg)
-    timings["sft"] = time.perf_counter() - started
+    sft_export = Path(cfg.sft_model) if cfg.get("sft_model") else out / "sft" / "export"
+    sft_cfg = compose_stage([*cfg.sft, f"module.export_dir={sft_export}"], out / "sft")
+    if cfg.get("sft_model"):
+        if not (sft_export / "config.json").exists():
+            raise FileNotFoundError(f"sft_model={sft_export}: no export there (config.json missing)")
+        with open_dict(sft_cfg):
+            sft_cfg.model.name_or_path = str(sft_export)
+        sft_module = load_stage_module(sft_cfg)
+    else:
+        started = stage("stage 1: cold-start SFT")
+        _, sft = train(sft_cfg)
+        sft_module = sft["module"]
+        timings["sft"] = time.perf_counter() - started
     records = heldout_records(sft_cfg, int(cfg.evaluation.size))
 
     started = stage("evaluate the SFT model")
-    sft_eval = evaluate_model(sft["module"], {"synthetic": records}, out_dir=out / "eval_sft", **eval_kwargs)
+    sft_eval = evaluate_model(sft_module, {"synthetic": records}, out_dir=out / "eval_sft", **eval_kwargs)
     timings["eval_sft"] = time.perf_counter() - started
 
-    results = {"sft": sft_eval["rows"][0]}
-    for run, overrides in runs.items():
+    results: dict[str, Any] = {"sft": sft_eval["rows"][0], "grpo": {}, "sweep": {}}
+    sweep_records = heldout_records(sft_cfg, int(cfg.sweep.size), difficulty=cfg.sweep.difficulty)
+    for run, overrides in runs:
         started = stage(f"stage 2: GRPO ({run})")
         grpo_cfg = compose_stage(
-            [*overrides, f"model.name_or_path={out / 'sft' / 'export'}", f"module.export_dir={out / run / 'export'}"],
-            out / run,
+            [*overrides, f"model.name_or_path={sft_export}", f"module.export_dir={out / run / 'export'}"], out / run
         )
         _, grpo = train(grpo_cfg)
         timings[run] = time.perf_counter() - started
@@ -95,36 +139,42 @@ def reproduce(cfg: DictConfig) -> dict[str, Any]:
         summary = evaluate_model(
             grpo["module"], {"synthetic": records}, out_dir=out / f"eval_{run}", baseline=sft_eval, **eval_kwargs
         )
-        results[run] = summary["rows"][0]
         timings[f"eval_{run}"] = time.perf_counter() - started
-        if run == "grpo":
-            started = stage("pre-filled budget sweep")
-            sweep_records = heldout_records(sft_cfg, int(cfg.sweep.size), difficulty=cfg.sweep.difficulty)
-            sweep = evaluate_model(
-                grpo["module"], {f"synthetic_k{cfg.sweep.difficulty}": sweep_records}, out_dir=out / "sweep",
-                budgets=list(cfg.sweep.budgets), **eval_kwargs,
-            )  # fmt: skip
-            results["sweep"] = sweep["rows"]
-            timings["sweep"] = time.perf_counter() - started
+        if run == "control":
+            results["control"] = summary["rows"][0]
+            continue
+        seed = run.removeprefix("grpo_seed")
+        results["grpo"][seed] = summary["rows"][0]
+        started = stage(f"pre-filled budget sweep ({run})")
+        sweep = evaluate_model(
+            grpo["module"], {f"synthetic_k{cfg.sweep.difficulty}": sweep_records}, out_dir=out / f"sweep_{run}",
+            budgets=list(cfg.sweep.budgets), **eval_kwargs,
+        )  # fmt: skip
+        results["sweep"][seed] = sweep["rows"]
+        timings[f"sweep_{run}"] = time.perf_counter() - started
 
-    figures = {"results": results, "timings_s": timings, "checks": check_targets(results, cfg.targets)}
+    checks = {seed: check_targets(results, seed, cfg.targets) for seed in results["grpo"]}
+    figures = {"results": results, "timings_s": timings, "checks": checks, "over_seeds": over_seeds(checks)}
     (out / "figures.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
     (out / "report.md").write_text(report_markdown(figures, out))
     log.info("report: %s", out / "report.md")
     return figures
 
 
-def check_targets(results: dict[str, Any], targets: DictConfig) -> list[dict[str, Any]]:
-    """Each target of the reproduction with the measured value and whether it is met (None: not measurable)."""
-    sft, grpo = results["sft"], results["grpo"]
+def check_targets(results: dict[str, Any], seed: str, targets: DictConfig) -> list[dict[str, Any]]:
+    """Each target of the reproduction for one GRPO seed, with the measured value and whether it is met
+    (not met when not measurable, e.g. no budget was stated)."""
+    sft, grpo, sweep = results["sft"], results["grpo"][seed], results["sweep"][seed]
     length_ratio = grpo["mean_tokens"] / sft["mean_tokens"] if sft["mean_tokens"] else None
     accuracy_change = 100 * (grpo["accuracy"] - sft["accuracy"])
-    sweep_within = min((row["within_10"] or 0.0) for row in results["sweep"])
+    sweep_within = min((row["within_10"] or 0.0) for row in sweep)
     rows = [
         ("SFT accuracy", sft["accuracy"], ">=", targets.sft_accuracy),
         ("SFT Spearman(budget, difficulty)", sft["spearman_budget_difficulty"], ">=", targets.sft_spearman),
         ("GRPO mean length / SFT mean length", length_ratio, "<=", targets.grpo_length_ratio),
         ("GRPO accuracy change (points)", accuracy_change, ">=", -targets.grpo_max_accuracy_drop),
+        ("GRPO own budget within ±10% of length", grpo["within_10"], ">=", targets.grpo_within_10),
+        ("GRPO Spearman(budget, difficulty)", grpo["spearman_budget_difficulty"], ">=", targets.grpo_spearman),
         ("pre-filled budgets: worst fraction within ±10%", sweep_within, ">=", targets.prefill_within_10),
     ]
     checks = []
@@ -136,24 +186,71 @@ def check_targets(results: dict[str, Any], targets: DictConfig) -> list[dict[str
     return checks
 
 
+def over_seeds(checks: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per target: mean and sample sd over seeds, the worst seed and its value, and whether every seed met it."""
+    seeds = list(checks)
+    summary = []
+    for index, first in enumerate(checks[seeds[0]]):
+        values = {seed: checks[seed][index]["measured"] for seed in seeds}
+        known = [value for value in values.values() if value is not None]
+        higher_is_better = first["goal"].startswith(">=")
+        ranked = sorted(seeds, key=lambda seed: -math.inf if values[seed] is None else values[seed] * (1 if higher_is_better else -1))
+        summary.append({
+            "target": first["target"], "goal": first["goal"],
+            "mean": statistics.fmean(known) if known else None,
+            "sd": statistics.stdev(known) if len(known) > 1 else None,
+            "worst_seed": ranked[0], "worst": values[ranked[0]],
+            "met_on_every_seed": all(checks[seed][index]["met"] for seed in seeds),
+        })  # fmt: skip
+    return summary
+
+
+def combine_figures(figures: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Several runs' ``figures.json`` as one: their GRPO seeds side by side (a seed that two runs share
+    is an error: they would be the same run) and the targets over all of them."""
+    checks: dict[str, list[dict[str, Any]]] = {}
+    for run, name in zip(figures, names):
+        for seed, rows in run["checks"].items():
+            if seed in checks:
+                raise ValueError(f"{name}: GRPO seed {seed} appears in two runs")
+            checks[seed] = rows
+    return {"checks": checks, "over_seeds": over_seeds(checks)}
+
+
+def targets_markdown(figures: dict[str, Any]) -> str:
+    """The targets table: each seed's figure (✗ where missed), mean ± sd, the worst seed, met on every seed."""
+    checks, seeds = figures["checks"], list(figures["checks"])
+    lines = ["| target | goal | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean ± sd | worst (seed) | met on every seed |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]  # fmt: skip
+    for index, row in enumerate(figures["over_seeds"]):
+        cells = [_figure(checks[seed][index]["measured"]) + ("" if checks[seed][index]["met"] else " **✗**") for seed in seeds]
+        spread = "" if row["sd"] is None else f" ± {row['sd']:.3f}"
+        lines.append(f"| {row['target']} | {row['goal']} | {' | '.join(cells)} | {_figure(row['mean'])}{spread} | "
+                     f"{_figure(row['worst'])} ({row['worst_seed']}) | {'yes' if row['met_on_every_seed'] else '**no**'} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _figure(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def report_markdown(figures: dict[str, Any], out: Path) -> str:
-    """The reproduction report: targets, the main table, the sweep, the plots."""
+    """The reproduction report: targets per seed and over seeds, the main tables, the sweeps, the plots."""
     command = " ".join(["selfbudget-reproduce", *sys.argv[1:]]) if sys.argv[0].endswith("reproduce") else None
+    seeds = list(figures["checks"])
     lines = ["# SelfBudgeter on the tiny model (CPU reproduction)", ""]
     lines += [f"Command: `{command}`", ""] if command else []
-    lines += ["## Targets", "",
-              "| target | measured | goal | met |", "|---|---|---|---|"]  # fmt: skip
-    for check in figures["checks"]:
-        measured = "n/a" if check["measured"] is None else f"{check['measured']:.3f}"
-        lines.append(f"| {check['target']} | {measured} | {check['goal']} | "
-                     f"{'yes' if check['met'] else '**no**'} |")  # fmt: skip
+    lines += ["## Targets", "", f"GRPO seeds: {', '.join(seeds)} (one SFT model).", "", targets_markdown(figures)]
     lines += ["", "## Held-out synthetic problems (greedy)", ""]
-    for run in ("sft", "grpo", "control"):
+    runs = ["sft", *(f"grpo_seed{seed}" for seed in seeds), "control"]
+    for run in runs:
         path = out / f"eval_{run}" / "summary.md"
         if path.exists():
             lines += [f"### {run}", "", path.read_text().strip(), "",
                       f"![budget vs length](eval_{run}/budget_vs_length_synthetic.png)", ""]  # fmt: skip
-    lines += ["## Pre-filled budgets", "", (out / "sweep" / "summary.md").read_text().strip(), ""]
+    lines += ["## Pre-filled budgets", ""]
+    for seed in seeds:
+        lines += [f"### grpo_seed{seed}", "", (out / f"sweep_grpo_seed{seed}" / "summary.md").read_text().strip(), ""]
     lines += ["## Time per stage (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {name} | {seconds:.0f} |" for name, seconds in figures["timings_s"].items()]
     lines += [f"| total | {sum(figures['timings_s'].values()):.0f} |", ""]

@@ -61,6 +61,16 @@ def annotate(rollouts: Rollouts, output_format: OutputFormat, grader: Grader, to
     ]
 
 
+def finished_solutions(parsed: Sequence[ParsedOutput], truncated: Sequence[bool], output_format: OutputFormat) -> list[bool]:
+    """Per completion, whether its answer was finished: not cut off by the length limit, and its solution
+    block closed (a completion that stopped mid-solution may still hold a correct ``\\boxed{}``).
+    Backends keep a matched stop string in the text, so ``</solution>`` as a stop string still counts."""
+    return [
+        not cut and output.solution is not None and output_format.solution_close in output.solution
+        for output, cut in zip(parsed, truncated)
+    ]
+
+
 def is_annotated(rollouts: Rollouts) -> bool:
     """Whether :func:`annotate` (or an equivalent) already ran on these rollouts."""
     size = len(rollouts.completions)

@@ -131,6 +131,7 @@ class GRPOModuleSchema(PolicyModuleSchema):
     prefill_budget_range: list[float] = spec(rule=_pair_in_order)
     packed_forward: bool = spec()
     head_chunk_tokens: int = spec(ge=1, note="completion tokens whose logits exist at once")
+    mask_truncated_completions: bool = spec()
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -235,12 +236,15 @@ class BudgetGuidedRewardSchema(Schema):
     TARGETS = ("selfbudget_pl.rewards.budget.BudgetGuidedReward",)
     INJECTED = ("output_format", "grader")
 
+    peak: str = spec(choices=("alpha", "fixed"), note="alpha: the paper's moving peak; fixed: b(1 -/+ delta)")
     format_penalty: float = spec()
     budget_penalty: float = spec()
     delta: float = spec(ge=0, lt=1)
     alpha_start: float = spec(gt=0)
     alpha_end: float = spec(gt=0)
     alpha_schedule: str = spec(choices=("linear", "cosine", "constant"))
+    shape: str = spec(choices=("cosine", "linear"))
+    budget_cost: float = spec(ge=0, note="a correct answer with its own capped budget loses budget_cost * b / b_max")
     correct_max: float = spec()
     correct_min: float = spec()
     wrong_max: float = spec()
@@ -250,12 +254,16 @@ class BudgetGuidedRewardSchema(Schema):
     def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
         _ordered(node, key, findings, "correct_min", "correct_max")
         _ordered(node, key, findings, "wrong_min", "wrong_max")
-        correct_min, penalty, wrong_max = (node.get(name) for name in ("correct_min", "budget_penalty", "wrong_max"))
-        if all(isinstance(v, (int, float)) for v in (correct_min, penalty, wrong_max)) and correct_min + penalty < wrong_max:
+        names = ("correct_min", "budget_penalty", "wrong_max")
+        correct_min, penalty, wrong_max = (node.get(name) for name in names)
+        cost = node.get("budget_cost", 0.0)
+        values = (correct_min, penalty, wrong_max, cost)
+        if all(isinstance(v, (int, float)) for v in values) and correct_min + penalty - cost < wrong_max:
             findings.error(
                 f"{key}.budget_penalty", penalty,
-                f"{key}.correct_min={correct_min} + budget_penalty is below {key}.wrong_max={wrong_max}: a correct "
-                "answer over its budget cap would score below a wrong one (the paper's constraint)",
+                f"{key}.correct_min={correct_min} + budget_penalty - budget_cost={cost} is below "
+                f"{key}.wrong_max={wrong_max}: a correct answer over its budget cap would score below a wrong one "
+                "(the paper's constraint)",
             )  # fmt: skip
 
 

@@ -80,7 +80,8 @@ def label_records(
 
 
 def write_jsonl(records: Iterable[MathRecord], path: str | Path) -> int:
-    """Write records as JSONL (the ``labelled`` schema when they carry ``response``/``budget``); returns rows."""
+    """Write records as JSONL (the ``labelled`` schema when they carry ``b_max``; a record without a target
+    gets ``response``/``budget`` null); returns rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
@@ -88,6 +89,8 @@ def write_jsonl(records: Iterable[MathRecord], path: str | Path) -> int:
         for record in records:
             difficulty = record["difficulty"]
             row = {**record, "difficulty": None if math.isnan(difficulty) else difficulty}
+            if "b_max" in record and "response" not in record:
+                row.update(response=None, budget=None)  # a problem without a cold-start target
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             rows += 1
     return rows

@@ -64,9 +64,10 @@ class BudgetMathDataModule(L.LightningDataModule):
         max_line_bytes: a JSONL line longer than this is a bad row (read no further than this).
         val_size: with no val sources, hold out this many train problems as val (0: no validation).
         budget_round_to: budget labels are rounded up to a multiple of this (1: exact token counts).
-        reference_b_max: in GRPO mode, a record without a cold-start label gets ``b_max`` = the label
-            length of its reference solution (the paper's b_max when the cold start used the references);
-            False gives such records no cap (``b_max=None``).
+        reference_b_max: in GRPO mode, a record without a ``b_max`` of its own (from a label file) gets
+            ``b_max`` = the label length of its reference solution. Our deviation, opt-in: in the paper
+            b_max is the length of the base model's own correct answer (``scripts/label_budgets.py
+            --samples K`` writes it), infinite when it had none. False (default): no cap (``None``).
         data_root: directory that relative source paths are resolved against.
         pin_memory: DataLoader ``pin_memory`` (for GPU training).
     """
@@ -90,7 +91,7 @@ class BudgetMathDataModule(L.LightningDataModule):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         val_size: int = 0,
         budget_round_to: int = 1,
-        reference_b_max: bool = True,
+        reference_b_max: bool = False,
         data_root: Optional[str] = None,
         pin_memory: bool = False,
     ) -> None:
@@ -191,6 +192,11 @@ class BudgetMathDataModule(L.LightningDataModule):
         """Tokenised examples; SFT train/val rows get (and need) a target response."""
         needs_target = self.mode == "sft" and split != "test"
         if needs_target:
+            # A labelled problem without a target (no correct cold-start answer) is RL data only.
+            for record in records:
+                if "b_max" in record and "response" not in record:
+                    self.dropped.add(split, "no_cold_start_target", record["id"])
+            records = [record for record in records if "response" in record or "b_max" not in record]
             records = label_records(
                 records, self.tokenizer, self.output_format, self.budget_round_to, self.dropped, scope=split
             )
@@ -215,8 +221,8 @@ class BudgetMathDataModule(L.LightningDataModule):
         return examples
 
     def _b_max(self, record: MathRecord) -> Optional[int]:
-        if "response" in record:
-            return record.get("b_max")
+        if "b_max" in record:  # a label file's cap (None: no correct cold-start answer, no cap)
+            return record["b_max"]
         if self.reference_b_max and record.get("solution"):
             return label_record(record, self.tokenizer, self.output_format, self.budget_round_to)["b_max"]
         return None

@@ -1,23 +1,46 @@
-"""Cold-start targets from the model's own correct answers (the paper's stage-1 data).
+"""Cold-start labels and budget caps from the model's own correct answers (the paper's stage-1 data).
 
-For each problem the base model samples ``k`` plain answers (no budget format yet); the ones whose final
-``\\boxed{}`` answer grades correct are kept, one is chosen (shortest or random), and it becomes the
-record's reference solution, labelled with its own token length as budget and b_max. Problems with no
-correct sample are dropped and counted (their b_max is infinite: the paper leaves them out of SFT).
+For each problem the base model samples ``k`` plain answers (no budget format yet) to the prompt it will
+be trained on; the finished ones the grader accepts are kept, one is chosen (shortest or random), and
+it becomes the record's cold-start target, labelled with its own token length as budget and ``b_max``.
+Correctness is the grader's verdict, never string equality with the gold answer (``\\frac12`` for
+``1/2`` is correct). A problem with no correct sample keeps ``b_max = None`` (no cap) and no target:
+the paper leaves it out of SFT and in the RL set.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from selfbudget_pl.data.budget_labels import label_records
+from selfbudget_pl.data.budget_labels import label_record
 from selfbudget_pl.data.records import DroppedRows, MathRecord
 from selfbudget_pl.format import OutputFormat, extract_boxed
 from selfbudget_pl.inference import encode_prompts
 from selfbudget_pl.rollout.base import RolloutBackend, SamplingSettings
 
 CHOICES = ("shortest", "random")
+SCOPE = "self_label"
+
+
+@dataclass
+class SelfLabels:
+    """What a labelling run produced: one record per problem, and the counts it prints.
+
+    ``records``: every problem; labelled ones carry ``response``/``budget``/``b_max``, the others only
+    ``b_max`` (the chosen answer's length when one was correct but cannot be a target, else None).
+    """
+
+    records: list[MathRecord] = field(default_factory=list)
+    counts: Counter = field(default_factory=Counter)
+
+    def summary(self, dropped: Optional[DroppedRows] = None) -> str:
+        """``problems N, solved S, labelled L, no cap U`` plus the dropped rows per cause."""
+        line = ", ".join(f"{key} {self.counts[key]}" for key in ("problems", "solved", "labelled", "no_cap"))
+        causes = dropped.by_reason(SCOPE) if dropped is not None else {}
+        return line + (f"; not labelled: {', '.join(f'{k} {v}' for k, v in sorted(causes.items()))}" if causes else "")
 
 
 def label_from_samples(
@@ -35,36 +58,51 @@ def label_from_samples(
     batch_size: int = 16,
     seed: int = 0,
     dropped: Optional[DroppedRows] = None,
-) -> list[MathRecord]:
-    """Label ``records`` with the model's own correct answers; see the module docstring."""
+) -> SelfLabels:
+    """Label ``records`` with the model's own correct answers; see the module docstring. Problems left
+    without a target are counted in ``dropped`` (scope ``self_label``) by cause."""
     if choose not in CHOICES:
         raise ValueError(f"choose={choose!r} is not one of {CHOICES}")
     if samples < 1:
         raise ValueError(f"samples={samples} must be >= 1")
+    output_format = output_format or OutputFormat()
     sampling = sampling or SamplingSettings(temperature=0.6, max_new_tokens=4096, seed=seed)
+    dropped = dropped if dropped is not None else DroppedRows()
     rng = random.Random(seed)
-    kept: list[MathRecord] = []
+    result = SelfLabels()
     for start in range(0, len(records), batch_size):
         batch = list(records[start : start + batch_size])
         prompt_ids = encode_prompts([r["problem"] for r in batch], tokenizer, prompt_template, system_prompt)
         rollouts = backend.generate(prompt_ids, num_samples=samples, sampling=sampling)
-        finished = [not truncated for truncated in rollouts.truncated]
         answers = [extract_boxed(text) for text in rollouts.completions]
         golds = [batch[group]["answer"] for group in rollouts.group_index]
         verdicts = grader.grade_batch(answers, golds)
         for index, record in enumerate(batch):
-            correct = [
-                text.strip()
-                for text, group, ok, done in zip(rollouts.completions, rollouts.group_index, verdicts, finished)
-                if group == index and ok and done
-            ]
+            result.counts["problems"] += 1
+            mine = [i for i, group in enumerate(rollouts.group_index) if group == index]
+            correct = [rollouts.completions[i].strip() for i in mine if verdicts[i] and not rollouts.truncated[i]]
             if not correct:
-                if dropped is not None:
-                    dropped.add("self_label", "no_correct_sample", record["id"])
+                reason = "only_truncated_correct" if any(verdicts[i] for i in mine) else "no_correct_sample"
+                result.records.append(_uncapped(record, dropped, reason, result.counts))
                 continue
+            result.counts["solved"] += 1
             if choose == "shortest":
                 solution = min(correct, key=lambda text: len(tokenizer.encode(text, add_special_tokens=False)))
             else:
                 solution = rng.choice(correct)
-            kept.append({**record, "solution": solution})
-    return label_records(kept, tokenizer, output_format or OutputFormat(), round_to, dropped, scope="self_label")
+            labelled = label_record({**record, "solution": solution}, tokenizer, output_format, round_to)
+            if not output_format.parse(labelled["response"]).well_formed:
+                # The answer's own text breaks the format (it writes a tag, say): it cannot be a target,
+                # but it was correct, so its length is still the question's cap.
+                dropped.add(SCOPE, "target_does_not_parse", record["id"])
+                result.records.append({**record, "b_max": labelled["b_max"]})
+                continue
+            result.counts["labelled"] += 1
+            result.records.append(labelled)
+    return result
+
+
+def _uncapped(record: MathRecord, dropped: DroppedRows, reason: str, counts: Counter) -> MathRecord:
+    dropped.add(SCOPE, reason, record["id"])
+    counts["no_cap"] += 1
+    return {**record, "b_max": None}

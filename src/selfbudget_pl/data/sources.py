@@ -7,7 +7,7 @@ Every source has ``load(...) -> list[MathRecord]``. File schemas (``schema=``):
 - ``math500``: ``problem``, ``answer``, optional ``solution``, ``level`` (int), ``unique_id``/``id``
   (also reads AIME/AMC-style files that give the answer directly).
 - ``labelled``: what ``scripts/label_budgets.py`` writes: the record fields plus ``response``,
-  ``budget``, ``b_max``.
+  ``budget``, ``b_max`` (``response``/``budget`` null: no cold-start target; ``b_max`` null: no cap).
 - ``question_answer``: ``question``, ``answer`` (a final answer, e.g. STILL-3-Preview RL data).
 - ``s1k``: ``question``, ``solution`` (answer = last ``\\boxed{}``, else the whole solution when it is
   one short line, e.g. an AIME number); s1K-1.1's rows without a checkable answer are dropped.
@@ -449,26 +449,32 @@ def _from_math500(row: dict[str, Any], where: str, source_name: str, fallback_id
 
 
 def _from_labelled(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:
-    budget = _field(row, "budget", where, "labelled")
-    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-        raise BadRow("bad_budget", f"{where}: field 'budget' must be an integer >= 1, got {budget!r:.40}")
+    """A labelled row; ``response`` and ``budget`` null together mark a problem with no cold-start target
+    (RL only, capped by ``b_max`` or, when that is null too, uncapped)."""
     b_max = row.get("b_max")
-    if b_max is not None and (not isinstance(b_max, int) or isinstance(b_max, bool)):
-        raise BadRow("bad_budget", f"{where}: field 'b_max' must be an integer or null, got {b_max!r:.40}")
+    if b_max is not None and (not isinstance(b_max, int) or isinstance(b_max, bool) or b_max < 1):
+        raise BadRow("bad_budget", f"{where}: field 'b_max' must be an integer >= 1 or null (no cap), got {b_max!r:.40}")
     difficulty = row.get("difficulty")
     if difficulty is not None and (isinstance(difficulty, bool) or not isinstance(difficulty, (int, float))):
         raise BadRow("wrong_type", f"{where}: field 'difficulty' must be a number or null, got {difficulty!r:.40}")
-    return MathRecord(
+    record = MathRecord(
         id=str(_field(row, "id", where, "labelled")),
         problem=_problem(row, "problem", where, "labelled"),
         answer=_answer_text(_field(row, "answer", where, "labelled"), where),
         solution=row.get("solution"),
         difficulty=math.nan if difficulty is None else float(difficulty),
         source=str(row.get("source") or source_name),
-        response=_text(row, "response", where, "labelled"),
-        budget=budget,
         b_max=b_max,
     )
+    for key in ("response", "budget"):
+        if key not in row:
+            raise BadRow("missing_field", f"{where}: missing field {key!r} (schema 'labelled'; null for no cold-start target)")
+    if row["response"] is None and row["budget"] is None:
+        return record
+    budget = row["budget"]
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise BadRow("bad_budget", f"{where}: field 'budget' must be an integer >= 1, got {budget!r:.40}")
+    return MathRecord(**record, response=_text(row, "response", where, "labelled"), budget=budget)
 
 
 def _from_question_answer(row: dict[str, Any], where: str, source_name: str, fallback_id: str) -> MathRecord:

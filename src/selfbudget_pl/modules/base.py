@@ -135,13 +135,24 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params=params)
-        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        total = self.total_optimizer_steps()
+        if not math.isfinite(total):
+            raise ValueError(
+                "The LR schedule needs the run's length: set trainer.max_steps, or trainer.max_epochs with a "
+                "dataloader of known length."
+            )
         schedule = partial(
             warmup_cosine, warmup_steps=self.warmup_steps, total_steps=int(total), min_lr_ratio=self.min_lr_ratio
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         # "name": the tag LearningRateMonitor logs it under (else "lr-AdamW" at the top level).
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    def total_optimizer_steps(self) -> float:
+        """Optimizer steps this run will take (the length of the LR schedule and of reward annealing):
+        Lightning's estimate (``max_steps``, or batches x epochs / ``accumulate_grad_batches``, whichever
+        ends first); inf when neither bounds the run."""
+        return float(self.trainer.estimated_stepping_batches)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm

@@ -28,6 +28,7 @@ averaged across ranks (min/max lengths: reduced with min/max).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -130,6 +131,9 @@ class GRPOModule(PolicyModule):
         head_chunk_tokens: completion tokens whose logits exist at once when scoring (the LM head,
             temperature, log-softmax, gather and entropy run chunk by chunk, backward too): the head's
             memory is ``head_chunk_tokens x vocabulary`` floats, not ``completion tokens x vocabulary``.
+        mask_truncated_completions: leave completions cut off by ``max_new_tokens`` out of the loss
+            (TRL's option): their reward says nothing about an answer the model never got to finish.
+            They still count in their group's baseline.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class GRPOModule(PolicyModule):
         prefill_budget_range: tuple[float, float] = (0.5, 1.0),
         packed_forward: bool = True,
         head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        mask_truncated_completions: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -188,6 +193,7 @@ class GRPOModule(PolicyModule):
         if head_chunk_tokens < 1:
             raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
         self.head_chunk_tokens = head_chunk_tokens
+        self.mask_truncated_completions = mask_truncated_completions
         self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
         # The reference is rebuilt from the base checkpoint (configure_model, on resume too), never saved:
@@ -224,10 +230,12 @@ class GRPOModule(PolicyModule):
         stats = self.update_policy(experience)
         tokens_per_s = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
         metrics = {
-            **rollout_metrics(rollouts, experience, self.num_generations),
+            **rollout_metrics(rollouts, self.num_generations),
             **update_metrics(stats),
             "train/tokens_per_s": tokens_per_s,
         }
+        if self.mask_truncated_completions:
+            metrics["rollout/masked_truncated"] = float(sum(rollouts.truncated))
         grader_metrics = getattr(self.grader, "pop_metrics", None)  # MathGrader's grader/timeouts; others may have none
         if grader_metrics is not None:
             metrics.update(grader_metrics())
@@ -294,6 +302,8 @@ class GRPOModule(PolicyModule):
         # min_width 1: a batch whose completions are all empty still has a token axis.
         prompt_ids, prompt_mask = pad_tokens(rollouts.prompt_ids, pad, left=True, min_width=1)
         completion_ids, completion_mask = pad_tokens(completions, pad, min_width=1)
+        if self.mask_truncated_completions:
+            completion_mask = completion_mask * ~torch.tensor(rollouts.truncated, dtype=torch.bool)[:, None]
         return Experience(
             prompt_ids.to(self.device), prompt_mask.to(self.device),
             completion_ids.to(self.device), completion_mask.to(self.device), advantages,
@@ -303,7 +313,7 @@ class GRPOModule(PolicyModule):
         """``num_iterations`` passes of optimizer steps over ``experience``; returns token-weighted stats."""
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         mini_batch = self.mini_batch_size or len(experience)
-        steps_per_batch = self.num_iterations * -(-len(experience) // mini_batch)
+        steps_per_batch = self.optimizer_steps_per_batch(len(experience))
         if steps_per_batch > 1:
             # The policy moves after the first step: ratios need the log-probs that sampled the tokens.
             experience.old_logprobs = self.score_completions(self.model, experience)
@@ -326,6 +336,25 @@ class GRPOModule(PolicyModule):
                 scheduler.step()
                 self.rollout_backend.mark_stale(*self.weights_source())  # synced before the next rollout
         return _token_means(totals, steps_per_batch)
+
+    def optimizer_steps_per_batch(self, num_completions: int) -> int:
+        """Optimizer steps one batch of rollouts takes: ``num_iterations`` x its mini-batches."""
+        return self.num_iterations * -(-num_completions // (self.mini_batch_size or num_completions))
+
+    def total_optimizer_steps(self) -> float:
+        """Optimizer steps the run takes (see :meth:`PolicyModule.total_optimizer_steps`), counting every
+        mini-batch and iteration of every batch: ``trainer.max_steps`` counts optimizer steps too, but
+        Lightning's epoch-based estimate counts batches."""
+        trainer = self.trainer
+        bounded_by_steps = trainer.estimated_stepping_batches  # also loads the train dataloader
+        if trainer.max_epochs == -1 or not math.isfinite(trainer.num_training_batches):
+            return float(bounded_by_steps)
+        per_epoch = sum(
+            self.optimizer_steps_per_batch(prompts * self.num_generations)
+            for prompts in epoch_batch_sizes(trainer.train_dataloader, int(trainer.num_training_batches))
+        )
+        total = per_epoch * max(trainer.max_epochs, 1)
+        return float(min(total, trainer.max_steps) if trainer.max_steps > 0 else total)
 
     def _gradient_sync(self, last: bool) -> ContextManager[None]:
         """All-reduce gradients only on a mini-batch's last backward; earlier ones accumulate locally."""
@@ -421,14 +450,15 @@ class GRPOModule(PolicyModule):
 EXTREME_METRICS = {"min": ("completions/min_length",), "max": ("completions/max_length",)}
 
 
-def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int) -> dict[str, float]:
-    """What TRL logs about a batch of rollouts, plus counts of dead weight. TRL's ``completions/*`` keep
-    their names; its ``reward``, ``reward_std`` and ``frac_reward_zero_std`` join the per-function
+def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
+    """What TRL logs about a batch of rollouts, plus counts of dead weight (``rollout/unfinished``: cut
+    off or solution block never closed, so scored as malformed). TRL's ``completions/*`` keep their
+    names; its ``reward``, ``reward_std`` and ``frac_reward_zero_std`` join the per-function
     ``rewards/<name>/*`` as ``rewards/mean``, ``rewards/std`` and ``rewards/frac_zero_std``."""
     rewards = rollouts.rewards.float().view(-1, group_size)
-    lengths = experience.completion_mask.sum(1).float()
+    lengths = torch.tensor([len(rollouts.sampled_ids(index)) for index in range(len(rollouts))], dtype=torch.float32)
     zero_std = (rewards == rewards[:, :1]).all(dim=1)
-    return {
+    metrics = {
         "rewards/mean": float(rewards.mean()),
         "rewards/std": float(rewards.std(dim=1).mean()),
         "rewards/frac_zero_std": float(zero_std.float().mean()),
@@ -441,6 +471,19 @@ def rollout_metrics(rollouts: Rollouts, experience: Experience, group_size: int)
         "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }
+    if "finished" in rollouts.columns:  # set by the reward callback
+        metrics["rollout/unfinished"] = float(sum(not done for done in rollouts.columns["finished"]))
+    return metrics
+
+
+def epoch_batch_sizes(loader: Any, num_batches: int) -> list[int]:
+    """Prompts in each of an epoch's first ``num_batches`` batches on this rank (the sampler Lightning
+    installed, e.g. a DistributedSampler, gives this rank's share)."""
+    size, batch = len(loader.sampler), loader.batch_size
+    if batch is None:  # a custom batch_sampler
+        return [len(indices) for indices in loader.batch_sampler][:num_batches]
+    sizes = [batch] * (size // batch) + ([size % batch] if size % batch and not loader.drop_last else [])
+    return sizes[:num_batches]
 
 
 def update_metrics(stats: dict[str, float]) -> dict[str, float]:
