@@ -132,7 +132,7 @@ def test_bad_b_max_in_a_label_file_names_file_and_line(tmp_path, b_max):
     path = tmp_path / "labels.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "y", "b_max": b_max}) + "\n")
     with pytest.raises(DataError, match=rf"labels.jsonl:2: field 'b_max' must be an integer >= 1 or null"):
-        JsonlSource(str(path), schema="labelled").load()
+        JsonlSource(str(path), schema="labelled").load(on_bad_row="error")
 
 
 def test_script_samples_with_the_tiny_model(tmp_path, tiny_model_dir):
