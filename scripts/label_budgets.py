@@ -53,7 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data-root", default=None, help="directory relative source paths are resolved against")
     parser.add_argument("--model", default=None, help="hub id or folder whose tokenizer counts tokens (default: tiny)")
     parser.add_argument("--round-to", type=int, default=1, help="round budgets up to a multiple of this")
-    parser.add_argument("--on-bad-answer", default="drop", choices=("drop", "error"))
+    parser.add_argument("--on-bad-row", default="drop", choices=("drop", "error"),
+                        help="a bad input row: drop it (counted, listed at the end) or stop with its file:line")
     parser.add_argument("--output", required=True, help="where to write the labelled JSONL")
     sampled = parser.add_argument_group("labelling from the model's own samples (--samples K)")
     sampled.add_argument("--samples", type=int, default=0, help="K answers per problem (0: reference solutions)")
@@ -85,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     loader = ModelLoader(name_or_path=args.model, dtype=args.dtype)
     tokenizer = loader.load_tokenizer()
     dropped = DroppedRows()
-    records = source.load(on_bad_row=args.on_bad_answer, dropped=dropped, root=args.data_root)
+    records = source.load(on_bad_row=args.on_bad_row, dropped=dropped, root=args.data_root)
     if args.samples:
         result = label_with_samples(args, loader, tokenizer, records, dropped)
         labelled = result.records
