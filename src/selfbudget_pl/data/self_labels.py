@@ -80,7 +80,9 @@ def label_from_samples(
         for index, record in enumerate(batch):
             result.counts["problems"] += 1
             mine = [i for i, group in enumerate(rollouts.group_index) if group == index]
-            correct = [rollouts.completions[i].strip() for i in mine if verdicts[i] and not rollouts.truncated[i]]
+            # An empty completion holds no solution to learn from, whatever a lenient grader said of it.
+            texts = {i: rollouts.completions[i].strip() for i in mine}
+            correct = [texts[i] for i in mine if verdicts[i] and not rollouts.truncated[i] and texts[i]]
             if not correct:
                 reason = "only_truncated_correct" if any(verdicts[i] for i in mine) else "no_correct_sample"
                 result.records.append(_uncapped(record, dropped, reason, result.counts))
