@@ -2,7 +2,7 @@
 
 Completions are MATH-500 gold answers and equivalent rewritings (``\\frac{a}{b}`` -> ``a/b`` / decimal /
 ``\\dfrac``, reordered sums, spacing, ``\\left(``), plus wrong answers, rendered as full SelfBudgeter
-responses and scored in GRPO-sized batches by :func:`selfbudget_pl.scoring.annotate` and
+responses and scored in GRPO-sized batches by :func:`selfbudget_pl.rewards.annotate.annotate` and
 :class:`BudgetGuidedReward`, with the grader's pool on ``--workers`` processes. Also prints the grader's
 agreement with ``grader/cases.jsonl``.
 
@@ -26,7 +26,7 @@ from selfbudget_pl.rewards.budget import BudgetGuidedReward
 from selfbudget_pl.rewards.combine import WeightedRewards
 from selfbudget_pl.rewards.grader import MathGrader, fast_verdict
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.scoring import annotate
+from selfbudget_pl.rewards.annotate import annotate
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 FRACTION = re.compile(r"^\\[dt]?frac\{(-?\d+)\}\{(\d+)\}$")

@@ -120,7 +120,7 @@ def config_file(group: str, name: str) -> Any:
 def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer, records, dropped):
     from hydra.utils import instantiate
 
-    from selfbudget_pl.data.self_labels import label_from_samples
+    from selfbudget_pl.labelling import label_from_samples
     from selfbudget_pl.rollout.base import SamplingSettings
 
     data = config_file("data", args.data)

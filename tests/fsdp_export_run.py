@@ -16,7 +16,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from selfbudget_pl.models import ModelLoader, export_pretrained
-from selfbudget_pl.modules.base import full_state_dict
+from selfbudget_pl.weights import full_state_dict
 from selfbudget_pl.strategies import decoder_layer_classes
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from selfbudget_pl.models import LoraSettings, ModelLoader, apply_lora
-from selfbudget_pl.modules.base import full_state_dict
+from selfbudget_pl.weights import full_state_dict
 from selfbudget_pl.strategies import decoder_layer_classes
 
 from .rank_cases import run_cases

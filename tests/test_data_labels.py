@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from selfbudget_pl.data.budget_labels import count_solution_tokens, label_record, label_records, round_budget
+from selfbudget_pl.data.budget_labels import label_record, label_records, round_budget
+from selfbudget_pl.format import count_solution_tokens
 from selfbudget_pl.data.prompts import build_prompt, encode_prompt
 from selfbudget_pl.data.records import DroppedRows, MathRecord
 from selfbudget_pl.data.sources import JsonlSource

@@ -156,7 +156,7 @@ def test_unreadable_golds_are_never_matched(local):
 
 def test_numeric_golds_through_scoring(local):
     from selfbudget_pl.format import OutputFormat
-    from selfbudget_pl.scoring import grade_parsed
+    from selfbudget_pl.rewards.annotate import grade_parsed
 
     fmt = OutputFormat()
     parsed = [fmt.parse(fmt.render(10, r" so \boxed{36} ")), fmt.parse(fmt.render(10, r" so \boxed{35} "))]

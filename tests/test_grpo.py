@@ -343,9 +343,9 @@ def test_mask_truncated_completions_trains_and_counts_them(sharp_loader, prompt_
     reward = FirstTokenReward(EVEN_FIRST_TOKEN)
     trainer = _trainer(2, [reward])
     trainer.fit(module, train_dataloaders=_loader(prompt_ids, batch_size=2))
-    truncated = sum(reward.seen[-1].truncated)
-    assert truncated > 0 and float(trainer.callback_metrics["rollout/masked_truncated"]) == truncated
-    assert float(trainer.callback_metrics["rollout/truncated"]) == truncated
+    truncated = sum(reward.seen[-1].truncated)  # masked: completions/clipped_ratio counts them
+    assert truncated > 0
+    assert float(trainer.callback_metrics["completions/clipped_ratio"]) == truncated / len(reward.seen[-1])
 
 
 class StepRecorder(L.Callback):

@@ -17,7 +17,7 @@ from selfbudget_pl.rewards.combine import WeightedRewards
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rewards.simple import AccuracyReward, FormatReward
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.scoring import annotate
+from selfbudget_pl.rewards.annotate import annotate
 
 FORMAT = OutputFormat()
 PER_ITEM_LIMIT_S = 2.0  # the bound; grading's own timeout is 1 s

@@ -20,7 +20,7 @@ from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rewards.length_control import L1ExactReward, L1MaxReward, SoftOverlongPenalty
 from selfbudget_pl.rewards.simple import AccuracyReward, FormatReward
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.scoring import annotate, resolve_annotations
+from selfbudget_pl.rewards.annotate import annotate, resolve_annotations
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FORMAT = OutputFormat()

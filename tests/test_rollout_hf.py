@@ -7,7 +7,8 @@ import torch
 
 from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.rollout.base import SamplingSettings
-from selfbudget_pl.rollout.hf import HFRolloutBackend, repeat_columns
+from selfbudget_pl.rollout.base import repeat_columns
+from selfbudget_pl.rollout.hf import HFRolloutBackend
 
 from .conftest import randomize_lora_b, sharpen
 
@@ -31,7 +32,7 @@ def test_shapes_grouping_and_columns(model, tokenizer, prompts):
     assert len(rollouts) == 9
     assert rollouts.group_index == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert rollouts.prompt_ids == [p for p in prompts for _ in range(3)]
-    assert rollouts.columns == {"id": list("aaabbbccc"), "b_max": [10] * 3 + [20] * 3 + [30] * 3}
+    assert rollouts.columns == {"id": list("aaabbbccc"), "b_max": [10] * 3 + [20] * 3 + [30] * 3, "prefilled": [False] * 9}
     assert all(len(ids) <= 6 for ids in rollouts.completion_ids)
     assert rollouts.generation_seconds > 0
     for ids, text, truncated in zip(rollouts.completion_ids, rollouts.completions, rollouts.truncated):
@@ -56,6 +57,22 @@ def test_prefill_starts_every_completion_and_conditions_the_model(model, tokeniz
     # The same tokens come out when the prefill is written into the prompt by hand.
     by_hand = backend.generate([p + prefill_ids for p in prompts], 2, sampling)
     assert by_hand.completion_ids == rollouts.completion_ids
+
+
+def test_prefill_per_prompt_is_encoded_once_for_every_backend(model, tokenizer, prompts):
+    """GRPO pre-fills some prompts and not others: one list, one place that encodes it (RolloutBackend)."""
+    backend = HFRolloutBackend(model, tokenizer)
+    prefills = ["<budget>7</budget><solution>", None, "<budget>30</budget><solution>"]
+    sampling = SamplingSettings(temperature=0.0, max_new_tokens=4)
+    rollouts = backend.generate(prompts, 2, sampling, prefill=prefills)
+    assert rollouts.columns["prefilled"] == [True, True, False, False, True, True]
+    for index, group in enumerate(rollouts.group_index):
+        prefix = prefills[group] or ""
+        assert rollouts.completions[index].startswith(prefix)
+        assert rollouts.prompt_ids[index] == prompts[group] + tokenizer.encode(prefix, add_special_tokens=False)
+    assert rollouts.completions[2] == tokenizer.decode(rollouts.completion_ids[2], skip_special_tokens=False)
+    with pytest.raises(ValueError, match="2 prefills for 3 prompts"):
+        backend.generate(prompts, 1, sampling, prefill=prefills[:2])
 
 
 def test_max_new_tokens_is_a_hard_ceiling(model, tokenizer, prompts):

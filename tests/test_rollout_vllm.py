@@ -77,14 +77,14 @@ def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
     outputs = [
         _request(hello + [eos], "stop"), _request(hello, "length"), _request(hello[:1], "stop"), _request([], "stop")
     ]
-    rollouts = rollouts_from_outputs(outputs, [[5], [5], [6], [6]], 2, tokenizer, [eos], prefill="<budget>3</budget>")
+    rollouts = rollouts_from_outputs(outputs, [[5], [5], [6], [6]], 2, tokenizer, [eos])
     assert rollouts.completion_ids == [hello, hello, hello[:1], []]
     assert rollouts.truncated == [False, True, False, False]
     assert rollouts.finish_reasons == ["eos", "length", "eos", "eos"]
     assert rollouts.stop_token_ids == [eos, None, None, None]
     assert rollouts.group_index == [0, 0, 1, 1]
-    assert rollouts.completions[0] == "<budget>3</budget>the sum"
-    assert rollouts.completions[3] == "<budget>3</budget>"
+    assert rollouts.completions[0] == "the sum"  # decoded from the ids; a pre-filled prefix is RolloutBackend's
+    assert rollouts.completions[3] == ""
 
 
 class _FakeLLM:
@@ -153,7 +153,7 @@ def test_generate_builds_one_request_per_completion(fake_vllm, model_loader, tok
         [11, 12] + prefill_ids, [11, 12] + prefill_ids, [13] + prefill_ids, [13] + prefill_ids
     ]
     assert [params["seed"] for _, params in llm.requests] == [3, 4, 5, 6]
-    assert rollouts.columns == {"id": ["a", "a", "b", "b"]}
+    assert rollouts.columns == {"id": ["a", "a", "b", "b"], "prefilled": [True] * 4}
     assert rollouts.truncated == [True] * 4 and rollouts.group_index == [0, 0, 1, 1]
 
 

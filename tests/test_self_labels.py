@@ -9,11 +9,11 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from selfbudget_pl.data.budget_labels import count_solution_tokens
+from selfbudget_pl.format import count_solution_tokens
 from selfbudget_pl.data.prompts import build_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows
 from selfbudget_pl.data.sources import JsonlSource
-from selfbudget_pl.data.self_labels import label_from_samples
+from selfbudget_pl.labelling import label_from_samples
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts
@@ -28,10 +28,11 @@ class ScriptedBackend(RolloutBackend):
         self.answers = answers
         self.truncated_texts = truncated_texts
 
-    def generate(self, prompt_ids, num_samples, sampling, prefill=None, columns=None) -> Rollouts:
-        texts = [text for group in self.answers[: len(prompt_ids)] for text in group]
-        groups = [g for g, group in enumerate(self.answers[: len(prompt_ids)]) for _ in group]
-        self.answers = self.answers[len(prompt_ids):]
+    def sample(self, contexts, num_samples, sampling) -> Rollouts:
+        num_prompts = len(contexts) // num_samples
+        texts = [text for group in self.answers[:num_prompts] for text in group]
+        groups = [g for g, group in enumerate(self.answers[:num_prompts]) for _ in group]
+        self.answers = self.answers[num_prompts:]
         return Rollouts(prompt_ids=[[1]] * len(texts), completion_ids=[[1]] * len(texts), completions=texts,
                         finish_reasons=["length" if t in self.truncated_texts else "eos" for t in texts], group_index=groups)
 
@@ -83,12 +84,11 @@ class AnswerFiveBackend(RolloutBackend):
     def __init__(self, model, tokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def generate(self, prompt_ids, num_samples, sampling, prefill=None, columns=None) -> Rollouts:
-        AnswerFiveBackend.prompts += [self.tokenizer.decode(ids) for ids in prompt_ids]
-        size = len(prompt_ids) * num_samples
-        return Rollouts(prompt_ids=[list(ids) for ids in prompt_ids for _ in range(num_samples)],
-                        completion_ids=[[1]] * size, completions=["\\boxed{5}"] * size, finish_reasons=["eos"] * size,
-                        group_index=[g for g in range(len(prompt_ids)) for _ in range(num_samples)])
+    def sample(self, contexts, num_samples, sampling) -> Rollouts:
+        AnswerFiveBackend.prompts += [self.tokenizer.decode(ids) for ids in contexts[::num_samples]]
+        size = len(contexts)
+        return Rollouts(prompt_ids=contexts, completion_ids=[[1]] * size, completions=["\\boxed{5}"] * size,
+                        finish_reasons=["eos"] * size, group_index=[index // num_samples for index in range(size)])
 
 
 def test_script_samples_through_the_configured_backend_template_and_grader(tmp_path, tiny_model_dir, tokenizer, capsys):

@@ -6,6 +6,7 @@ import yaml
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from selfbudget_pl.modules.validation import ValidationRecord
 from selfbudget_pl.train import train
 
 from .test_train import compose_small
@@ -63,9 +64,10 @@ def test_short_grpo_run_fills_every_tensorboard_group(tmp_path, tiny_cache):
 
     # The budget scatter is drawn whenever a validation saw stated budgets (the random model states none).
     module = objects["module"]
-    module._val_points = [(40.0, 38.0, True), (60.0, 70.0, False)]
-    module._val_budget_errors = [-0.05, 1 / 6]
-    module._log_validation_figures()
+    record = ValidationRecord()
+    record.points = [(40.0, 38.0, True), (60.0, 70.0, False)]
+    record.budget_errors = [-0.05, 1 / 6]
+    record.log_figures(module.logger.experiment, module.global_step)
     module.logger.experiment.flush()
     runs, run = _read(log_dir)
     assert [event.step for event in runs.Images(run, "val/budget_vs_length")] == [4]

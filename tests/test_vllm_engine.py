@@ -361,7 +361,7 @@ class Recording:
 
 
 def test_self_labels_from_k_vllm_samples_keep_the_shortest_finished_one(backend, loader):
-    from selfbudget_pl.data import self_labels
+    from selfbudget_pl import labelling
     from selfbudget_pl.data.budget_labels import label_record
     from selfbudget_pl.data.synthetic import SyntheticSource
     from selfbudget_pl.format import OutputFormat
@@ -374,7 +374,7 @@ def test_self_labels_from_k_vllm_samples_keep_the_shortest_finished_one(backend,
     records = SyntheticSource(size=6, split="test").load()
     recording = Recording(backend)
     sampling = SamplingSettings(temperature=1.0, max_new_tokens=12, seed=0)
-    result = self_labels.label_from_samples(
+    result = labelling.label_from_samples(
         records, recording, tokenizer, AcceptAll(), samples=4, sampling=sampling, batch_size=4
     )
     rollouts = [r for call in recording.seen for r in _per_completion(call)]

@@ -34,9 +34,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from selfbudget_pl.config import ConfigError, check_eval_config, check_eval_prompts
+from selfbudget_pl.data.prompts import encode_prompts
+from selfbudget_pl.data.records import DroppedRows
 from selfbudget_pl.format import OutputFormat
-from selfbudget_pl.inference import encode_prompts, generate_and_annotate
+from selfbudget_pl.inference import generate_and_annotate
+from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
+from selfbudget_pl.plots import budget_vs_length_figure, difficulty_figure
+from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+from selfbudget_pl.rollout.hf import HFRolloutBackend
 from selfbudget_pl.train import CONFIG_DIR
 
 log = logging.getLogger(__name__)
@@ -132,8 +138,6 @@ def evaluate_model(
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     baseline_rows = _baseline_rows(baseline)  # before generating, so a wrong path fails in seconds
     if backend is None:
-        from selfbudget_pl.rollout.hf import HFRolloutBackend
-
         backend = HFRolloutBackend(model, tokenizer)
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
@@ -226,8 +230,6 @@ def _unwrap(
     if tokenizer is None:
         raise ValueError("evaluate_model needs `tokenizer` when `model` is not a PolicyModule")
     if grader is None:
-        from selfbudget_pl.rewards.grader import MathGrader
-
         grader = MathGrader()
     return model, tokenizer, output_format or OutputFormat(), grader, backend
 
@@ -248,8 +250,6 @@ def _run_condition(
 ) -> dict[str, Any]:
     """Generate and score one dataset under one budget condition (``num_samples`` completions per
     problem); its completion rows and summary row."""
-    from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
-
     metric = BudgetAdherence()
     prefill = output_format.budget_prefix(budget) if budget is not None else None
     prefill_tokens = len(tokenizer.encode(prefill, add_special_tokens=False)) if prefill else 0
@@ -422,8 +422,6 @@ def _write_figures(
     """PNGs per dataset (and the same figures, scalars and table to TensorBoard)."""
     import matplotlib.pyplot as plt
 
-    from selfbudget_pl.plots import budget_vs_length_figure, difficulty_figure
-
     writer = None
     if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
@@ -505,8 +503,6 @@ def load_datasets(
     Relative file paths resolve against ``data_root``; rows whose gold answer cannot be read are dropped
     (and counted in the log), as in training.
     """
-    from selfbudget_pl.data.records import DroppedRows
-
     if not names:
         raise ValueError(f"eval_datasets is empty; choose from {sorted(sources)}")
     known = sorted(name for name, source in sources.items() if source is not None)  # null entries are switched off

@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 # Longest final answer we keep; anything longer is treated as no answer (it cannot be graded cheaply).
 MAX_ANSWER_CHARS = 1_000
@@ -72,6 +72,12 @@ def extract_boxed(text: str, max_answer_chars: int = MAX_ANSWER_CHARS) -> Option
             if depth == 0:
                 return text[begin:pos].strip()
     return None
+
+
+def count_solution_tokens(solution_text: str, tokenizer: Any) -> int:
+    """The length ``l`` of a solution: its tokens under the model's tokenizer (no BOS/EOS added). The one
+    definition that budget labels, rewards and metrics all count with, so they cannot disagree."""
+    return len(tokenizer(solution_text, add_special_tokens=False)["input_ids"])
 
 
 @dataclass(frozen=True)

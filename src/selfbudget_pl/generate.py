@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from selfbudget_pl.data.prompts import encode_prompt
 from selfbudget_pl.format import OutputFormat
-from selfbudget_pl.rollout.hf import eos_token_ids
+from selfbudget_pl.rollout.base import encode_prefill, eos_token_ids
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,7 @@ def stream_generation(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
 
     prefix = output_format.budget_prefix(budget) if budget is not None else ""
-    # Prompt and prefix are encoded apart, as the rollout backends do, so both tokenize the same way.
-    context = encode_prompt(prompt, tokenizer) + tokenizer.encode(prefix, add_special_tokens=False)
+    context = encode_prompt(prompt, tokenizer) + encode_prefill(tokenizer, prefix)  # as the rollout backends do
     decoder = _IncrementalDecoder(tokenizer)
     text = prefix
     generated = 0

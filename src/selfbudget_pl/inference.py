@@ -10,16 +10,8 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.rewards.annotate import annotate
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
-
-
-def encode_prompts(
-    problems: Sequence[str], tokenizer: Any, template: str = "{problem}", system_prompt: Optional[str] = None
-) -> list[list[int]]:
-    """Token ids of each problem's prompt, built and encoded exactly as for training."""
-    from selfbudget_pl.data.prompts import build_prompt, encode_prompt
-
-    return [encode_prompt(build_prompt(problem, tokenizer, template, system_prompt), tokenizer) for problem in problems]
 
 
 def generate_and_annotate(
@@ -37,8 +29,6 @@ def generate_and_annotate(
 
     ``columns`` are dataset columns, one value per prompt; ``answer`` is needed for grading.
     """
-    from selfbudget_pl.scoring import annotate
-
     rollouts = backend.generate(
         prompt_ids, num_samples=num_samples, sampling=sampling, prefill=prefill, columns=columns
     )

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from selfbudget_pl.callbacks.hparams import RunConfigHParams
 from selfbudget_pl.data.datamodule import BudgetMathDataModule
 from selfbudget_pl.modules.base import PolicyModule
+from selfbudget_pl.train import CONFIG_DIR
 
 # The Hydra experiments that have a LightningCLI config, and where those configs live.
 EXPERIMENTS = ("sft_toy", "grpo_toy")
@@ -99,8 +100,6 @@ def lightning_config(cfg: DictConfig, output_dir: str) -> dict[str, Any]:
 def compose_experiment(name: str, overrides: Sequence[str] = ()) -> DictConfig:
     from hydra import compose, initialize_config_dir
 
-    from selfbudget_pl.train import CONFIG_DIR
-
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=[f"experiment={name}", *overrides])
 
@@ -113,8 +112,6 @@ def config_text(name: str) -> str:
 
 
 def export_configs(config_dir: Optional[Path] = None, names: Iterable[str] = EXPERIMENTS) -> list[Path]:
-    from selfbudget_pl.train import CONFIG_DIR
-
     out = Path(config_dir or CONFIG_DIR) / LIGHTNING_CONFIG_DIR
     out.mkdir(parents=True, exist_ok=True)
     written = []

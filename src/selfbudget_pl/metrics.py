@@ -138,7 +138,7 @@ class BudgetAdherence(Metric):
 
 
 def update_from_rollouts(metric: BudgetAdherence, rollouts: Rollouts) -> None:
-    """Add annotated rollouts (see :func:`selfbudget_pl.scoring.annotate`) to ``metric``."""
+    """Add annotated rollouts (see :func:`selfbudget_pl.rewards.annotate.annotate`) to ``metric``."""
     size = len(rollouts.completions)
     metric.update(
         budgets=[parsed.budget for parsed in rollouts.parsed],
@@ -148,3 +148,17 @@ def update_from_rollouts(metric: BudgetAdherence, rollouts: Rollouts) -> None:
         format_ok=[parsed.well_formed for parsed in rollouts.parsed],
         truncated=rollouts.truncated,
     )
+
+
+def completion_lengths(rollouts: Rollouts) -> list[float]:
+    """Generated tokens per completion (EOS stripped, as the backends return them)."""
+    return [float(len(ids)) for ids in rollouts.completion_ids]
+
+
+def budget_errors(rollouts: Rollouts) -> list[float]:
+    """Relative budget error ``(l - b) / b`` of every completion that states a budget (annotated rollouts)."""
+    return [
+        (length - parsed.budget) / parsed.budget
+        for parsed, length in zip(rollouts.parsed, rollouts.solution_lengths)
+        if parsed.budget
+    ]

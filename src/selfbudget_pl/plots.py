@@ -1,10 +1,11 @@
-"""Figures for TensorBoard and reports (matplotlib, headless)."""
+"""Figures and histograms for TensorBoard and reports (matplotlib, headless)."""
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # headless: training nodes and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -65,3 +66,12 @@ def difficulty_figure(
     figure.suptitle(title)
     figure.tight_layout()
     return figure
+
+
+def log_histograms(experiment: Any, prefix: str, lengths: Sequence[float], errors: Sequence[float], step: int) -> None:
+    """``<prefix>/completion_length`` and ``<prefix>/budget_error`` histograms (when there are values)."""
+    if not hasattr(experiment, "add_histogram"):
+        return
+    for name, values in (("completion_length", lengths), ("budget_error", errors)):
+        if values:
+            experiment.add_histogram(f"{prefix}/{name}", torch.tensor(values, dtype=torch.float32), global_step=step)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
 from selfbudget_pl.models import ModelLoader
+from selfbudget_pl.weights import is_sharded
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -83,7 +84,6 @@ def fsdp_strategy(
         state_dict_type: ``sharded`` (each rank writes its shard: fast resume at any scale) or ``full``.
         cpu_offload: keep parameters and gradients on CPU between uses.
     """
-    from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
@@ -139,7 +139,6 @@ class FullyShardPlan:
     The root is the policy, not the LightningModule: GRPO and SFT call ``self.model(...)``, whose forward
     runs the root's hooks (gathering its parameters) wherever it is called from.
     """
-
     layers: tuple[type[torch.nn.Module], ...]
     param_dtype: Optional[torch.dtype] = None
     reduce_dtype: Optional[torch.dtype] = None
@@ -150,8 +149,6 @@ class FullyShardPlan:
 
     def __call__(self, model: torch.nn.Module, mesh: Any = None) -> torch.nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-        from selfbudget_pl.weights import is_sharded
 
         if is_sharded(model):
             return model
@@ -264,14 +261,33 @@ def disable_kv_cache_in_training(model: torch.nn.Module) -> None:
 
 # -- what a module needs from its strategy ---------------------------------------------------------------
 
+def shard_models(module: Any, names: tuple[str, ...] = ("model", "ref_model")) -> None:
+    """Apply the strategy's own sharding to the models ``module`` holds under ``names`` (the policy, GRPO's
+    reference): ``strategy=fsdp2`` carries a ``parallelize(model, mesh)`` plan (:class:`FullyShardPlan`);
+    other strategies wrap the module themselves (FSDP1, DDP) or not at all. Idempotent: a model already
+    sharded is left as it is."""
+    trainer = module._trainer  # None before a Trainer attaches (the `trainer` property would raise)
+    strategy = trainer.strategy if trainer is not None else None
+    if getattr(strategy, "_activation_checkpointing_kwargs", None):
+        # strategy=fsdp activation_checkpointing=true: Lightning wraps the layers in checkpoint
+        # wrappers after this hook; a KV cache built in forward breaks their recompute.
+        disable_kv_cache_in_training(module.model)
+    parallelize = getattr(strategy, "parallelize", None)
+    if parallelize is None:
+        return
+    mesh = strategy.device_mesh["data_parallel"]
+    for name in names:
+        model = getattr(module, name, None)
+        if model is not None:
+            setattr(module, name, parallelize(model, mesh))
+
+
 
 def check_strategy_supports(module: Any, strategy: Any) -> None:
     """Refuse pairings known to fail: manual optimization (a backward inside ``training_step``, as in
     GRPO) under Lightning's FSDP1 ``FSDPStrategy``, which runs ``training_step`` inside the root unit's
     forward; the backward then fails with "Expects BACKWARD_PRE or BACKWARD_POST state but got
     HandleTrainingState.FORWARD" (Lightning issues #19626, #19685, open in Lightning 2.6)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if isinstance(strategy, FSDPStrategy) and not getattr(module, "automatic_optimization", True):
         raise ValueError(
             f"{type(module).__name__} optimizes manually (backward inside training_step), which Lightning's "

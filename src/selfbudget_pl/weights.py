@@ -1,7 +1,7 @@
 """The policy's full (unsharded) weights, streamed one tensor at a time: the one place that knows how to
 read them, whatever holds the model (a plain module, peft LoRA, an FSDP1 wrapper or FSDP2 ``fully_shard``).
 
-Used by the export (:func:`selfbudget_pl.modules.base.full_state_dict`: raw names, LoRA kept as is) and by
+Used by the export (:func:`full_state_dict`: raw names, LoRA kept as is) and by
 the vLLM weight sync (:class:`selfbudget_pl.rollout.vllm.VLLMRolloutBackend`: the HF checkpoint's names,
 LoRA merged in).
 
@@ -49,6 +49,26 @@ def iter_full_weights(
     layer has arrived, which is inside the same decoder-layer unit).
     """
     yield from _walk_root(root, prefix, merge_lora)
+
+
+def full_state_dict(root: torch.nn.Module, prefix: str) -> Optional[dict[str, torch.Tensor]]:
+    """The unsharded weights of ``root``'s submodule at ``prefix`` (keys without it, as in that
+    submodule's ``state_dict()``, LoRA adapters separate), on CPU, when ``root`` is sharded by FSDP
+    (wrapper or ``fully_shard``); None when it is not (single device, DDP).
+
+    Collective under FSDP: every rank must call it. The weights are gathered one FSDP unit or parameter at
+    a time (:func:`iter_full_weights`, which the vLLM weight sync streams from too)
+    and only rank 0 keeps them (the others get an empty dict), so one full copy sits in host memory
+    rather than one per rank.
+    """
+    if not is_sharded(root):
+        return None
+    keep = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_full_weights(root, prefix, merge_lora=False):
+        if keep:
+            state[name] = tensor.to("cpu", copy=True)
+    return state
 
 
 def _walk_root(root: torch.nn.Module, prefix: str, merge_lora: bool) -> Iterator:

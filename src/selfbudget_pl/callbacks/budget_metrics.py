@@ -10,12 +10,12 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
-import torch
 
 from selfbudget_pl.callbacks.reward import RolloutHook
-from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
+from selfbudget_pl.metrics import BudgetAdherence, budget_errors, completion_lengths, update_from_rollouts
+from selfbudget_pl.plots import log_histograms
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.scoring import annotate, is_annotated
+from selfbudget_pl.rewards.annotate import annotate, is_annotated
 
 
 def log_budget_metrics(pl_module: pl.LightningModule, metric: BudgetAdherence, prefix: str, on_step: bool = False) -> None:
@@ -26,29 +26,6 @@ def log_budget_metrics(pl_module: pl.LightningModule, metric: BudgetAdherence, p
     # Values are already global, so Lightning must not reduce them again.
     pl_module.log_dict({f"{prefix}/{key}": value for key, value in values.items()},
                        on_step=on_step, on_epoch=not on_step, sync_dist=False)
-
-
-def completion_lengths(rollouts: Rollouts) -> list[float]:
-    """Generated tokens per completion (EOS stripped, as the backends return them)."""
-    return [float(len(ids)) for ids in rollouts.completion_ids]
-
-
-def budget_errors(rollouts: Rollouts) -> list[float]:
-    """Relative budget error ``(l - b) / b`` of every completion that states a budget (annotated rollouts)."""
-    return [
-        (length - parsed.budget) / parsed.budget
-        for parsed, length in zip(rollouts.parsed, rollouts.solution_lengths)
-        if parsed.budget
-    ]
-
-
-def log_histograms(experiment: Any, prefix: str, lengths: Sequence[float], errors: Sequence[float], step: int) -> None:
-    """``<prefix>/completion_length`` and ``<prefix>/budget_error`` histograms (when there are values)."""
-    if not hasattr(experiment, "add_histogram"):
-        return
-    for name, values in (("completion_length", lengths), ("budget_error", errors)):
-        if values:
-            experiment.add_histogram(f"{prefix}/{name}", torch.tensor(values, dtype=torch.float32), global_step=step)
 
 
 class BudgetMetricsCallback(RolloutHook):

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 
 from selfbudget_pl.rewards.combine import RewardFunction, WeightedRewards, reward_statistics
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.scoring import annotate, finished_solutions, is_annotated
+from selfbudget_pl.rewards.annotate import annotate, finished_solutions, is_annotated
 
 
 class RolloutHook(pl.Callback):

@@ -111,7 +111,6 @@ def check_eval_prompts(
     plus ``sampling.max_new_tokens`` must fit the model's positions."""
     from hydra.utils import instantiate
 
-    from selfbudget_pl.inference import encode_prompts
 
     facts = model_facts({**(plain(cfg.get("model")) or {}), **dict(model_overrides or {})})
     new_tokens = plain(cfg.sampling).get("max_new_tokens")

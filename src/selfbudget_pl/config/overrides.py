@@ -14,6 +14,8 @@ import inspect
 import re
 from typing import Sequence
 
+from selfbudget_pl.config.schema import ConfigError
+
 _TRAINER_OVERRIDE = re.compile(r"^trainer\.(\w+)=")
 
 
@@ -27,8 +29,6 @@ def trainer_arguments() -> frozenset[str]:
 def open_trainer_overrides(overrides: Sequence[str]) -> list[str]:
     """``overrides`` with every ``trainer.<Trainer argument>=value`` turned into ``++trainer.<...>=value``;
     raises :class:`ConfigError` for ``trainer.<anything else>=...``."""
-    from selfbudget_pl.config.schema import ConfigError
-
     known = trainer_arguments()
     opened = []
     for override in overrides:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from selfbudget_pl.config.schema import Findings
+from selfbudget_pl.tiny_model import TinyModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ TRAINER_INJECTED = {"callbacks": "callbacks", "logger": "logger", "strategy": "s
 @dataclass(frozen=True)
 class ModelFacts:
     """What a model's config says, read without its weights (None: could not be read)."""
-
     max_positions: Optional[int]
     dtype: Optional[str]  # the checkpoint's own dtype (what ``dtype: auto`` loads)
     source: str  # where the facts came from, for messages
@@ -39,8 +39,6 @@ def model_facts(model: Mapping[str, Any]) -> ModelFacts:
     """Position limit and stored dtype of the model ``model`` (the model group's plain mapping) names."""
     path = model.get("name_or_path")
     if not path:
-        from selfbudget_pl.tiny_model import TinyModelSpec
-
         tiny = dict(model.get("tiny") or {})
         limit = tiny.get("max_position_embeddings", TinyModelSpec.max_position_embeddings)
         return ModelFacts(limit, "float32", "model.tiny.max_position_embeddings")

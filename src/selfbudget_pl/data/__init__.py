@@ -1,6 +1,6 @@
 """Budget-labelled math data: sources -> records -> labels -> batches, for SFT and GRPO."""
 
-from selfbudget_pl.data.budget_labels import count_solution_tokens, label_record, label_records, round_budget
+from selfbudget_pl.data.budget_labels import label_record, label_records, round_budget
 from selfbudget_pl.data.datamodule import BudgetMathDataModule
 from selfbudget_pl.data.prompts import build_prompt, encode_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
@@ -15,7 +15,6 @@ __all__ = [
     "MathRecord",
     "SyntheticSource",
     "build_prompt",
-    "count_solution_tokens",
     "encode_prompt",
     "label_record",
     "label_records",

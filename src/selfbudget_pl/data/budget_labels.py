@@ -1,8 +1,5 @@
-"""Budget labels: N = the number of tokens the response spends after the budget tag.
-
-:func:`count_solution_tokens` is the one definition of that length ``l``; rewards and metrics count
-generated solutions with it too, so labels and rewards cannot disagree about what a token is.
-"""
+"""Budget labels: N = the number of tokens the response spends after the budget tag
+(:func:`selfbudget_pl.format.count_solution_tokens`, the length the reward measures too)."""
 
 from __future__ import annotations
 
@@ -12,12 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from selfbudget_pl.data.records import DroppedRows, MathRecord
-from selfbudget_pl.format import OutputFormat
-
-
-def count_solution_tokens(solution_text: str, tokenizer: Any) -> int:
-    """Tokens in ``solution_text`` under the model's tokenizer (no BOS/EOS added)."""
-    return len(tokenizer(solution_text, add_special_tokens=False)["input_ids"])
+from selfbudget_pl.format import OutputFormat, count_solution_tokens
 
 
 def round_budget(tokens: int, multiple: int = 1) -> int:

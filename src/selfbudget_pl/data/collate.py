@@ -17,7 +17,13 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+# The record fields a GRPO (or SFT validation) batch carries per prompt, for rewards and metrics.
 COLUMNS = ("id", "problem", "answer", "difficulty", "b_max", "source")
+
+
+def record_columns(batch: dict[str, Any]) -> dict[str, list[Any]]:
+    """The :data:`COLUMNS` of a batch, one list each (what travels with its rollouts)."""
+    return {key: list(batch[key]) for key in COLUMNS if key in batch}
 
 
 def pad(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 PROBLEM_FIELD = "{problem}"
 
@@ -39,3 +39,10 @@ def encode_prompt(prompt: str, tokenizer: Any) -> list[int]:
     when there is no template (TRL's convention; avoids a doubled BOS).
     """
     return tokenizer(prompt, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+
+
+def encode_prompts(
+    problems: Sequence[str], tokenizer: Any, template: str = "{problem}", system_prompt: Optional[str] = None
+) -> list[list[int]]:
+    """Token ids of each problem's prompt, built and encoded exactly as for training."""
+    return [encode_prompt(build_prompt(problem, tokenizer, template, system_prompt), tokenizer) for problem in problems]

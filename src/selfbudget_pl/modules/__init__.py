@@ -1,0 +1,1 @@
+"""LightningModules: the policy both stages share (base), SFT and GRPO, and the pieces of their losses."""

@@ -39,9 +39,9 @@ from typing import Any, ContextManager, Iterator, Optional
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from selfbudget_pl.data.collate import pad as pad_tokens
+from selfbudget_pl.data.collate import pad as pad_tokens, record_columns
 from selfbudget_pl.modules import packing
-from selfbudget_pl.modules.base import PolicyModule, rollout_columns, sampling_settings
+from selfbudget_pl.modules.base import PolicyModule
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS, chunked_head, supports_chunked_head
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS,
@@ -52,7 +52,8 @@ from selfbudget_pl.modules.losses import (
     policy_loss,
     token_logprobs,
 )
-from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
+from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
+from selfbudget_pl.strategies import shard_models
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class GRPOModule(PolicyModule):
         if self.beta > 0 and self.ref_model is None and not _is_peft(self.model):
             # Loaded from the same checkpoint as the policy: the KL anchor is where training started.
             self.ref_model = self.model_loader.load_model(frozen=True).eval()
-            self.shard_models()  # strategy=fsdp2: the reference is sharded like the policy
+            shard_models(self)  # strategy=fsdp2: the reference is sharded like the policy
 
     def train(self, mode: bool = True) -> "GRPOModule":
         super().train(mode)
@@ -234,8 +235,6 @@ class GRPOModule(PolicyModule):
             **update_metrics(stats),
             "train/tokens_per_s": tokens_per_s,
         }
-        if self.mask_truncated_completions:
-            metrics["rollout/masked_truncated"] = float(sum(rollouts.truncated))
         grader_metrics = getattr(self.grader, "pop_metrics", None)  # MathGrader's grader/timeouts; others may have none
         if grader_metrics is not None:
             metrics.update(grader_metrics())
@@ -254,20 +253,12 @@ class GRPOModule(PolicyModule):
             step_seed = self.rollout_seed + 100_003 * self.global_step + 1_009 * self.global_rank
             sampling = replace(sampling, seed=step_seed)
             generator = torch.Generator().manual_seed(step_seed)
-        columns = rollout_columns(batch)
+        columns = record_columns(batch)
         prefills = self.choose_prefills(columns.get("b_max"), len(batch["prompt_ids"]), generator)
-        prompt_ids = [
-            list(ids) + (self.tokenizer.encode(prefix, add_special_tokens=False) if prefix else [])
-            for ids, prefix in zip(batch["prompt_ids"], prefills)
-        ]
-        rollouts = self.rollout_backend.generate(
-            prompt_ids, num_samples=self.num_generations, sampling=sampling, columns=columns
-        )
         # A pre-filled budget is part of the prompt (never trained) but of the text that gets parsed.
-        rollouts.completions = [
-            (prefills[group] or "") + text for group, text in zip(rollouts.group_index, rollouts.completions)
-        ]
-        rollouts.columns["prefilled"] = [prefills[group] is not None for group in rollouts.group_index]
+        rollouts = self.rollout_backend.generate(
+            batch["prompt_ids"], num_samples=self.num_generations, sampling=sampling, prefill=prefills, columns=columns
+        )
         # Parsing and grading happen in the reward callback (it annotates before it scores).
         for callback in self.trainer.callbacks:
             if hasattr(callback, "on_rollouts"):
@@ -466,8 +457,6 @@ def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
         "completions/clipped_ratio": sum(rollouts.truncated) / len(rollouts),
-        "rollout/zero_std_groups": float(zero_std.sum()),
-        "rollout/truncated": float(sum(rollouts.truncated)),
         "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }

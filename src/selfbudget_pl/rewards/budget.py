@@ -21,6 +21,7 @@ import math
 from typing import Any, Optional, Sequence
 
 from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.rewards.annotate import finished_solutions, resolve_annotations
 from selfbudget_pl.rewards.grader import Grader
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -183,8 +184,6 @@ class BudgetGuidedReward:
         return reward
 
     def __call__(self, completions: Sequence[str], **columns: Any) -> list[float]:
-        from selfbudget_pl.scoring import finished_solutions, resolve_annotations
-
         parsed, correct, lengths = resolve_annotations(completions, columns, self.output_format, self.grader)
         size = len(completions)
         caps = columns.get("b_max") or [None] * size

@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from typing import Any, Optional, Sequence
 
 from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.rewards.annotate import resolve_annotations
 from selfbudget_pl.rewards.grader import Grader
 
 
@@ -38,8 +39,6 @@ class _LengthControlled(ABC):
         """The reward of one completion with target length ``target`` and length ``length``."""
 
     def __call__(self, completions: Sequence[str], **columns: Any) -> list[float]:
-        from selfbudget_pl.scoring import resolve_annotations
-
         parsed, correct, lengths = resolve_annotations(completions, columns, self.output_format, self.grader)
         return [
             self.no_target_reward if target is None else self.score(right, target, length)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.rewards.annotate import grade_parsed
 from selfbudget_pl.rewards.grader import Grader
 
 
@@ -20,8 +21,6 @@ class AccuracyReward:
         self.__name__ = self.name
 
     def __call__(self, completions: Sequence[str], **columns: Any) -> list[float]:
-        from selfbudget_pl.scoring import grade_parsed
-
         correct = columns.get("correct")
         if correct is None:
             if self.grader is None or "answer" not in columns:

@@ -7,9 +7,10 @@ entry per completion, ordered prompt by prompt: prompt 0's ``num_samples`` compl
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -26,6 +27,13 @@ class SamplingSettings:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
+
+
+def sampling_settings(value: Optional[SamplingSettings | dict], **defaults: Any) -> SamplingSettings:
+    """``value`` as :class:`SamplingSettings` (a config mapping fills in over ``defaults``)."""
+    if isinstance(value, SamplingSettings):
+        return value
+    return SamplingSettings(**{**defaults, **dict(value or {})})
 
 
 # Why a completion ended: the sampler drew a stop token (EOS, or another id in the backend's stop set),
@@ -88,20 +96,46 @@ class Rollouts:
         return sum(len(ids) for ids in self.completion_ids)
 
 
-class RolloutBackend(ABC):
-    """Samples completions. ``prefill`` (e.g. ``<budget>300</budget><solution>``) is appended to every
-    prompt and counted as part of the completion text, so a pre-filled budget parses like a generated one."""
+# One prefix for every prompt, or one per prompt (None: that prompt starts from nothing pre-filled).
+Prefill = Union[None, str, Sequence[Optional[str]]]
 
-    @abstractmethod
+
+class RolloutBackend(ABC):
+    """Samples completions. A pre-filled budget (e.g. ``<budget>300</budget><solution>``) is appended to
+    its prompt's tokens and starts its completions' text, so it parses like a generated one; this class
+    does that for every backend, which only samples (:meth:`sample`)."""
+
+    tokenizer: Any
+
     def generate(
         self,
         prompt_ids: Sequence[Sequence[int]],
         num_samples: int,
         sampling: SamplingSettings,
-        prefill: Optional[str] = None,
+        prefill: Prefill = None,
         columns: Optional[dict[str, Sequence[Any]]] = None,
     ) -> Rollouts:
-        """Sample ``num_samples`` completions for each prompt (token ids, unpadded)."""
+        """Sample ``num_samples`` completions for each prompt (token ids, unpadded).
+
+        ``prefill``'s tokens are appended to their prompt (so they are in ``Rollouts.prompt_ids``, what the
+        model was conditioned on) and its text starts each completion string; ``columns`` (one value per
+        prompt) are repeated per completion, and ``columns["prefilled"]`` says which completions were.
+        """
+        started = time.perf_counter()
+        prefills = per_prompt(prefill, len(prompt_ids))
+        prefix_ids = [encode_prefill(self.tokenizer, text) if text else [] for text in prefills]
+        contexts = [list(prompt) + ids for prompt, ids in zip(prompt_ids, prefix_ids) for _ in range(num_samples)]
+        rollouts = self.sample(contexts, num_samples, sampling)
+        rollouts.completions = [(prefills[g] or "") + text for g, text in zip(rollouts.group_index, rollouts.completions)]
+        rollouts.columns = repeat_columns(columns, len(prompt_ids), num_samples)
+        rollouts.columns["prefilled"] = [prefills[group] is not None for group in rollouts.group_index]
+        rollouts.generation_seconds = time.perf_counter() - started
+        return rollouts
+
+    @abstractmethod
+    def sample(self, contexts: list[list[int]], num_samples: int, sampling: SamplingSettings) -> Rollouts:
+        """One completion per context; ``contexts`` holds each prompt ``num_samples`` times in a row (so
+        ``group_index`` is ``index // num_samples``). Completion texts are the decoded completion ids."""
 
     def sync_weights(self, model: torch.nn.Module, prefix: str = "") -> None:
         """Make the backend sample from the policy's current weights (no-op when it shares them).
@@ -115,3 +149,40 @@ class RolloutBackend(ABC):
         them lazily, before its next ``generate`` (several steps between two rollouts cost one sync); this
         default, for backends whose sync is only bookkeeping, syncs at once."""
         self.sync_weights(model, prefix)
+
+
+def per_prompt(prefill: Prefill, num_prompts: int) -> list[Optional[str]]:
+    """``prefill`` as one entry per prompt (empty strings count as none)."""
+    if prefill is None or isinstance(prefill, str):
+        return [prefill or None] * num_prompts
+    prefills = [text or None for text in prefill]
+    if len(prefills) != num_prompts:
+        raise ValueError(f"{len(prefills)} prefills for {num_prompts} prompts")
+    return prefills
+
+
+def encode_prefill(tokenizer: Any, prefill: Optional[str]) -> list[int]:
+    """The tokens a pre-filled text adds after a prompt: encoded on its own, without special tokens, so it
+    tokenizes the same way in training, evaluation and streaming generation."""
+    return tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
+
+
+def repeat_columns(
+    columns: Optional[dict[str, Sequence[Any]]], num_prompts: int, num_samples: int
+) -> dict[str, list[Any]]:
+    """Dataset columns (one value per prompt) repeated so there is one value per completion."""
+    repeated = {}
+    for name, values in (columns or {}).items():
+        if len(values) != num_prompts:
+            raise ValueError(f"column {name!r} has {len(values)} values for {num_prompts} prompts")
+        repeated[name] = [value for value in values for _ in range(num_samples)]
+    return repeated
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every token that ends a completion: the generation config's (chat checkpoints often list
+    several, e.g. Qwen's <|im_end|> and <|endoftext|>), else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)

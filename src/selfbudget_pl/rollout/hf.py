@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
-from selfbudget_pl.rollout.base import FinishReason, RolloutBackend, Rollouts, SamplingSettings
+from selfbudget_pl.rollout.base import FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids
 from selfbudget_pl.weights import TRANSPARENT_CHILDREN, is_sharded
 
 log = logging.getLogger(__name__)
@@ -61,22 +60,8 @@ class HFRolloutBackend(RolloutBackend):
         _units_above(model, prefix, self.model)  # fail here, not mid-training, if the policy is not there
         self._root, self._prefix = model, prefix
 
-    def generate(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        num_samples: int,
-        sampling: SamplingSettings,
-        prefill: Optional[str] = None,
-        columns: Optional[dict[str, Sequence[Any]]] = None,
-    ) -> Rollouts:
-        """Sample ``num_samples`` completions per prompt.
-
-        With ``prefill``, its tokens are appended to every prompt (and so appear in ``Rollouts.prompt_ids``,
-        which is what the model was conditioned on), and its text starts every completion string.
-        """
-        started = time.perf_counter()
-        prefill_ids = self.tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
-        contexts = [list(prompt) + prefill_ids for prompt in prompt_ids for _ in range(num_samples)]
+    def sample(self, contexts: list[list[int]], num_samples: int, sampling: SamplingSettings) -> Rollouts:
+        """One completion per context (see :meth:`RolloutBackend.sample`), ``batch_size`` contexts at a time."""
         root = self._root if self._root is not None else self.model
         units = _units_above(root, self._prefix if self._root is not None else "", self.model)
         if self._root is None and not units and not self._warned_root and is_sharded(self.model):
@@ -103,16 +88,13 @@ class HFRolloutBackend(RolloutBackend):
             completion_ids.append(ids)
             finish_reasons.append(reason)
             stop_token_ids.append(stop_token)
-        texts = [(prefill or "") + self.tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids]
         return Rollouts(
             prompt_ids=contexts,
             completion_ids=completion_ids,
-            completions=texts,
+            completions=[self.tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids],
             finish_reasons=finish_reasons,
             stop_token_ids=stop_token_ids,
-            group_index=[index for index in range(len(prompt_ids)) for _ in range(num_samples)],
-            columns=repeat_columns(columns, len(prompt_ids), num_samples),
-            generation_seconds=time.perf_counter() - started,
+            group_index=[index // num_samples for index in range(len(contexts))],
         )
 
     def _generate_batch(
@@ -207,27 +189,6 @@ class HFRolloutBackend(RolloutBackend):
             else:
                 low = middle + 1
         return low
-
-
-def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """Every token that ends a completion: the generation config's (chat checkpoints often list
-    several, e.g. Qwen's <|im_end|> and <|endoftext|>), else the tokenizer's EOS."""
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def repeat_columns(
-    columns: Optional[dict[str, Sequence[Any]]], num_prompts: int, num_samples: int
-) -> dict[str, list[Any]]:
-    """Dataset columns (one value per prompt) repeated so there is one value per completion."""
-    repeated = {}
-    for name, values in (columns or {}).items():
-        if len(values) != num_prompts:
-            raise ValueError(f"column {name!r} has {len(values)} values for {num_prompts} prompts")
-        repeated[name] = [value for value in values for _ in range(num_samples)]
-    return repeated
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

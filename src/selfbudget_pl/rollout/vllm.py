@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
-from selfbudget_pl.rollout.hf import eos_token_ids, repeat_columns
+from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, eos_token_ids
 from selfbudget_pl.weights import iter_full_weights
 
 log = logging.getLogger(__name__)
@@ -120,23 +118,13 @@ class VLLMRolloutBackend(RolloutBackend):
         self._stale: Optional[tuple[torch.nn.Module, str]] = None
         self.num_syncs = 0  # weight syncs so far (lazy: at most one per generate)
 
-    def generate(
-        self,
-        prompt_ids: Sequence[Sequence[int]],
-        num_samples: int,
-        sampling: SamplingSettings,
-        prefill: Optional[str] = None,
-        columns: Optional[dict[str, Sequence[Any]]] = None,
-    ) -> Rollouts:
-        """Sample ``num_samples`` completions per prompt; one vLLM request per completion, each with its
+    def sample(self, contexts: list[list[int]], num_samples: int, sampling: SamplingSettings) -> Rollouts:
+        """One completion per context (see :meth:`RolloutBackend.sample`); one vLLM request each, with its
         own seed (``sampling.seed + i``) so a seeded call is reproducible whatever the batching. Loads the
         policy's weights first if an optimizer step has changed them since the last sync."""
-        started = time.perf_counter()
         if self._stale is not None:
             self.sync_weights(*self._stale)
         self._wake()
-        prefill_ids = self.tokenizer.encode(prefill, add_special_tokens=False) if prefill else []
-        contexts = [list(prompt) + prefill_ids for prompt in prompt_ids for _ in range(num_samples)]
         params = [
             self._sampling_params(**sampling_params_kwargs(sampling, self.eos_token_ids, index))
             for index in range(len(contexts))
@@ -145,10 +133,7 @@ class VLLMRolloutBackend(RolloutBackend):
             [{"prompt_token_ids": ids} for ids in contexts], sampling_params=params, use_tqdm=False
         )
         self._sleep()
-        rollouts = rollouts_from_outputs(outputs, contexts, num_samples, self.tokenizer, self.eos_token_ids, prefill)
-        rollouts.columns = repeat_columns(columns, len(prompt_ids), num_samples)
-        rollouts.generation_seconds = time.perf_counter() - started
-        return rollouts
+        return rollouts_from_outputs(outputs, contexts, num_samples, self.tokenizer, self.eos_token_ids)
 
     def mark_stale(self, model: torch.nn.Module, prefix: str = "") -> None:
         """The policy's weights changed (an optimizer step): sync them before the next generate, not now."""
@@ -253,7 +238,6 @@ def rollouts_from_outputs(
     num_samples: int,
     tokenizer: Any,
     eos_token_ids: Sequence[int],
-    prefill: Optional[str] = None,
 ) -> Rollouts:
     """Turn vLLM ``RequestOutput``s (one per completion, in request order) into :class:`Rollouts`.
 
@@ -279,7 +263,7 @@ def rollouts_from_outputs(
     return Rollouts(
         prompt_ids=contexts,
         completion_ids=completion_ids,
-        completions=[(prefill or "") + tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids],
+        completions=[tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids],
         finish_reasons=finish_reasons,
         stop_token_ids=stop_token_ids,
         group_index=[index // num_samples for index in range(len(contexts))],

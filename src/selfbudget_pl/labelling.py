@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from selfbudget_pl.data.budget_labels import label_record
+from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows, MathRecord
 from selfbudget_pl.format import OutputFormat, extract_boxed
-from selfbudget_pl.inference import encode_prompts
 from selfbudget_pl.rollout.base import RolloutBackend, SamplingSettings
 
 CHOICES = ("shortest", "random")

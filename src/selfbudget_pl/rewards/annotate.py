@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from selfbudget_pl.data.budget_labels import count_solution_tokens
-from selfbudget_pl.format import OutputFormat, ParsedOutput
+from selfbudget_pl.format import OutputFormat, ParsedOutput, count_solution_tokens
 from selfbudget_pl.rewards.grader import Grader, answer_text_of
 from selfbudget_pl.rollout.base import Rollouts
 
