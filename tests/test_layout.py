@@ -21,7 +21,7 @@ LAYERS: dict[str, int] = {
     # 5: training
     "config": 5, "strategies": 5, "callbacks": 5, "modules": 6,
     # 7: entry points
-    "train": 7, "lightning_cli": 8, "evaluate": 8, "reproduce": 9, "labelling": 8, "generate": 8, "cli": 9,
+    "train": 7, "lightning_cli": 8, "eval_report": 7, "evaluate": 8, "reproduce": 9, "labelling": 8, "generate": 8, "cli": 9,
 }
 # Entry points whose imports are lazy on purpose: `selfbudget --help` answers without loading torch.
 LAZY_IMPORTS_ALLOWED = {"cli"}

@@ -34,12 +34,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from selfbudget_pl.config import ConfigError, check_eval_config, check_eval_prompts
+from selfbudget_pl.data.collate import COLUMNS
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows
+from selfbudget_pl.eval_report import Budget, budget_label, mean, summary_markdown, write_figures
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
-from selfbudget_pl.plots import budget_vs_length_figure, difficulty_figure
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
@@ -47,35 +48,6 @@ from selfbudget_pl.train import CONFIG_DIR
 
 log = logging.getLogger(__name__)
 
-# Summary columns (summary.json keys) in the order of the paper's main table, with their headers.
-MAIN_TABLE = (
-    ("dataset", "dataset"),
-    ("budget", "budget"),
-    ("n", "n"),
-    ("k", "k"),
-    ("accuracy", "accuracy %"),
-    ("accuracy_se", "± s.e."),
-    ("mean_tokens", "mean tokens"),
-    ("compression", "compression %"),
-    ("accuracy_change", "Δ accuracy (pts)"),
-    ("budget_mae", "budget MAE"),
-    ("within_10", "within ±10 %"),
-    ("within_20", "within ±20 %"),
-    ("spearman_budget_difficulty", "ρ(budget, difficulty)"),
-)
-CONTROL_TABLE = (
-    ("dataset", "dataset"),
-    ("budget", "requested N"),
-    ("n", "n"),
-    ("mean_budget_ratio", "mean actual/N"),
-    ("within_10", "within ±10 % of N"),
-    ("accuracy", "accuracy %"),
-)
-_PERCENT = {"accuracy", "accuracy_se", "compression", "within_10", "within_20"}  # shown as 100 * value, one decimal
-_FORMATS = {"accuracy_change": "{:+.1f}", "mean_budget_ratio": "{:.2f}", "spearman_budget_difficulty": "{:+.2f}"}
-_COLUMNS = ("id", "problem", "answer", "difficulty", "source")
-
-Budget = Optional[int]  # None: the model states its own budget; N: <budget>N</budget> is pre-filled
 
 
 def evaluate_model(
@@ -174,7 +146,7 @@ def evaluate_model(
         }
         (out_path / "summary.json").write_text(json.dumps({"rows": rows, "settings": settings}, indent=2) + "\n")
         (out_path / "summary.md").write_text(markdown)
-        _write_figures(completions, out_path, rows, markdown, tensorboard)
+        write_figures(completions, out_path, rows, markdown, tensorboard)
     log.info("evaluation summary:\n%s", markdown)
     return summary
 
@@ -253,12 +225,12 @@ def _run_condition(
     metric = BudgetAdherence()
     prefill = output_format.budget_prefix(budget) if budget is not None else None
     prefill_tokens = len(tokenizer.encode(prefill, add_special_tokens=False)) if prefill else 0
-    label = _label(budget)
+    label = budget_label(budget)
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(records), desc=f"{name} [budget {label}]", unit="problem", disable=not progress) as bar:
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            columns = {key: [record.get(key) for record in batch] for key in _COLUMNS}
+            columns = {key: [record.get(key) for record in batch] for key in COLUMNS}
             rollouts = generate_and_annotate(
                 backend, prompt_ids[start : start + batch_size], sampling, output_format, grader, tokenizer,
                 num_samples=num_samples, prefill=prefill, columns=columns,
@@ -269,8 +241,8 @@ def _run_condition(
     row: dict[str, Any] = {"dataset": name, "budget": budget, "n": len(records), "k": num_samples}
     row.update({key: _number(value) for key, value in metric.compute().items()})
     row["accuracy_se"] = accuracy_standard_error(rows, num_samples)
-    row["mean_tokens"] = _mean([r["response_tokens"] for r in rows])
-    row["mean_budget_ratio"] = _mean([r["budget_ratio"] for r in rows if r["budget_ratio"] is not None])
+    row["mean_tokens"] = mean([r["response_tokens"] for r in rows])
+    row["mean_budget_ratio"] = mean([r["budget_ratio"] for r in rows if r["budget_ratio"] is not None])
     return {"row": row, "completions": rows}
 
 
@@ -345,115 +317,6 @@ def _compare(rows: list[dict[str, Any]], baseline_rows: Mapping[str, Mapping[str
             row["accuracy_change"] = 100.0 * (row["accuracy"] - base["accuracy"])
 
 
-def summary_markdown(
-    rows: Sequence[Mapping[str, Any]], baseline_rows: Optional[Mapping[str, Mapping[str, Any]]] = None
-) -> str:
-    """The main table (one row per dataset and budget), the paper-shaped table and, with pre-filled
-    budgets, the controllability table."""
-    text = "## Accuracy, length and budget adherence\n\n" + _table(rows, MAIN_TABLE)
-    own = [row for row in rows if row["budget"] is None]
-    if own:
-        text += "\n## As the paper prints it (accuracy % / mean tokens / compression vs the baseline)\n\n"
-        text += paper_table(own, baseline_rows)
-    prefilled = [row for row in rows if row["budget"] is not None]
-    if prefilled:
-        text += "\n## Pre-filled budgets (controllability)\n\n" + _table(prefilled, CONTROL_TABLE)
-    return text
-
-
-def paper_table(
-    rows: Sequence[Mapping[str, Any]], baseline_rows: Optional[Mapping[str, Mapping[str, Any]]] = None
-) -> str:
-    """One line per model, datasets as column groups: accuracy (± s.e. for avg@k), mean tokens and
-    compression against the baseline (a base-model run), then the mean compression over datasets,
-    as in the paper's main table. ``rows``: this run's own-budget rows; ``baseline_rows``: by dataset."""
-    names = [row["dataset"] for row in rows]
-    header = ["model"]
-    for name in names:
-        header += [f"{name} acc %", f"{name} tokens", f"{name} compr. %"]
-    header.append("mean compr. %")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    models: list[tuple[str, Mapping[str, Mapping[str, Any]]]] = []
-    if baseline_rows:
-        models.append(("baseline", baseline_rows))
-    models.append(("this run", {row["dataset"]: row for row in rows}))
-    for label, by_name in models:
-        cells, compressions = [label], []
-        for name in names:
-            row = by_name.get(name, {})
-            accuracy = _cell("accuracy", row.get("accuracy"))
-            if row.get("accuracy_se") is not None:
-                accuracy += f" ± {_cell('accuracy_se', row['accuracy_se'])}"
-            compression = row.get("compression") if label == "this run" else None
-            if compression is not None:
-                compressions.append(compression)
-            cells += [accuracy, _cell("mean_tokens", row.get("mean_tokens")), _cell("compression", compression)]
-        cells.append(_cell("compression", _mean(compressions)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(key, row.get(key)) for key, _ in columns) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(key: str, value: Any) -> str:
-    if key == "budget":
-        return _label(value)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    if key in _PERCENT:
-        return f"{100 * value:.1f}"
-    if isinstance(value, float):
-        return _FORMATS.get(key, "{:.1f}").format(value)
-    return str(value)
-
-
-def _write_figures(
-    completions: Mapping[str, Mapping[Budget, list[dict[str, Any]]]],
-    out_path: Path,
-    rows: Sequence[Mapping[str, Any]],
-    markdown: str,
-    tensorboard: bool,
-) -> None:
-    """PNGs per dataset (and the same figures, scalars and table to TensorBoard)."""
-    import matplotlib.pyplot as plt
-
-    writer = None
-    if tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_path / "tensorboard"))
-        for row in rows:
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "budget":
-                    writer.add_scalar(f"eval/{row['dataset']}/budget_{_label(row['budget'])}/{key}", value)
-        writer.add_text("eval/summary", markdown)
-    for name, by_budget in completions.items():
-        every = [c for rows_of_budget in by_budget.values() for c in rows_of_budget]
-        points = [(c["budget"], c["length"], c["correct"]) for c in every if c["budget"] is not None]
-        figures = {"budget_vs_length": budget_vs_length_figure(points, title=f"{name}: stated budget vs length")}
-        if any(c["difficulty"] is not None for c in every):
-            series = {
-                ("own budget" if budget is None else f"pre-filled {budget}"): [
-                    (c["difficulty"], c["response_tokens"], c["correct"]) for c in rows_of_budget
-                ]
-                for budget, rows_of_budget in by_budget.items()
-            }
-            figures["by_difficulty"] = difficulty_figure(series, title=f"{name}: tokens and accuracy by difficulty")
-        for kind, figure in figures.items():
-            figure.savefig(out_path / f"{kind}_{name}.png", dpi=120)
-            if writer is not None:
-                writer.add_figure(f"eval/{name}/{kind}", figure)  # closes the figure
-            else:
-                plt.close(figure)
-    if writer is not None:
-        writer.close()
-
-
 class _JsonlWriter:
     """Appends rows to a JSONL file as conditions finish (so a long run leaves partial results)."""
 
@@ -472,14 +335,6 @@ class _JsonlWriter:
             for row in rows:
                 self.handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
             self.handle.flush()
-
-
-def _label(budget: Budget) -> str:
-    return "model" if budget is None else str(budget)
-
-
-def _mean(values: Sequence[float]) -> Optional[float]:
-    return sum(values) / len(values) if values else None
 
 
 def _known(difficulty: Any) -> Any:

@@ -7,7 +7,7 @@ For validation or evaluation, keep a ``BudgetAdherence`` on the module, feed it 
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 

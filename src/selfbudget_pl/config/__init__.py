@@ -17,6 +17,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, ListConfig
 
 from selfbudget_pl.config import groups
+from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.config.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
 from selfbudget_pl.config.startup import (
     check_devices,
