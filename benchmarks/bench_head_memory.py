@@ -42,7 +42,8 @@ def build(variant: str):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from selfbudget_pl.modules.grpo import Experience, GRPOModule
+    from selfbudget_pl.modules.experience import Experience
+    from selfbudget_pl.modules.grpo import GRPOModule
 
     loader = instantiate(OmegaConf.load(REPO / "configs" / "model" / "qwen2.5_0.5b_shape.yaml"), _convert_="object")
     module = GRPOModule(
@@ -115,7 +116,7 @@ def _status(field: str) -> float:
 
 
 def measure(variant: str, repeats: int) -> dict:
-    from selfbudget_pl.modules.grpo import Experience
+    from selfbudget_pl.modules.experience import Experience
 
     module, model, experience = build(variant)
     # Warm-up on 64 tokens (lazy initialisation), so the measured steps are alike.

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 
 from selfbudget_pl.models import ModelLoader
-from selfbudget_pl.modules.grpo import Experience, GRPOModule
+from selfbudget_pl.modules.experience import Experience
+from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.losses import group_advantages
 
 # Completion lengths per row; groups of 2. Rows 0-3 go to rank 0, rows 4-7 to rank 1.

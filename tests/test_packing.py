@@ -16,7 +16,8 @@ import transformers
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.modules import packing
-from selfbudget_pl.modules.grpo import Experience, GRPOModule
+from selfbudget_pl.modules.experience import Experience
+from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.losses import group_advantages
 
 from .conftest import randomize_lora_b, sharpen

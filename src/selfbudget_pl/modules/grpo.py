@@ -32,74 +32,25 @@ import math
 import time
 from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
-from functools import partial
-from typing import Any, ContextManager, Iterator, Optional
+from dataclasses import replace
+from typing import Any, ContextManager, Optional
 
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from peft import PeftModel
 
-from selfbudget_pl.data.collate import pad as pad_tokens, record_columns
+from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.base import PolicyModule
-from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS, chunked_head, supports_chunked_head
-from selfbudget_pl.modules.losses import (
-    AGGREGATIONS,
-    Aggregation,
-    PolicyLoss,
-    entropy_from_logits,
-    group_advantages,
-    policy_loss,
-    token_logprobs,
-)
+from selfbudget_pl.modules.experience import Experience, experience_from_rollouts
+from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
+from selfbudget_pl.modules.logprobs import completion_logprobs
+from selfbudget_pl.modules.losses import AGGREGATIONS, Aggregation, PolicyLoss, group_advantages, policy_loss
+from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
 from selfbudget_pl.strategies import shard_models
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Experience:
-    """Rollouts as training tensors: prompts left-padded, completions right-padded (EOS included
-    where the model emitted it, so learning when to stop is part of the objective)."""
-
-    prompt_ids: torch.Tensor  # [N, P]
-    prompt_mask: torch.Tensor  # [N, P]
-    completion_ids: torch.Tensor  # [N, T]
-    completion_mask: torch.Tensor  # [N, T]
-    advantages: torch.Tensor  # [N]
-    old_logprobs: Optional[torch.Tensor] = None  # [N, T], when the policy moves before these are trained on
-    ref_logprobs: Optional[torch.Tensor] = None  # [N, T], when beta > 0
-
-    def __len__(self) -> int:
-        return self.completion_ids.shape[0]
-
-    def rows(self, start: int, stop: int) -> "Experience":
-        """Completions ``start:stop``, with padding trimmed to their own longest prompt and completion."""
-        prompt_width = int(self.prompt_mask[start:stop].sum(1).max())
-        completion_width = max(1, int(self.completion_mask[start:stop].sum(1).max()))
-
-        def completion_part(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            return None if tensor is None else tensor[start:stop, :completion_width]
-
-        return Experience(
-            prompt_ids=self.prompt_ids[start:stop, self.prompt_ids.shape[1] - prompt_width :],
-            prompt_mask=self.prompt_mask[start:stop, self.prompt_mask.shape[1] - prompt_width :],
-            completion_ids=completion_part(self.completion_ids),
-            completion_mask=completion_part(self.completion_mask),
-            advantages=self.advantages[start:stop],
-            old_logprobs=completion_part(self.old_logprobs),
-            ref_logprobs=completion_part(self.ref_logprobs),
-        )
-
-    def chunks(self, size: int) -> Iterator["Experience"]:
-        """Consecutive pieces of at most ``size`` completions (see :meth:`rows`)."""
-        for start in range(0, len(self), size):
-            yield self.rows(start, min(start + size, len(self)))
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.prompt_mask.sum() + self.completion_mask.sum())
 
 
 class GRPOModule(PolicyModule):
@@ -286,19 +237,9 @@ class GRPOModule(PolicyModule):
         ]
 
     def make_experience(self, rollouts: Rollouts, advantages: torch.Tensor) -> Experience:
-        """Pad rollouts into tensors on the module's device: every sampled token, the stop token the
-        sampler drew included (so learning when to stop is part of the objective)."""
-        completions = [rollouts.sampled_ids(index) for index in range(len(rollouts))]
-        pad = self.tokenizer.pad_token_id
-        # min_width 1: a batch whose completions are all empty still has a token axis.
-        prompt_ids, prompt_mask = pad_tokens(rollouts.prompt_ids, pad, left=True, min_width=1)
-        completion_ids, completion_mask = pad_tokens(completions, pad, min_width=1)
-        if self.mask_truncated_completions:
-            completion_mask = completion_mask * ~torch.tensor(rollouts.truncated, dtype=torch.bool)[:, None]
-        return Experience(
-            prompt_ids.to(self.device), prompt_mask.to(self.device),
-            completion_ids.to(self.device), completion_mask.to(self.device), advantages,
-        )  # fmt: skip
+        """The rollouts as training tensors on the module's device (:func:`experience_from_rollouts`)."""
+        pad_id = self.tokenizer.pad_token_id
+        return experience_from_rollouts(rollouts, advantages, pad_id, self.mask_truncated_completions).to(self.device)
 
     def update_policy(self, experience: Experience) -> dict[str, float]:
         """``num_iterations`` passes of optimizer steps over ``experience``; returns token-weighted stats."""
@@ -320,13 +261,13 @@ class GRPOModule(PolicyModule):
                     with self._gradient_sync(last=index == len(micros) - 1):
                         loss, entropy = self.micro_batch_loss(micro, normaliser)
                         self.manual_backward(loss.loss)
-                    _accumulate(totals, micro, loss, entropy)
+                    accumulate(totals, micro, loss, entropy)
                 self.configure_gradient_clipping(optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 self.rollout_backend.mark_stale(*self.weights_source())  # synced before the next rollout
-        return _token_means(totals, steps_per_batch)
+        return token_means(totals, steps_per_batch)
 
     def optimizer_steps_per_batch(self, num_completions: int) -> int:
         """Optimizer steps one batch of rollouts takes: ``num_iterations`` x its mini-batches."""
@@ -368,32 +309,10 @@ class GRPOModule(PolicyModule):
 
     # -- forward passes ------------------------------------------------------------------------
     def completion_logprobs(self, model: torch.nn.Module, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[n, T]`` log-probs of the completion tokens under ``model`` at the sampling temperature (the
-        distribution they were drawn from; 0 at padding), and the ``[C]`` entropies of those distributions
-        at the real tokens (no gradient).
-
-        The head runs in chunks of ``head_chunk_tokens`` from the hidden states
-        (:mod:`selfbudget_pl.modules.head`), so no ``[C, V]`` logits exist at once; a model whose output
-        layer is not a plain ``nn.Linear`` gets its full logits, scored chunk by chunk."""
-        mask = micro.completion_mask.bool()
-        targets = micro.completion_ids[mask]
-        temperature = self.sampling.temperature if self.sampling.temperature > 0 else 1.0
-        if self.packed_forward and self._packable(model):
-            batch = packing.pack(micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
-            forward, select = partial(packing.packed_forward, model, batch), packing.completion_rows
-        else:
-            forward = partial(_padded_forward, model, micro)
-            select = partial(_padded_completion_rows, mask=mask)
-        if supports_chunked_head(model):
-            with chunked_head(model, targets, select, temperature, self.head_chunk_tokens) as scores:
-                logprobs = forward()
-            entropy = scores.entropy
-        else:
-            logits = select(forward()) / temperature
-            logprobs = token_logprobs(logits, targets, self.head_chunk_tokens)
-            with torch.no_grad():
-                entropy = entropy_from_logits(logits, self.head_chunk_tokens)
-        return packing.unpack(logprobs, mask), entropy
+        """Log-probs and entropies of ``micro``'s completion tokens under ``model``
+        (:func:`selfbudget_pl.modules.logprobs.completion_logprobs`, with this module's settings)."""
+        packed = self.packed_forward and self._packable(model)
+        return completion_logprobs(model, micro, self.sampling.temperature, self.head_chunk_tokens, packed)
 
     def _packable(self, model: torch.nn.Module) -> bool:
         reason = packing.unsupported_reason(model)
@@ -437,34 +356,6 @@ class GRPOModule(PolicyModule):
         self.validation_generation(batch)
 
 
-# Logged with these reductions over ranks (every other metric is the mean over ranks).
-EXTREME_METRICS = {"min": ("completions/min_length",), "max": ("completions/max_length",)}
-
-
-def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
-    """What TRL logs about a batch of rollouts, plus counts of dead weight (``rollout/unfinished``: cut
-    off or solution block never closed, so scored as malformed). TRL's ``completions/*`` keep their
-    names; its ``reward``, ``reward_std`` and ``frac_reward_zero_std`` join the per-function
-    ``rewards/<name>/*`` as ``rewards/mean``, ``rewards/std`` and ``rewards/frac_zero_std``."""
-    rewards = rollouts.rewards.float().view(-1, group_size)
-    lengths = torch.tensor([len(rollouts.sampled_ids(index)) for index in range(len(rollouts))], dtype=torch.float32)
-    zero_std = (rewards == rewards[:, :1]).all(dim=1)
-    metrics = {
-        "rewards/mean": float(rewards.mean()),
-        "rewards/std": float(rewards.std(dim=1).mean()),
-        "rewards/frac_zero_std": float(zero_std.float().mean()),
-        "completions/mean_length": float(lengths.mean()),
-        "completions/min_length": float(lengths.min()),
-        "completions/max_length": float(lengths.max()),
-        "completions/clipped_ratio": sum(rollouts.truncated) / len(rollouts),
-        "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
-        "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
-    }
-    if "finished" in rollouts.columns:  # set by the reward callback
-        metrics["rollout/unfinished"] = float(sum(not done for done in rollouts.columns["finished"]))
-    return metrics
-
-
 def epoch_batch_sizes(loader: Any, num_batches: int) -> list[int]:
     """Prompts in each of an epoch's first ``num_batches`` batches on this rank (the sampler Lightning
     installed, e.g. a DistributedSampler, gives this rank's share)."""
@@ -473,31 +364,6 @@ def epoch_batch_sizes(loader: Any, num_batches: int) -> list[int]:
         return [len(indices) for indices in loader.batch_sampler][:num_batches]
     sizes = [batch] * (size // batch) + ([size % batch] if size % batch and not loader.drop_last else [])
     return sizes[:num_batches]
-
-
-def update_metrics(stats: dict[str, float]) -> dict[str, float]:
-    """The policy update's statistics under logged names: TRL's grouped ``clip_ratio/*`` as they are, the
-    rest (``loss``, ``kl``, ``entropy``) under ``train/``."""
-    return {name if "/" in name else f"train/{name}": value for name, value in stats.items()}
-
-
-def _padded_forward(model: torch.nn.Module, micro: Experience) -> torch.Tensor:
-    """The model's output over each row's prompt then completion, ``[n, T + 1, ...]`` from the last
-    prompt token on (the positions that predict completion tokens, and one more)."""
-    input_ids = torch.cat([micro.prompt_ids, micro.completion_ids], dim=1)
-    attention_mask = torch.cat([micro.prompt_mask, micro.completion_mask], dim=1)
-    # Positions as in generation, where left padding does not advance them.
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        logits_to_keep=micro.completion_ids.shape[1] + 1, use_cache=False,
-    ).logits  # fmt: skip
-
-
-def _padded_completion_rows(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[C, ...]`` rows of :func:`_padded_forward`'s output (or of the hidden states it projects) that
-    predict each real completion token, row by row as ``mask`` orders them."""
-    return states[:, :-1][mask]
 
 
 def _drop_reference_weights(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
@@ -512,29 +378,6 @@ def _reference_weights_not_expected(module: torch.nn.Module, incompatible_keys: 
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
     return isinstance(model, PeftModel)
 
 
-def _accumulate(totals: dict[str, float], micro: Experience, loss: PolicyLoss, entropy: Optional[torch.Tensor]) -> None:
-    tokens = float(micro.completion_mask.sum())
-    totals["loss"] += float(loss.loss.detach())
-    totals["completion_tokens"] += tokens
-    totals["tokens"] += micro.num_tokens
-    totals["clip_ratio/low_mean"] += float(loss.clip_low) * tokens
-    totals["clip_ratio/high_mean"] += float(loss.clip_high) * tokens
-    totals["clip_ratio/region_mean"] += float(loss.clip_region) * tokens
-    if loss.kl is not None:
-        totals["kl"] += float(loss.kl) * tokens
-    if entropy is not None:
-        totals["entropy"] += float(entropy)
-
-
-def _token_means(totals: dict[str, float], optimizer_steps: int) -> dict[str, float]:
-    """Token-weighted means of the per-token stats; the loss averaged over optimizer steps."""
-    tokens = max(totals.pop("completion_tokens"), 1.0)
-    stats = {name: value / tokens for name, value in totals.items() if name not in ("loss", "tokens")}
-    stats["loss"] = totals["loss"] / optimizer_steps
-    stats["tokens"] = totals["tokens"]
-    return stats
