@@ -151,6 +151,24 @@ class RolloutBackend(ABC):
         self.sync_weights(model, prefix)
 
 
+# What a sampler returns per context: the completion's ids (stop token excluded), why it ended, the stop token.
+Sample = tuple[list[int], str, Optional[int]]
+
+
+def rollouts_from_samples(contexts: list[list[int]], samples: Sequence[Sample], num_samples: int, tokenizer: Any) -> Rollouts:
+    """The :class:`Rollouts` of one sample per context (``num_samples`` contexts per prompt, in a row), with
+    texts decoded from the ids, so that ids and text agree exactly whichever backend sampled them."""
+    completion_ids = [ids for ids, _, _ in samples]
+    return Rollouts(
+        prompt_ids=contexts,
+        completion_ids=completion_ids,
+        completions=[tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids],
+        finish_reasons=[reason for _, reason, _ in samples],
+        stop_token_ids=[stop for _, _, stop in samples],
+        group_index=[index // num_samples for index in range(len(contexts))],
+    )
+
+
 def per_prompt(prefill: Prefill, num_prompts: int) -> list[Optional[str]]:
     """``prefill`` as one entry per prompt (empty strings count as none)."""
     if prefill is None or isinstance(prefill, str):

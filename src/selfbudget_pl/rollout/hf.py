@@ -20,7 +20,9 @@ import torch
 
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
-from selfbudget_pl.rollout.base import FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids
+from selfbudget_pl.rollout.base import (
+    FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples,
+)  # fmt: skip
 from selfbudget_pl.weights import TRANSPARENT_CHILDREN, is_sharded
 
 log = logging.getLogger(__name__)
@@ -82,20 +84,8 @@ class HFRolloutBackend(RolloutBackend):
         with _inference(root), _seeded(sampling.seed, _device_of(self.model)):
             generated = _through_forward(units, sample)
 
-        completion_ids, finish_reasons, stop_token_ids = [], [], []
-        for row in generated:
-            ids, reason, stop_token = self._cut(row, sampling.stop)
-            completion_ids.append(ids)
-            finish_reasons.append(reason)
-            stop_token_ids.append(stop_token)
-        return Rollouts(
-            prompt_ids=contexts,
-            completion_ids=completion_ids,
-            completions=[self.tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids],
-            finish_reasons=finish_reasons,
-            stop_token_ids=stop_token_ids,
-            group_index=[index // num_samples for index in range(len(contexts))],
-        )
+        samples = [self._cut(row, sampling.stop) for row in generated]
+        return rollouts_from_samples(contexts, samples, num_samples, self.tokenizer)
 
     def _generate_batch(
         self, contexts: list[list[int]], sampling: SamplingSettings, synced: bool = False

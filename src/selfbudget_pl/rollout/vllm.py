@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, eos_token_ids
+from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples
 from selfbudget_pl.weights import iter_full_weights
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,7 @@ def rollouts_from_outputs(
     Completion texts are decoded here from the token ids (not vLLM's text), so ids and text agree exactly
     as in :class:`~selfbudget_pl.rollout.hf.HFRolloutBackend`.
     """
-    completion_ids, finish_reasons, stop_token_ids = [], [], []
+    samples = []
     for request in outputs:
         completion = request.outputs[0]
         ids = list(completion.token_ids)
@@ -257,14 +257,5 @@ def rollouts_from_outputs(
             reason = "eos"
             if ids and ids[-1] in eos_token_ids:
                 stop_token = ids.pop()
-        completion_ids.append(ids)
-        finish_reasons.append(reason)
-        stop_token_ids.append(stop_token)
-    return Rollouts(
-        prompt_ids=contexts,
-        completion_ids=completion_ids,
-        completions=[tokenizer.decode(ids, skip_special_tokens=False) for ids in completion_ids],
-        finish_reasons=finish_reasons,
-        stop_token_ids=stop_token_ids,
-        group_index=[index // num_samples for index in range(len(contexts))],
-    )
+        samples.append((ids, reason, stop_token))
+    return rollouts_from_samples(contexts, samples, num_samples, tokenizer)
