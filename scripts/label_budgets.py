@@ -35,7 +35,8 @@ from typing import Any, Optional, Sequence
 
 from selfbudget_pl.data.budget_labels import label_records, write_jsonl
 from selfbudget_pl.data.records import DroppedRows
-from selfbudget_pl.data.sources import SCHEMAS, JsonlSource
+from selfbudget_pl.data.rows import SCHEMAS
+from selfbudget_pl.data.sources import JsonlSource
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.models import ModelLoader
 

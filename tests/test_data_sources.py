@@ -10,7 +10,8 @@ import pytest
 
 from selfbudget_pl.data.answers import extract_gsm8k_answer, extract_math_answer, gsm8k_reasoning
 from selfbudget_pl.data.records import DataError, DroppedRows
-from selfbudget_pl.data.sources import HFSource, JsonlSource, UnextractableAnswer
+from selfbudget_pl.data.rows import UnextractableAnswer
+from selfbudget_pl.data.sources import HFSource, JsonlSource
 from selfbudget_pl.format import extract_boxed
 
 

@@ -30,7 +30,8 @@ from selfbudget_pl.data.collate import GRPOCollator, SFTCollator
 from selfbudget_pl.data.loader import ResumableDataLoader
 from selfbudget_pl.data.prompts import build_prompt, encode_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
-from selfbudget_pl.data.sources import BAD_ROW_POLICIES, DEFAULT_MAX_LINE_BYTES, Source
+from selfbudget_pl.data.rows import BAD_ROW_POLICIES
+from selfbudget_pl.data.sources import DEFAULT_MAX_LINE_BYTES, Source
 from selfbudget_pl.format import OutputFormat
 
 log = logging.getLogger(__name__)
