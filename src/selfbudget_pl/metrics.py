@@ -3,7 +3,8 @@ rank correlations, format errors and truncation, overall and per difficulty buck
 
 Every per-completion value is kept as a ``cat`` state: rank correlations need the values themselves,
 and one pass over them gives the overall and per-bucket numbers alike. Training resets the metric
-every step; an evaluation holds at most ~10^5 completions (six floats each).
+every step; an evaluation holds at most ~10^5 completions (six floats each). Also the per-completion
+lengths and relative budget errors that the histograms show.
 """
 
 from __future__ import annotations

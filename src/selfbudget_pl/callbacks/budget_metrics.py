@@ -1,9 +1,6 @@
-"""Logs budget adherence (:class:`~selfbudget_pl.metrics.BudgetAdherence`) for every training step.
-
-For validation or evaluation, keep a ``BudgetAdherence`` on the module, feed it with
-:func:`~selfbudget_pl.metrics.update_from_rollouts`, and log it at epoch end with :func:`log_budget_metrics`
-(prefix ``val/budget``).
-"""
+"""Logs budget adherence (:class:`~selfbudget_pl.metrics.BudgetAdherence`) of every training step's
+rollouts, and histograms of their lengths and budget errors (validation has its own record:
+:mod:`selfbudget_pl.modules.validation`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """One interface for sampling completions, for training (GRPO), evaluation and generation.
 
-A backend turns prompts into :class:`Rollouts`; callbacks then annotate them in place (parsed output,
+A backend turns prompts (each optionally pre-filled with a budget, encoded here for every backend) into
+:class:`Rollouts`; callbacks then annotate them in place (parsed output,
 correctness, solution lengths, rewards) before the loss is built. Every list in a ``Rollouts`` has one
 entry per completion, ordered prompt by prompt: prompt 0's ``num_samples`` completions first.
 """
