@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
+from selfbudget_pl import internals
 from selfbudget_pl.models import ModelLoader
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -116,7 +117,7 @@ def decoder_layer_classes(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    wanted = set(names or getattr(skeleton, "_no_split_modules", None) or [])
+    wanted = set(names or internals.no_split_modules(skeleton))
     if not wanted:
         raise ValueError(f"{type(skeleton).__name__} declares no _no_split_modules; set strategy.wrap_layers")
     classes = {type(module) for module in skeleton.modules() if type(module).__name__ in wanted}
@@ -156,9 +157,7 @@ class FullyShardPlan:
         if is_sharded(model):
             return model
         if self.activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, self.layers))
+            internals.apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, self.layers))
             disable_kv_cache_in_training(model)
         options: dict[str, Any] = {
             "mesh": mesh,

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import lightning as L
 import torch
 
+from selfbudget_pl import internals
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.models import ModelLoader, export_pretrained
@@ -95,7 +96,7 @@ class PolicyModule(L.LightningModule):
         (FSDP1, DDP) or not at all. Idempotent: a model already sharded is left as it is."""
         trainer = self._trainer
         strategy = trainer.strategy if trainer is not None else None
-        if getattr(strategy, "_activation_checkpointing_kwargs", None):
+        if internals.fsdp_activation_checkpointing(strategy):
             # strategy=fsdp activation_checkpointing=true: Lightning wraps the layers in checkpoint
             # wrappers after this hook; a KV cache built in forward breaks their recompute.
             from selfbudget_pl.strategies import disable_kv_cache_in_training
