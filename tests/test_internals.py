@@ -119,8 +119,17 @@ def test_fsdp_accessors_on_real_fsdp1_and_fsdp2_units(tmp_path, tiny_cache):
             assert checks and all(checks.values()), f"rank {rank} {case}: {checks}"
 
 
-def test_reshard_is_importable_so_its_fallback_is_not_silently_taken():
-    assert internals._reshard is not None
+def test_every_private_import_resolves_so_no_fallback_is_silently_taken():
+    """A moved name becomes None (the package still imports; _reshard's caller then skips resharding)."""
+    for name in ("_convert_params", "_flatten_dict", "_apply_activation_checkpointing", "_FlatParameter", "_reshard"):
+        assert callable(getattr(internals, name)), name
+
+
+def test_a_moved_private_import_fails_in_its_accessor_naming_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(internals, "_flatten_dict", None)
+    logger = TensorBoardLogger(str(tmp_path), name="", version="")
+    with pytest.raises(internals.InternalsChanged, match=r"tensorboard_hparams: lightning\.fabric\.utilities\.logger\._flatten_dict is no longer importable \(lightning 2\.6"):
+        internals.tensorboard_hparams(logger)
 
 
 class _Block(torch.nn.Module):

@@ -9,8 +9,9 @@ that moves one breaks here, in one small function, and ``tests/test_internals.py
 :data:`KNOWN_VERSIONS`, naming the accessors to re-check and the tests that check them; it also runs every
 accessor on the real object (FSDP1 and FSDP2 units on two gloo ranks, a Lightning Trainer, a TensorBoard
 writer). At run time the accessors behave as before on any version: where a fallback existed (FSDP1's
-``_reshard`` missing) it still applies; where an attribute has gone, the error says which accessor and
-library version to look at.
+``_reshard`` missing) it still applies; a private name a release has moved never stops the package from
+importing, and the accessor that needs it raises an AttributeError naming itself, the installed library
+version and the versions it was checked on.
 
 :mod:`selfbudget_pl.rollout.fused_decode` is the other piece that follows a library's internals (it
 re-implements the Qwen2/Llama/Qwen3 forward with public tensors only); it is pinned by the same table:
@@ -20,23 +21,38 @@ on a transformers version outside it, ``decoder=auto`` samples with ``model.gene
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
-from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-    apply_activation_checkpointing as _apply_activation_checkpointing,
-)
-from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-from torch.distributed.fsdp._flat_param import FlatParameter
+from torch.distributed.fsdp import FullyShardedDataParallel
 
-try:
-    from torch.distributed.fsdp._runtime_utils import _reshard
-except ImportError:  # pragma: no cover - FSDP1 internals moved: roots stay gathered after sampling (memory only)
-    _reshard = None
+
+def _private(module: str, name: str) -> Any:
+    """``module.name``, or None where a release has moved it: importing this module (and so the package)
+    never fails on a moved private name; the accessor that needs it fails when called, saying which."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _require(value: Any, where: str) -> Any:
+    if value is None:
+        raise AttributeError(f"{where} is no longer importable")
+    return value
+
+
+_convert_params = _private("lightning.fabric.utilities.logger", "_convert_params")
+_flatten_dict = _private("lightning.fabric.utilities.logger", "_flatten_dict")
+_apply_activation_checkpointing = _private(
+    "torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "apply_activation_checkpointing"
+)
+_FlatParameter = _private("torch.distributed.fsdp._flat_param", "FlatParameter")
+_reshard = _private("torch.distributed.fsdp._runtime_utils", "_reshard")
 
 # The versions every accessor (and the fused decoder) was checked on: the main environment (torch 2.13.0+cpu,
 # lightning 2.6.6, transformers 5.24.0) and the vLLM one (the same torch and lightning, transformers 5.19.0).
@@ -162,7 +178,8 @@ def apply_activation_checkpointing(model: torch.nn.Module, check_fn: Callable[[t
     wraps every submodule ``check_fn`` accepts in a checkpoint wrapper, in place, as Lightning's FSDP1
     strategy does; the FSDP2 plan (:class:`selfbudget_pl.strategies.FullyShardPlan`) needs the same wrappers
     before ``fully_shard``. Checked on torch 2.13."""
-    _apply_activation_checkpointing(model, check_fn=check_fn)
+    apply = _require(_apply_activation_checkpointing, "torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    apply(model, check_fn=check_fn)
 
 
 # -- torch: FSDP1 and FSDP2 ----------------------------------------------------------------------------------
@@ -173,7 +190,7 @@ def is_flat_parameter(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is FSDP1's ``FlatParameter`` (``torch.distributed.fsdp._flat_param``): a unit's
     parameters flattened into one, which no checkpoint names (the walk reads the original parameters
     instead). Checked on torch 2.13."""
-    return isinstance(tensor, FlatParameter)
+    return isinstance(tensor, _require(_FlatParameter, "torch.distributed.fsdp._flat_param.FlatParameter"))
 
 
 @_reaches_into("torch", "tests/test_distributed.py")
@@ -256,7 +273,9 @@ def tensorboard_hparams(logger: Any) -> dict[str, Any]:
     """``logger.hparams`` flattened (nested keys joined with "/") and sanitised exactly as Lightning's
     TensorBoardLogger.log_hyperparams does (``_convert_params``, ``_flatten_dict``, ``logger._sanitize_params``),
     so the HParams tab shows the same keys and values as ``hparams.yaml``. Checked on lightning 2.6."""
-    return logger._sanitize_params(_flatten_dict(_convert_params(dict(logger.hparams))))
+    flatten = _require(_flatten_dict, "lightning.fabric.utilities.logger._flatten_dict")
+    convert = _require(_convert_params, "lightning.fabric.utilities.logger._convert_params")
+    return logger._sanitize_params(flatten(convert(dict(logger.hparams))))
 
 
 # -- transformers --------------------------------------------------------------------------------------------
