@@ -39,13 +39,14 @@ def test_installed_library_versions_are_ones_the_accessors_were_checked_on():
 def test_an_unknown_version_names_library_version_accessors_and_tests(monkeypatch):
     assert internals.is_known_version("torch", "2.13.0+cpu") and internals.is_known_version("torch", "2.13.1+cu128")
     assert not internals.is_known_version("torch", "2.14.0")
-    assert not internals.is_known_version("lightning", "2.7.0")
+    assert not internals.is_known_version("lightning", "2.7.0") and not internals.is_known_version("lightning", "2.6.5")
     assert not internals.is_known_version("transformers", "5.25.0")
+    assert not internals.is_known_version("transformers", "5.16.0")
     monkeypatch.setattr(internals, "installed_version", lambda library: "99.0" if library == "transformers" else "2.13.0")
     monkeypatch.setitem(internals.KNOWN_VERSIONS, "lightning", "==2.13.*")
     (message,) = internals.unknown_versions()
     assert message.startswith("transformers 99.0 is not a version")
-    for expected in ("transformers>=5.19,<5.25", "set_attention_implementation", "no_split_modules", "fused_decode",
+    for expected in ("transformers>=5.16.1,<5.25", "set_attention_implementation", "no_split_modules", "fused_decode",
                      "tests/test_internals.py", "tests/test_fused_decode.py", "tests/test_packing.py"):  # fmt: skip
         assert expected in message, expected
 
@@ -308,7 +309,7 @@ def test_attention_implementation_selects_a_registered_function():
 
 
 def test_a_moved_attribute_names_the_accessor_and_the_library_version():
-    with pytest.raises(AttributeError, match=r"internals\.logging_step: .* \(lightning 2\.6\.\d+; checked on lightning==2\.6\.\*\)"):
+    with pytest.raises(AttributeError, match=r"internals\.logging_step: .* \(lightning 2\.6\.\d+; checked on lightning>=2\.6\.6,<2\.7\)"):
         internals.logging_step(object())
     with pytest.raises(internals.InternalsChanged, match="attention_implementation"):
         internals.attention_implementation(object())
