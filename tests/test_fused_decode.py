@@ -1,12 +1,17 @@
-"""The fused sampling loop against transformers ``generate``: same tokens (greedy), same distribution
-(sampled), on Qwen2, Llama with grouped-query attention, Qwen3, and LoRA; fallback for other models."""
+"""The fused sampling loop against transformers: same tokens as ``generate`` (greedy), same distribution
+(sampled), same prefill and decode-step logits as the model's forward, on Qwen2, Llama (with and without
+grouped-query attention), Qwen3, and LoRA; fallback to ``generate`` for other models and for transformers
+versions it was not checked on."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 import transformers
 
+from selfbudget_pl import internals
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.rollout import fused_decode
@@ -27,6 +32,10 @@ def _small(kind: str) -> torch.nn.Module:
     common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128)
     if kind == "llama_gqa":
         return _random_model(transformers.LlamaConfig(num_attention_heads=4, num_key_value_heads=2, **common))
+    if kind == "llama":
+        return _random_model(transformers.LlamaConfig(num_attention_heads=4, **common))
+    if kind == "qwen2":
+        return _random_model(transformers.Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **common))
     if kind == "qwen3":
         return _random_model(transformers.Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=16, **common))
     raise ValueError(kind)
@@ -137,3 +146,74 @@ def test_other_architectures_fall_back_to_generate(tokenizer):
         HFRolloutBackend(gpt2, tokenizer, decoder="fused").generate([[5, 6, 7]], 1, greedy)
     with pytest.raises(ValueError, match="rollout.decoder='vllm' must be one of"):
         HFRolloutBackend(gpt2, tokenizer, decoder="vllm")
+
+
+def _fused_logits(model, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused forward's logits after prefilling ``ids[:, :-1]``, then after one cached decode step on
+    the last token (one unpadded row)."""
+    weights = fused_decode._Weights.read(model)
+    length = ids.shape[1]
+    positions = torch.arange(length)[None]
+    cos, sin = weights.rotary(torch.empty(0, dtype=weights.dtype), positions)
+    cos, sin = cos.unsqueeze(1).to(weights.dtype), sin.unsqueeze(1).to(weights.dtype)
+    cache = fused_decode._KVCache(weights, 1, length, ids.device)
+    causal = torch.ones(length - 1, length - 1, dtype=torch.bool).tril()
+    prefill = weights.forward(ids[:, :-1], 0, cos, sin, cache, causal)
+    step = weights.forward(ids[:, -1:], length - 1, cos, sin, cache, torch.ones(1, 1, 1, length, dtype=torch.bool))
+    return prefill, step
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "llama_gqa", "qwen3"])
+def test_prefill_and_decode_logits_equal_the_models_forward(kind):
+    """Logits, not only argmaxes: a drift in one of transformers' formulas (norm, rotary, scaling) that
+    leaves greedy tokens unchanged still fails here."""
+    model = _small(kind)
+    ids = torch.tensor([_prompts()[4] + [7, 19]])
+    with torch.no_grad():
+        expected = model(ids).logits[0]
+    prefill, step = _fused_logits(model, ids)
+    assert expected.abs().max() > 1  # sharpened: logits far from uniform
+    torch.testing.assert_close(prefill[0], expected[-2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step[0], expected[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_real_shape_attention_logits_equal_the_models_forward():
+    """One decoder layer of DeepSeek-R1-Distill-Qwen-1.5B's shape (hidden 1536, 12 query and 2 key/value
+    heads of 128, MLP 8960, rope theta 10,000, RMSNorm eps 1e-6) on a reduced vocabulary, positions into
+    the hundreds: the head size and GQA ratio the real model runs with."""
+    config = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=1536, intermediate_size=8960, num_hidden_layers=1, num_attention_heads=12,
+        num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=4096,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(3, 512, (1, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model(ids).logits[0]
+    prefill, step = _fused_logits(model, ids)
+    torch.testing.assert_close(prefill[0], expected[-2], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(step[0], expected[-1], rtol=1e-4, atol=1e-4)
+
+
+def test_an_unchecked_transformers_version_falls_back_to_generate_and_says_so_once(monkeypatch, caplog, tokenizer):
+    model = _small("qwen2")
+    assert fused_decode.unsupported_reason(model) is None
+    real = internals.installed_version
+    monkeypatch.setattr(internals, "installed_version", lambda library: "99.0" if library == "transformers" else real(library))
+    reason = fused_decode.unsupported_reason(model)
+    assert reason.startswith("transformers 99.0 is not a version it was checked on (transformers>=")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the fused loop ran on an unchecked transformers version")
+
+    monkeypatch.setattr(fused_decode, "sample", never)
+    backend = HFRolloutBackend(model, tokenizer, decoder="auto")
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=6)
+    with caplog.at_level(logging.INFO, logger="selfbudget_pl.rollout.hf"):
+        for _ in range(2):
+            assert len(backend.generate(_prompts()[:2], 1, greedy).completion_ids) == 2
+    assert [record.getMessage() for record in caplog.records if "model.generate" in record.getMessage()] == [
+        f"rollout: sampling with model.generate ({reason})"
+    ]
+    with pytest.raises(ValueError, match="decoder=fused cannot run this model: transformers 99.0"):
+        HFRolloutBackend(model, tokenizer, decoder="fused").generate(_prompts()[:1], 1, greedy)

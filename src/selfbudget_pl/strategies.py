@@ -21,6 +21,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
+from selfbudget_pl import internals
 from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.weights import is_sharded
 
@@ -116,7 +117,7 @@ def decoder_layer_classes(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    wanted = set(names or getattr(skeleton, "_no_split_modules", None) or [])
+    wanted = set(names or internals.no_split_modules(skeleton))
     if not wanted:
         raise ValueError(f"{type(skeleton).__name__} declares no _no_split_modules; set strategy.wrap_layers")
     classes = {type(module) for module in skeleton.modules() if type(module).__name__ in wanted}
@@ -153,9 +154,7 @@ class FullyShardPlan:
         if is_sharded(model):
             return model
         if self.activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, self.layers))
+            internals.apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, self.layers))
             disable_kv_cache_in_training(model)
         options: dict[str, Any] = {
             "mesh": mesh,
@@ -261,14 +260,12 @@ def disable_kv_cache_in_training(model: torch.nn.Module) -> None:
 
 # -- what a module needs from its strategy ---------------------------------------------------------------
 
-def shard_models(module: Any, names: tuple[str, ...] = ("model", "ref_model")) -> None:
-    """Apply the strategy's own sharding to the models ``module`` holds under ``names`` (the policy, GRPO's
+def shard_models(module: Any, strategy: Optional[Strategy], names: tuple[str, ...] = ("model", "ref_model")) -> None:
+    """Apply ``strategy``'s own sharding to the models ``module`` holds under ``names`` (the policy, GRPO's
     reference): ``strategy=fsdp2`` carries a ``parallelize(model, mesh)`` plan (:class:`FullyShardPlan`);
-    other strategies wrap the module themselves (FSDP1, DDP) or not at all. Idempotent: a model already
-    sharded is left as it is."""
-    trainer = module._trainer  # None before a Trainer attaches (the `trainer` property would raise)
-    strategy = trainer.strategy if trainer is not None else None
-    if getattr(strategy, "_activation_checkpointing_kwargs", None):
+    other strategies wrap the module themselves (FSDP1, DDP) or not at all (None: no Trainer yet).
+    Idempotent: a model already sharded is left as it is."""
+    if internals.fsdp_activation_checkpointing(strategy):
         # strategy=fsdp activation_checkpointing=true: Lightning wraps the layers in checkpoint
         # wrappers after this hook; a KV cache built in forward breaks their recompute.
         disable_kv_cache_in_training(module.model)

@@ -20,8 +20,7 @@ from typing import Iterator, Optional
 
 import torch
 
-# Wrapper modules whose attribute name is not part of the checkpoint's names.
-TRANSPARENT_CHILDREN = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+from selfbudget_pl import internals
 
 
 def is_sharded(root: torch.nn.Module) -> bool:
@@ -90,7 +89,7 @@ def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> 
         # Only this unit's own flat parameter; nested units are unsharded one at a time as the walk
         # reaches them. writeback=False: nothing here modifies the parameters.
         with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
-            yield from _walk(module._fsdp_wrapped_module, path, prefix, merge_lora)
+            yield from _walk(internals.fsdp1_wrapped_module(module), path, prefix, merge_lora)
         return
     peft = _peft_classes() if merge_lora else None
     if peft is not None:
@@ -104,16 +103,13 @@ def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> 
             chosen = module.modules_to_save[active] if use_copy else module.original_module
             yield from _walk(chosen, path, prefix, merge_lora)
             return
-    for name, parameter in module._parameters.items():
-        if parameter is not None and not _is_flat_parameter(parameter) and (path + name).startswith(prefix):
-            yield path + name, _full(parameter)
-    for name, buffer in module._buffers.items():
-        if buffer is not None and name not in module._non_persistent_buffers_set and (path + name).startswith(prefix):
-            yield path + name, _full(buffer)
-    for name, child in module._modules.items():
+    for name, tensor in internals.own_state(module):
+        if not internals.is_flat_parameter(tensor) and (path + name).startswith(prefix):
+            yield path + name, _full(tensor)
+    for name, child in internals.child_modules(module).items():
         if child is None:
             continue
-        transparent = name in TRANSPARENT_CHILDREN or (
+        transparent = name in internals.TRANSPARENT_CHILDREN or (
             peft is not None
             and ((isinstance(module, peft["PeftModel"]) and name == "base_model")
                  or (isinstance(module, peft["BaseTuner"]) and name == "model"))
@@ -131,9 +127,8 @@ def _reshard_idle_units(root: torch.nn.Module) -> None:
 
     for module in root.modules():
         if isinstance(module, FSDPModule):
-            state = module._get_fsdp_state()
-            training_state = getattr(state, "_training_state", None)
-            if training_state is None or training_state.name == "IDLE":
+            training_state = internals.fsdp_training_state(module)
+            if training_state is None or training_state == "IDLE":
                 module.reshard()
 
 
@@ -191,12 +186,6 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach()
     with torch.no_grad():
         return tensor.full_tensor()
-
-
-def _is_flat_parameter(tensor: torch.Tensor) -> bool:
-    from torch.distributed.fsdp._flat_param import FlatParameter
-
-    return isinstance(tensor, FlatParameter)
 
 
 _PEFT: Optional[dict[str, type]] = None

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 
+from selfbudget_pl import internals
 from selfbudget_pl.callbacks.reward import RolloutHook
 from selfbudget_pl.metrics import BudgetAdherence, budget_errors, completion_lengths, update_from_rollouts
 from selfbudget_pl.plots import log_histograms
@@ -60,6 +61,6 @@ class BudgetMetricsCallback(RolloutHook):
         experiment = getattr(pl_module.logger, "experiment", None)
         if self.histogram_prefix is None or experiment is None or not trainer.is_global_zero:
             return
-        if trainer._logger_connector.should_update_logs:
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning's scalars use
+        if internals.logs_this_step(trainer):
+            step = internals.logging_step(trainer)  # the step Lightning's scalars use
             log_histograms(experiment, self.histogram_prefix, completion_lengths(rollouts), budget_errors(rollouts), step)

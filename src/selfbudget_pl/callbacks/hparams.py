@@ -21,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from selfbudget_pl import internals
+
 
 class TensorBoardLogger(LightningTensorBoardLogger):
     """Lightning's TensorBoardLogger (same arguments), with the ``epoch`` value Lightning adds to every
@@ -83,13 +85,12 @@ def _write_hparams_session(logger: LightningTensorBoardLogger, metrics: Mapping[
     """The HParams plugin's summaries. The metric values come from the scalars already logged under the
     same tags, so no extra scalar point is written (Lightning's ``log_hyperparams(params, metrics)``
     would add one at step 0)."""
-    from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
     from torch.utils.tensorboard.summary import hparams
 
     # Flattened and sanitised as Lightning's log_hyperparams does (nested keys joined with "/").
-    params = logger._sanitize_params(_flatten_dict(_convert_params(dict(logger.hparams))))
+    params = internals.tensorboard_hparams(logger)
     experiment, start, end = hparams(params, dict(metrics))
-    writer = logger.experiment._get_file_writer()
+    writer = internals.tensorboard_file_writer(logger.experiment)
     for summary in (experiment, start, end):
         writer.add_summary(summary, step)
     logger.experiment.flush()

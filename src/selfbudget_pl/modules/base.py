@@ -84,7 +84,12 @@ class PolicyModule(L.LightningModule):
         if self.model is None:
             # from_pretrained returns eval mode; Lightning toggles train/eval itself from here on.
             self.model = self.model_loader.load_model().train()
-        shard_models(self)
+        self.shard_models()
+
+    def shard_models(self) -> None:
+        """Shard the models this module holds as the strategy says (:func:`selfbudget_pl.strategies.shard_models`)."""
+        trainer = self._trainer  # None before a Trainer attaches (the `trainer` property would raise)
+        shard_models(self, trainer.strategy if trainer is not None else None)
 
     def setup(self, stage: str) -> None:
         check_strategy_supports(self, self.trainer.strategy)

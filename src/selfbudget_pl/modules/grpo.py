@@ -48,7 +48,6 @@ from selfbudget_pl.modules.logprobs import completion_logprobs
 from selfbudget_pl.modules.losses import AGGREGATIONS, Aggregation, PolicyLoss, group_advantages, policy_loss
 from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
-from selfbudget_pl.strategies import shard_models
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +157,7 @@ class GRPOModule(PolicyModule):
         if self.beta > 0 and self.ref_model is None and not _is_peft(self.model):
             # Loaded from the same checkpoint as the policy: the KL anchor is where training started.
             self.ref_model = self.model_loader.load_model(frozen=True).eval()
-            shard_models(self)  # strategy=fsdp2: the reference is sharded like the policy
+            self.shard_models()  # strategy=fsdp2: the reference is sharded like the policy
 
     def train(self, mode: bool = True) -> "GRPOModule":
         super().train(mode)

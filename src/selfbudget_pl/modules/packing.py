@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from selfbudget_pl import internals
 from selfbudget_pl.data.collate import repeats_row_above
 
 ATTENTION_NAME = "sdpa_or_packed"
@@ -116,8 +117,9 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
         kind != "full_attention" for kind in (getattr(config, "layer_types", None) or [])
     ):
         return "sliding-window attention layers"
-    if config._attn_implementation not in ("sdpa", ATTENTION_NAME):
-        return f"attn_implementation {config._attn_implementation!r} (packing replaces 'sdpa')"
+    implementation = internals.attention_implementation(config)
+    if implementation not in ("sdpa", ATTENTION_NAME):
+        return f"attn_implementation {implementation!r} (packing replaces 'sdpa')"
     return None
 
 
@@ -178,15 +180,15 @@ def _use_packed_attention(model: torch.nn.Module) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+    if ATTENTION_NAME not in AttentionInterface():
         AttentionInterface.register(ATTENTION_NAME, packed_attention)
         AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     reason = unsupported_reason(model)
     if reason is not None:
         raise ValueError(f"packed forward cannot run this model: {reason}")
     config = _pretrained(model).config
-    if config._attn_implementation != ATTENTION_NAME:
-        config._attn_implementation = ATTENTION_NAME
+    if internals.attention_implementation(config) != ATTENTION_NAME:
+        internals.set_attention_implementation(config, ATTENTION_NAME)
 
 
 def _pretrained(model: torch.nn.Module) -> Optional[torch.nn.Module]:

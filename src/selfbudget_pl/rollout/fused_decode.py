@@ -8,6 +8,19 @@ once per call, a preallocated KV cache written in place, and sampling as ``gener
 leave the batch instead of being computed to the end. It reads the model's weights
 at the start of every call (LoRA deltas added, adapters honoured when disabled), so it always samples
 from the current policy. Architectures it does not know, and sharded (FSDP) models, go to ``generate``.
+
+Why a re-implemented decoder is kept (benchmarks/RESULTS.md, "Rollout backends on CPU" and "GRPO step"):
+on the tiny Qwen2 it samples at 0.9-4.1x ``generate``'s tokens/s (1.9x and 4.1x with 512-token completions,
+GRPO's regime; ``python benchmarks/bench_rollout_backends.py --threads 1``), 0.93x on the Qwen2.5-0.5B shape
+at batch 8 x 128 tokens, and 1.7-2.0x in the GRPO step benchmark, where it took our step from 0.86x to 0.70x
+of TRL's time (``benchmarks/bench_grpo_vs_trl.py``). vLLM's CPU engine was 12-30x slower on the tiny model.
+
+Its cost: it must follow transformers' Qwen2/Llama/Qwen3 forward. ``tests/test_fused_decode.py`` guards it:
+greedy tokens equal ``generate``'s, and prefill and decode-step logits equal the model's forward, on each
+of Qwen2, Llama and Qwen3. It runs only on the transformers versions in
+:data:`selfbudget_pl.internals.KNOWN_VERSIONS`: on any other, :func:`unsupported_reason` says so (the HF
+backend's ``decoder=auto`` then samples with ``generate``) and ``tests/test_internals.py`` fails until the
+version has been checked.
 """
 
 from __future__ import annotations
@@ -19,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from selfbudget_pl import internals
 from selfbudget_pl.data.collate import repeats_row_above
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.weights import is_sharded, merged_lora_linear
@@ -28,6 +42,11 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """Why :func:`sample` cannot run ``model`` (None when it can)."""
+    if not internals.is_known_version("transformers"):
+        return (
+            f"transformers {internals.installed_version('transformers')} is not a version it was checked on "
+            f"(transformers{internals.KNOWN_VERSIONS['transformers']}; tests/test_fused_decode.py)"
+        )
     base = _base_model(model)
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)

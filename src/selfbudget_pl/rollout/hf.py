@@ -18,12 +18,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
+from selfbudget_pl import internals
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import (
     FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples,
 )  # fmt: skip
-from selfbudget_pl.weights import TRANSPARENT_CHILDREN, is_sharded
+from selfbudget_pl.weights import is_sharded
 
 log = logging.getLogger(__name__)
 DECODERS = ("auto", "fused", "generate")
@@ -203,8 +204,8 @@ def _units_above(root: torch.nn.Module, prefix: str, policy: torch.nn.Module) ->
             units.append(module)
         if module is policy:
             return units
-        children = module._modules
-        wrapped = next((children[name] for name in TRANSPARENT_CHILDREN if name in children), None)
+        children = internals.child_modules(module)
+        wrapped = next((children[name] for name in internals.TRANSPARENT_CHILDREN if name in children), None)
         if wrapped is not None:
             module = wrapped
         elif names and isinstance(children.get(names[0]), torch.nn.Module):
@@ -238,7 +239,7 @@ def _through_forward(units: list[torch.nn.Module], sample: Callable[[], Any]) ->
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     # The module whose forward the unit calls: the wrapped module (FSDP1), or the unit itself (FSDP2 hooks).
-    target = unit._fsdp_wrapped_module if isinstance(unit, FullyShardedDataParallel) else unit
+    target = internals.fsdp1_wrapped_module(unit) if isinstance(unit, FullyShardedDataParallel) else unit
     own_forward = target.__dict__.get("forward")
     results = []
 
@@ -263,11 +264,8 @@ def _through_forward(units: list[torch.nn.Module], sample: Callable[[], Any]) ->
 
 def _in_forward(unit: torch.nn.Module) -> bool:
     """Whether an FSDP unit is inside its forward (or backward): its parameters are gathered already."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    state = unit if isinstance(unit, FullyShardedDataParallel) else unit._get_fsdp_state()
-    training_state = getattr(state, "training_state", None) or getattr(state, "_training_state", None)
-    return training_state is not None and training_state.name != "IDLE"
+    training_state = internals.fsdp_training_state(unit)
+    return training_state is not None and training_state != "IDLE"
 
 
 def _release(unit: torch.nn.Module) -> None:
@@ -280,14 +278,7 @@ def _release(unit: torch.nn.Module) -> None:
     if not isinstance(unit, FullyShardedDataParallel):
         unit.reshard()  # FSDP2: public, not recursive
         return
-    handle = getattr(unit, "_handle", None)
-    if handle is None or not handle.uses_sharded_strategy:
-        return  # NO_SHARD: the full parameter is the only copy
-    try:
-        from torch.distributed.fsdp._runtime_utils import _reshard
-    except ImportError:  # pragma: no cover - FSDP1 internals moved: the root stays gathered (memory only)
-        return
-    _reshard(unit, handle, free_unsharded_flat_param=True)
+    internals.fsdp1_reshard(unit)
 
 
 @contextlib.contextmanager
