@@ -17,7 +17,7 @@ from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.rewards.budget import BudgetGuidedReward, annealed, cosine_interpolation
 from selfbudget_pl.rewards.combine import WeightedRewards, reward_statistics
 from selfbudget_pl.rewards.grader import MathGrader
-from selfbudget_pl.rewards.length_control import L1ExactReward, L1MaxReward, SoftOverlongPenalty
+from selfbudget_pl.rewards.length_control import L1ExactReward, L1MaxReward
 from selfbudget_pl.rewards.simple import AccuracyReward, FormatReward
 from selfbudget_pl.rollout.base import Rollouts
 from selfbudget_pl.rewards.annotate import annotate, resolve_annotations
@@ -210,13 +210,6 @@ def test_l1_without_any_target_gets_no_target_reward():
     assert L1ExactReward(no_target_reward=-2.0)(["no budget"], **kwargs) == [-2.0]
 
 
-def test_soft_overlong_penalty():
-    reward = SoftOverlongPenalty(max_length=100, cache_length=20)
-    assert reward(["x"] * 4, completion_ids=[[0] * n for n in (50, 80, 90, 130)]) == pytest.approx([0, 0, -0.5, -1])
-    with pytest.raises(ValueError, match="cache_length"):
-        SoftOverlongPenalty(max_length=10, cache_length=20)
-
-
 def test_accuracy_and_format():
     parsed = [FORMAT.parse(completion(5)), FORMAT.parse("<budget>-5</budget>")]
     assert AccuracyReward()(["a", "b"], correct=[True, False]) == [1.0, 0.0]
@@ -227,8 +220,7 @@ def test_accuracy_and_format():
 
 
 def test_rewards_pickle_with_stable_names():
-    for reward in (BudgetGuidedReward(), L1ExactReward(), L1MaxReward(), AccuracyReward(), FormatReward(),
-                   SoftOverlongPenalty(10, 5)):
+    for reward in (BudgetGuidedReward(), L1ExactReward(), L1MaxReward(), AccuracyReward(), FormatReward()):
         copy = pickle.loads(pickle.dumps(reward))
         assert copy.__name__ == copy.name == reward.name
 

@@ -4,7 +4,6 @@
   ``target_length`` column when given (L1's "Think for N tokens" prompts), else the completion's own
   ``<budget>``. A completion with neither gets ``no_target_reward``; pair these with
   :class:`~selfbudget_pl.rewards.simple.FormatReward` to penalise a missing budget tag.
-- :class:`SoftOverlongPenalty`: DAPO's soft overlong punishment.
 """
 
 from __future__ import annotations
@@ -71,30 +70,3 @@ class L1MaxReward(_LengthControlled):
 
     def score(self, correct: bool, target: float, length: int) -> float:
         return float(correct) * min(max(self.alpha * (target - length) + self.delta, 0.0), 1.0)
-
-
-class SoftOverlongPenalty:
-    """DAPO: 0 up to ``max_length - cache_length`` tokens, then linear down to -1 at ``max_length`` and beyond.
-
-    Length is ``len(completion_ids)`` (all generated tokens) when given, else ``solution_lengths``.
-    """
-
-    name = "soft_overlong"
-
-    def __init__(self, max_length: int, cache_length: int) -> None:
-        if not 0 < cache_length <= max_length:
-            raise ValueError(
-                f"SoftOverlongPenalty: need 0 < `cache_length` <= `max_length`, got {cache_length}, {max_length}."
-            )
-        self.max_length, self.cache_length = int(max_length), int(cache_length)
-        self.__name__ = self.name
-
-    def __call__(self, completions: Sequence[str], **columns: Any) -> list[float]:
-        if columns.get("completion_ids") is not None:
-            lengths = [len(ids) for ids in columns["completion_ids"]]
-        elif columns.get("solution_lengths") is not None:
-            lengths = list(columns["solution_lengths"])
-        else:
-            raise ValueError("SoftOverlongPenalty needs `completion_ids` or `solution_lengths`.")
-        start = self.max_length - self.cache_length
-        return [max(-1.0, min(0.0, (start - length) / self.cache_length)) for length in lengths]
