@@ -359,9 +359,7 @@ class StepRecorder(L.Callback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
     def on_rollouts(self, trainer, pl_module, rollouts) -> None:
-        from selfbudget_pl.callbacks.reward import training_progress
-
-        self.progress.append(training_progress(trainer, pl_module, pl_module.optimizer_steps_per_batch(len(rollouts))))
+        self.progress.append(rollouts.progress)
         rollouts.rewards = torch.zeros(len(rollouts))
 
 

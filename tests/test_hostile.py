@@ -95,7 +95,8 @@ def test_hostile_completions_get_rewards_fast_and_harmlessly(tmp_path, monkeypat
         )
         started = time.monotonic()
         annotate(rollouts, FORMAT, grader, tokenizer)
-        total, components = reward(rollouts.completions, **reward_columns(rollouts, progress=0.5))
+        rollouts.progress = 0.5
+        total, components = reward(rollouts.completions, **reward_columns(rollouts))
         elapsed = time.monotonic() - started
         assert math.isfinite(total.item()), name
         assert all(math.isfinite(values[0]) for values in components.values()), name
@@ -133,7 +134,7 @@ def test_a_whole_hostile_batch_in_one_call(tmp_path, grader, reward, tokenizer):
     )
     started = time.monotonic()
     annotate(rollouts, FORMAT, grader, tokenizer)
-    total, _ = reward(rollouts.completions, **reward_columns(rollouts, progress=0.0))
+    total, _ = reward(rollouts.completions, **reward_columns(rollouts))
     assert time.monotonic() - started < n * PER_ITEM_LIMIT_S
     assert len(total) == n and all(math.isfinite(value) for value in total.tolist())
     assert rollouts.correct == [False] * n

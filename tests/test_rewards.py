@@ -12,15 +12,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from selfbudget_pl.callbacks.reward import RewardCallback, RolloutHook, training_progress
+from selfbudget_pl.callbacks.reward import RewardCallback, RolloutHook
 from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.modules.optimization import training_progress
+from selfbudget_pl.rewards.annotate import annotate, resolve_annotations
 from selfbudget_pl.rewards.budget import BudgetGuidedReward, annealed, cosine_interpolation
 from selfbudget_pl.rewards.combine import WeightedRewards, reward_statistics
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rewards.length_control import L1ExactReward, L1MaxReward
 from selfbudget_pl.rewards.simple import AccuracyReward, FormatReward
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.rewards.annotate import annotate, resolve_annotations
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FORMAT = OutputFormat()
@@ -319,6 +320,7 @@ class HookedModule(pl.LightningModule):
             prompt_ids=[[1]] * n, completion_ids=[[2] * (len(c) + 1) for c in self.completions],
             completions=list(self.completions), finish_reasons=["eos"] * n, group_index=[0] * n,
             columns={"answer": list(self.answers), "b_max": [None] * n, "problem": ["q"] * n},
+            progress=training_progress(self.global_step, self.trainer.max_steps),  # the module knows its schedule
         )
         for callback in self.trainer.callbacks:
             if isinstance(callback, RolloutHook):
@@ -361,22 +363,12 @@ def test_reward_callback_in_a_training_loop():
 
 
 def test_training_progress_falls_back_to_zero():
-    class NoLimits:
-        max_steps, global_step = -1, 5
-
-        @property
-        def estimated_stepping_batches(self):
-            return float("inf")
-
-    class Limited(NoLimits):
-        max_steps = 20
-
-    assert training_progress(NoLimits()) == 0.0
+    assert training_progress(5, float("inf")) == 0.0  # a run of unknown length
     # steps 0..19: the last batch of rollouts (step 19, one optimizer step per batch) is scored at 1
-    assert training_progress(Limited()) == pytest.approx(5 / 19)
-    Limited.global_step = 19
-    assert training_progress(Limited()) == 1.0
-    assert training_progress(Limited(), steps_per_batch=4) == 1.0  # reached at step 16 already
+    assert training_progress(5, 20) == pytest.approx(5 / 19)
+    assert training_progress(19, 20) == 1.0
+    assert training_progress(19, 20, steps_per_batch=4) == 1.0  # reached at step 16 already
+    assert training_progress(16, 20, steps_per_batch=4) == 1.0 and training_progress(15, 20, steps_per_batch=4) < 1.0
 
 
 def test_annotate_requires_the_answer_column():

@@ -6,14 +6,13 @@ rollouts)`` on every :class:`RolloutHook` in ``trainer.callbacks``, in order, in
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 
+from selfbudget_pl.rewards.annotate import annotate, finished_solutions, is_annotated
 from selfbudget_pl.rewards.combine import RewardFunction, WeightedRewards, reward_statistics
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.rewards.annotate import annotate, finished_solutions, is_annotated
 
 
 class RolloutHook(pl.Callback):
@@ -23,27 +22,7 @@ class RolloutHook(pl.Callback):
         """Called after sampling, before the loss; may annotate ``rollouts`` in place."""
 
 
-def training_progress(trainer: pl.Trainer, pl_module: Optional[pl.LightningModule] = None,
-                      steps_per_batch: int = 1) -> float:
-    """Fraction of training done, in [0, 1], in optimizer steps: ``global_step`` over the run's total
-    (``pl_module.total_optimizer_steps()`` when it has one, which counts GRPO's mini-batches and
-    iterations; else Lightning's estimate). Rewards are scored before their batch's ``steps_per_batch``
-    optimizer steps, so the last batch of rollouts is scored at 1. 0 when the total is unknown."""
-    try:
-        if hasattr(pl_module, "total_optimizer_steps"):
-            total = float(pl_module.total_optimizer_steps())
-        elif trainer.max_steps and trainer.max_steps > 0:
-            total = float(trainer.max_steps)
-        else:
-            total = float(trainer.estimated_stepping_batches)
-    except Exception:  # no dataloader yet or an iterable of unknown length
-        total = math.inf
-    if not math.isfinite(total) or total <= 0:
-        return 0.0
-    return min(max(trainer.global_step / max(total - steps_per_batch, 1.0), 0.0), 1.0)
-
-
-def reward_columns(rollouts: Rollouts, progress: float) -> dict[str, Any]:
+def reward_columns(rollouts: Rollouts) -> dict[str, Any]:
     """Keyword arguments for reward functions: dataset columns, annotations, ``progress``."""
     columns = dict(rollouts.columns)
     return {
@@ -54,7 +33,7 @@ def reward_columns(rollouts: Rollouts, progress: float) -> dict[str, Any]:
         "correct": rollouts.correct,
         "solution_lengths": rollouts.solution_lengths,
         "truncated": rollouts.truncated,
-        "progress": progress,
+        "progress": rollouts.progress,
     }
 
 
@@ -80,9 +59,7 @@ class RewardCallback(RolloutHook):
         if not is_annotated(rollouts):
             annotate(rollouts, pl_module.output_format, pl_module.grader, pl_module.tokenizer)
         rollouts.columns["finished"] = finished_solutions(rollouts.parsed, rollouts.truncated, pl_module.output_format)
-        steps = getattr(pl_module, "optimizer_steps_per_batch", None)
-        progress = training_progress(trainer, pl_module, steps(len(rollouts)) if steps else 1)
-        columns = reward_columns(rollouts, progress)
+        columns = reward_columns(rollouts)
         total, components = self.rewards(rollouts.completions, **columns)
         rollouts.rewards = total
         rollouts.reward_components = components

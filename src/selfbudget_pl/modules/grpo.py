@@ -46,6 +46,7 @@ from selfbudget_pl.modules.experience import Experience, experience_from_rollout
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.logprobs import completion_logprobs
 from selfbudget_pl.modules.losses import AGGREGATIONS, Aggregation, PolicyLoss, group_advantages, policy_loss
+from selfbudget_pl.modules.optimization import training_progress
 from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
 
@@ -209,6 +210,7 @@ class GRPOModule(PolicyModule):
         rollouts = self.rollout_backend.generate(
             batch["prompt_ids"], num_samples=self.num_generations, sampling=sampling, prefill=prefills, columns=columns
         )
+        rollouts.progress = self.training_progress(len(rollouts))
         # Parsing and grading happen in the reward callback (it annotates before it scores).
         for callback in self.trainer.callbacks:
             if hasattr(callback, "on_rollouts"):
@@ -267,6 +269,15 @@ class GRPOModule(PolicyModule):
                 scheduler.step()
                 self.rollout_backend.mark_stale(*self.weights_source())  # synced before the next rollout
         return token_means(totals, steps_per_batch)
+
+    def training_progress(self, num_completions: int) -> float:
+        """Fraction of training done when a batch of ``num_completions`` rollouts is scored, in optimizer steps
+        (:func:`~selfbudget_pl.modules.optimization.training_progress`); 0 when the run's length is unknown."""
+        try:
+            total = self.total_optimizer_steps()
+        except Exception:  # noqa: BLE001 - Lightning raises several kinds for a loader of unknown length
+            total = math.inf
+        return training_progress(self.global_step, total, self.optimizer_steps_per_batch(num_completions))
 
     def optimizer_steps_per_batch(self, num_completions: int) -> int:
         """Optimizer steps one batch of rollouts takes: ``num_iterations`` x its mini-batches."""

@@ -18,6 +18,15 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def training_progress(step: int, total_steps: float, steps_per_batch: int = 1) -> float:
+    """Fraction of training done at optimizer step ``step`` of ``total_steps``, in [0, 1], as the reward's
+    annealing reads it: a batch of rollouts is scored before its ``steps_per_batch`` optimizer steps, so the
+    last batch is scored at 1. 0 when the run's length is unknown (``total_steps`` infinite)."""
+    if not math.isfinite(total_steps) or total_steps <= 0:
+        return 0.0
+    return min(max(step / max(total_steps - steps_per_batch, 1.0), 0.0), 1.0)
+
+
 def optimizer_and_schedule(
     params: Iterable[torch.nn.Parameter],
     optimizer: Callable[..., torch.optim.Optimizer],

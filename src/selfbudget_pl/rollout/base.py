@@ -67,6 +67,7 @@ class Rollouts:
     rewards: Optional[torch.Tensor] = None  # [num_completions], float32
     reward_components: dict[str, list[float]] = field(default_factory=dict)
     generation_seconds: float = 0.0
+    progress: float = 0.0  # fraction of training done when these were sampled (GRPO sets it; rewards anneal on it)
 
     def __post_init__(self) -> None:
         if not self.stop_token_ids:
