@@ -4,6 +4,7 @@ callbacks, the loss and the optimizer step of ``experiment=grpo_toy`` on the tin
 
     python benchmarks/trace_grpo_step.py            # files and functions, one per line
     python benchmarks/trace_grpo_step.py --summary  # the counts only
+    python benchmarks/trace_grpo_step.py --edges    # and which file calls which
 
 The count is a measure of the layout (docs/architecture.md): how many files a reader opens to follow a
 step from the batch to the loss.
@@ -33,12 +34,17 @@ class StepTracer(L.Callback):
     def __init__(self, traced_batch: int = 1) -> None:
         self.traced_batch = traced_batch
         self.calls: dict[str, set[str]] = defaultdict(set)
+        self.edges: set[tuple[str, str]] = set()  # (calling file, called file), both in the package
 
     def _profile(self, frame, event, arg) -> None:  # noqa: ANN001 (sys.setprofile's signature)
         if event == "call":
             path = Path(frame.f_code.co_filename)
             if path.is_relative_to(PACKAGE_DIR):
-                self.calls[str(path.relative_to(PACKAGE_DIR))].add(frame.f_code.co_qualname)
+                name = str(path.relative_to(PACKAGE_DIR))
+                self.calls[name].add(frame.f_code.co_qualname)
+                caller = Path(frame.f_back.f_code.co_filename) if frame.f_back is not None else None
+                if caller is not None and caller.is_relative_to(PACKAGE_DIR) and caller != path:
+                    self.edges.add((str(caller.relative_to(PACKAGE_DIR)), name))
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
         if batch_idx == self.traced_batch:
@@ -53,6 +59,7 @@ class StepTracer(L.Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--summary", action="store_true", help="print the counts only")
+    parser.add_argument("--edges", action="store_true", help="also print which file calls which")
     args = parser.parse_args()
     tracer = StepTracer()
     with tempfile.TemporaryDirectory() as out, initialize_config_dir(CONFIG_DIR, version_base="1.3"):
@@ -71,6 +78,9 @@ def main() -> None:
     if not args.summary:
         for name in files:
             print(f"{name}: {', '.join(sorted(tracer.calls[name]))}")
+    if args.edges:
+        for caller, callee in sorted(tracer.edges):
+            print(f"{caller} -> {callee}")
     print(f"{len(files)} project files, {sum(len(v) for v in tracer.calls.values())} functions in one GRPO step")
 
 
