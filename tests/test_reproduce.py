@@ -41,8 +41,8 @@ def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache, capsys):
     banners = [line for line in capsys.readouterr().out.splitlines() if line.startswith("==== [stage")]
     # sft, its eval, (GRPO, eval, sweep) per seed, the control and its eval
     assert [line.split("]")[0] for line in banners] == [f"==== [stage {i}/10" for i in range(1, 11)]
-    # The reference stage times, unscaled: 227 + 2 + 2 x (163 + 1 + 1) + 163 + 1 s; each seed takes the GRPO run's.
-    assert banners[0].endswith("| elapsed 0:00 | ETA 12:03")
+    # The reference stage times, unscaled: 325 + 2 + 2 x (339 + 1 + 1) + 544 + 3 s; each seed takes the GRPO run's.
+    assert banners[0].endswith("| elapsed 0:00 | ETA 25:56")
     assert all("| ETA " in line and "?" not in line for line in banners)
 
     for stage in ("sft", "grpo_seed0", "grpo_seed1", "control"):
