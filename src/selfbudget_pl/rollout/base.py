@@ -107,7 +107,7 @@ class RolloutBackend(ABC):
     its prompt's tokens and starts its completions' text, so it parses like a generated one; this class
     does that for every backend, which only samples (:meth:`sample`)."""
 
-    tokenizer: Any
+    tokenizer: Any = None  # what encodes pre-filled text; a backend that is never pre-filled may have none
 
     def generate(
         self,
@@ -125,7 +125,7 @@ class RolloutBackend(ABC):
         """
         started = time.perf_counter()
         prefills = per_prompt(prefill, len(prompt_ids))
-        prefix_ids = [encode_prefill(self.tokenizer, text) if text else [] for text in prefills]
+        prefix_ids = [encode_prefill(self.tokenizer, text) for text in prefills]
         contexts = [list(prompt) + ids for prompt, ids in zip(prompt_ids, prefix_ids) for _ in range(num_samples)]
         rollouts = self.sample(contexts, num_samples, sampling)
         rollouts.completions = [(prefills[g] or "") + text for g, text in zip(rollouts.group_index, rollouts.completions)]
