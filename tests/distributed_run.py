@@ -2,6 +2,10 @@
 
     python -m tests.distributed_run <experiment> <output_dir> [overrides...]
 
+An override written ``rank<N>:key=value`` is set on rank N alone (from ``LOCAL_RANK``, which Lightning's
+launcher sets for the ranks it starts), after the small test settings, so a test can make the ranks' samples
+differ by construction.
+
 Lightning's DDP launcher re-runs this module once per extra rank; each rank writes
 ``<output_dir>/rank<N>.json`` (final metrics, a digest of its weights, the examples it trained on; rank 0 adds a digest of its export),
 which tests/test_distributed.py compares across ranks.
@@ -11,13 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import open_dict
+import yaml
+from omegaconf import OmegaConf, open_dict
 
 from selfbudget_pl.train import train
 from tests.test_train import compose_small
@@ -77,9 +83,17 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def shared_overrides(overrides: tuple[str, ...]) -> list[str]:
+    """The Hydra overrides every rank applies (those without a ``rank<N>:`` prefix)."""
+    return [override for override in overrides if not override.startswith("rank")]
+
+
 def main(experiment: str, output_dir: str, *overrides: str) -> None:
-    cfg = compose_small(experiment, Path(output_dir), "strategy=ddp", "trainer.devices=2", *overrides)
+    cfg = compose_small(experiment, Path(output_dir), "strategy=ddp", "trainer.devices=2", *shared_overrides(overrides))
+    prefix = f"rank{os.environ.get('LOCAL_RANK', '0')}:"
     with open_dict(cfg):
+        for key, value in (o.removeprefix(prefix).split("=", 1) for o in overrides if o.startswith(prefix)):
+            OmegaConf.update(cfg, key, yaml.safe_load(value))
         cfg.callbacks.record_examples = {"_target_": f"{__name__}.RecordExamples"}
         cfg.module.export_dir = str(Path(output_dir, "export"))  # not the experiment's shared logs/ path
         use_even_token_reward(cfg)
