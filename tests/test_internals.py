@@ -25,7 +25,8 @@ from .conftest import REPO_ROOT
 from .test_distributed import torchrun
 
 PACKAGE = REPO_ROOT / "src" / "selfbudget_pl"
-VERSION_HELPERS = {"installed_version", "is_known_version", "unknown_version_message", "unknown_versions"}
+VERSION_HELPERS = {"installed_version", "is_known_version", "unknown_version_message", "unknown_versions",
+                   "warn_unknown_versions"}
 
 
 # -- versions ------------------------------------------------------------------------------------------------
@@ -37,18 +38,28 @@ def test_installed_library_versions_are_ones_the_accessors_were_checked_on():
 
 
 def test_an_unknown_version_names_library_version_accessors_and_tests(monkeypatch):
-    assert internals.is_known_version("torch", "2.13.0+cpu") and internals.is_known_version("torch", "2.13.1+cu128")
-    assert not internals.is_known_version("torch", "2.14.0")
+    assert internals.is_known_version("torch", "2.13.0+cpu") and internals.is_known_version("torch", "2.13.0+cu128")
+    assert not internals.is_known_version("torch", "2.13.1") and not internals.is_known_version("torch", "2.14.0")
     assert not internals.is_known_version("lightning", "2.7.0") and not internals.is_known_version("lightning", "2.6.5")
-    assert not internals.is_known_version("transformers", "5.25.0")
+    assert internals.is_known_version("transformers", "5.25.0") and internals.is_known_version("transformers", "5.19.0")
+    assert not internals.is_known_version("transformers", "5.25.1")
     assert not internals.is_known_version("transformers", "5.16.0")
     monkeypatch.setattr(internals, "installed_version", lambda library: "99.0" if library == "transformers" else "2.13.0")
     monkeypatch.setitem(internals.KNOWN_VERSIONS, "lightning", "==2.13.*")
     (message,) = internals.unknown_versions()
     assert message.startswith("transformers 99.0 is not a version")
-    for expected in ("transformers>=5.16.1,<5.25", "set_attention_implementation", "no_split_modules", "fused_decode",
+    for expected in ("transformers>=5.16.1,<=5.25.0", "requirements/main.txt", "scripts/refresh_lock.sh",
+                     "set_attention_implementation", "no_split_modules", "fused_decode",
                      "tests/test_internals.py", "tests/test_fused_decode.py", "tests/test_packing.py"):  # fmt: skip
         assert expected in message, expected
+
+
+def test_untested_versions_are_logged_one_sentence_each(monkeypatch, caplog):
+    monkeypatch.setattr(internals, "installed_version", lambda library: {"transformers": "5.26.0"}.get(library, "2.13.0"))
+    monkeypatch.setitem(internals.KNOWN_VERSIONS, "lightning", "==2.13.0")
+    with caplog.at_level("WARNING", logger="selfbudget_pl.internals"):
+        internals.warn_unknown_versions()
+    assert [record.getMessage() for record in caplog.records] == [internals.unknown_version_message("transformers", "5.26.0")]
 
 
 def test_every_accessor_is_registered_with_its_library():
@@ -309,7 +320,7 @@ def test_attention_implementation_selects_a_registered_function():
 
 
 def test_a_moved_attribute_names_the_accessor_and_the_library_version():
-    with pytest.raises(AttributeError, match=r"internals\.logging_step: .* \(lightning 2\.6\.\d+; checked on lightning>=2\.6\.6,<2\.7\)"):
+    with pytest.raises(AttributeError, match=r"internals\.logging_step: .* \(lightning 2\.6\.\d+; checked on lightning==2\.6\.6; bash scripts/refresh_lock\.sh re-locks"):
         internals.logging_step(object())
     with pytest.raises(internals.InternalsChanged, match="attention_implementation"):
         internals.attention_implementation(object())

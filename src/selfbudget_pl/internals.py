@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import logging
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
@@ -54,16 +55,16 @@ _apply_activation_checkpointing = _private(
 _FlatParameter = _private("torch.distributed.fsdp._flat_param", "FlatParameter")
 _reshard = _private("torch.distributed.fsdp._runtime_utils", "_reshard")
 
-# The versions every accessor (and the fused decoder) was checked on, in the main environment: torch 2.13.0+cpu
-# and lightning 2.6.6 (the vLLM environment has the same), transformers 5.24.0 (installed) and each release
-# 5.16.1, 5.17.0, 5.18.0, 5.19.0 (the vLLM environment's), 5.20.2, 5.21.1, 5.22.2 and 5.23.0 put in its place
-# for tests/test_fused_decode.py, test_packing.py, test_rollout_hf.py and test_internals.py. Not checked:
-# 5.25.0 (it needs kernels>=0.19.1, not available here) and the patch releases in between or after these.
-# Widen an entry only after tests/test_internals.py and the tests it names pass on the new version.
+# The versions every accessor (and the fused decoder) was checked on: torch 2.13.0+cpu and lightning 2.6.6 in
+# both environments, transformers 5.25.0 (the main lock), 5.19.0 (the vLLM lock) and each of 5.16.1, 5.17.0,
+# 5.18.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0 and 5.24.0 put in its place for tests/test_fused_decode.py,
+# test_packing.py, test_rollout_hf.py and test_internals.py; not the patch releases in between. pyproject.toml
+# states the same ranges (tests/test_lock.py). Widen an entry, and pyproject's with it, only after
+# tests/test_internals.py and the tests it names pass on the new version (scripts/refresh_lock.sh runs them).
 KNOWN_VERSIONS: dict[str, str] = {
-    "torch": "==2.13.*",
-    "lightning": ">=2.6.6,<2.7",
-    "transformers": ">=5.16.1,<5.25",
+    "torch": "==2.13.0",
+    "lightning": "==2.6.6",
+    "transformers": ">=5.16.1,<=5.25.0",
 }
 
 # library -> [(what reaches into it, the test files that check it)]; filled by @_reaches_into below.
@@ -73,6 +74,7 @@ PINNED["transformers"].append(
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
 class InternalsChanged(AttributeError):
@@ -95,7 +97,8 @@ def _reaches_into(library: str, *tests: str) -> Callable[[_F], _F]:
             except AttributeError as error:
                 raise InternalsChanged(
                     f"selfbudget_pl.internals.{accessor.__name__}: {error} ({library} "
-                    f"{installed_version(library)}; checked on {library}{KNOWN_VERSIONS[library]})"
+                    f"{installed_version(library)}; checked on {library}{KNOWN_VERSIONS[library]}; "
+                    f"bash scripts/refresh_lock.sh re-locks after a re-check)"
                 ) from error
 
         return checked  # type: ignore[return-value]
@@ -125,14 +128,23 @@ def is_known_version(library: str, version: Optional[str] = None) -> bool:
 
 
 def unknown_version_message(library: str, version: str) -> str:
-    """What to re-check when ``library`` ``version`` is not in :data:`KNOWN_VERSIONS`."""
+    """One sentence for ``library`` ``version`` outside :data:`KNOWN_VERSIONS`: the tested range, what to
+    re-check before widening it, and how to get the tested versions back."""
     accessors = [name for name, _ in PINNED[library]]
     tests = sorted({test for _, files in PINNED[library] for test in files})
     return (
-        f"{library} {version} is not a version selfbudget_pl's private-API accessors were checked on "
-        f"({library}{KNOWN_VERSIONS[library]}). Re-check {', '.join(accessors)} "
-        f"(src/selfbudget_pl/internals.py) with {', '.join(tests)}; then add the version to KNOWN_VERSIONS."
+        f"{library} {version} is not a version selfbudget_pl was tested on ({library}{KNOWN_VERSIONS[library]}, "
+        f"as in pyproject.toml): install the locked versions (pip install --no-deps -r requirements/main.txt), "
+        f"or re-check {', '.join(accessors)} (src/selfbudget_pl/internals.py) with {', '.join(tests)}, widen "
+        f"KNOWN_VERSIONS and pyproject.toml, and re-lock with bash scripts/refresh_lock.sh."
     )
+
+
+def warn_unknown_versions() -> None:
+    """Log each :func:`unknown_versions` message once (at import): a run on untested versions says so before
+    it trains, not only when an accessor breaks."""
+    for message in unknown_versions():
+        log.warning(message)
 
 
 def unknown_versions() -> list[str]:
@@ -287,14 +299,14 @@ def tensorboard_hparams(logger: Any) -> dict[str, Any]:
 @_reaches_into("transformers", "tests/test_distributed.py")
 def no_split_modules(model: torch.nn.Module) -> list[str]:
     """The decoder-layer class names a transformers model declares as FSDP units (``_no_split_modules``,
-    what accelerate's auto-wrap also reads); [] if it declares none. Checked on transformers 5.16.1-5.24.0."""
+    what accelerate's auto-wrap also reads); [] if it declares none. Checked on transformers 5.16.1-5.25.0."""
     return list(getattr(model, "_no_split_modules", None) or [])
 
 
 @_reaches_into("transformers", "tests/test_packing.py")
 def attention_implementation(config: Any) -> Optional[str]:
     """The attention function a transformers config selects (``config._attn_implementation``). Checked on
-    transformers 5.16.1-5.24.0."""
+    transformers 5.16.1-5.25.0."""
     return config._attn_implementation
 
 
@@ -303,5 +315,8 @@ def set_attention_implementation(config: Any, name: str) -> None:
     """Select the registered attention function ``name`` on a loaded model's config
     (``config._attn_implementation = name``). ``PreTrainedModel.set_attn_implementation`` is public but
     needs the model, not the config, and re-validates the name against the hub kernels. Checked on
-    transformers 5.16.1-5.24.0."""
+    transformers 5.16.1-5.25.0."""
     config._attn_implementation = name
+
+
+warn_unknown_versions()  # here, after every accessor has registered itself in PINNED

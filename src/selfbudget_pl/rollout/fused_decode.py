@@ -43,10 +43,7 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """Why :func:`sample` cannot run ``model`` (None when it can)."""
     if not internals.is_known_version("transformers"):
-        return (
-            f"transformers {internals.installed_version('transformers')} is not a version it was checked on "
-            f"(transformers{internals.KNOWN_VERSIONS['transformers']}; tests/test_fused_decode.py)"
-        )
+        return internals.unknown_version_message("transformers", str(internals.installed_version("transformers")))
     base = _base_model(model)
     config = getattr(base, "config", None)
     model_type = getattr(config, "model_type", None)

