@@ -155,3 +155,60 @@ def test_callback_logs_per_step_and_per_bucket():
     assert float(logged["rollout/budget/difficulty_1/accuracy"]) == 1.0
     assert float(logged["rollout/budget/difficulty_2/format_error_rate"]) == pytest.approx(0.5)
     assert {f"rollout/budget/{key}" for key in KEYS} <= set(logged)
+
+
+# -- the collapse detector ---------------------------------------------------------------------------
+
+
+def test_understated_rate_counts_own_well_formed_budgets_below_the_fraction():
+    columns = dict(
+        budgets=[1, 10, 50, 1, 1, None, 30, 15],
+        lengths=[120, 30, 40, 120, 120, 50, 100, 30],
+        correct=[True] * 8,
+        difficulty=[3, 2, 4, 3, 3, 2, 4, 2],
+        format_ok=[True, True, True, True, False, False, True, True],
+        prefilled=[False, False, False, True, False, False, False, False],
+    )
+    metric = BudgetAdherence(difficulty_buckets=[2, 3, 4])
+    metric.update(**columns)
+    values = metric.compute()
+    # own and well-formed: rows 0, 1, 2, 6, 7; below half the length: 0 (1 < 60), 1 (10 < 15), 6 (30 < 50);
+    # not row 2 (50 >= 20) nor row 7 (15 is exactly half); a pre-filled (3) or malformed (4) budget is not the model's
+    assert values["understated_rate"].item() == pytest.approx(3 / 5)
+    assert values["difficulty_2/understated_rate"].item() == pytest.approx(1 / 2)
+    assert values["difficulty_3/understated_rate"].item() == 1.0
+    assert values["difficulty_4/understated_rate"].item() == pytest.approx(1 / 2)
+    stricter = BudgetAdherence(understated_fraction=0.25)
+    stricter.update(**columns)
+    assert stricter.compute()["understated_rate"].item() == pytest.approx(1 / 5)  # only 1 < 30
+    only_prefilled = BudgetAdherence()
+    only_prefilled.update(budgets=[1], lengths=[120], correct=[True], prefilled=[True])
+    assert math.isnan(only_prefilled.compute()["understated_rate"].item())
+
+
+class CollapsedModule(MetricsModule):
+    """Rollouts of a collapsed model: budget 1 and a long solution, on one difficulty only."""
+
+    def training_step(self, batch, batch_idx):
+        fmt, solution = self.output_format, " 1+1=2;?2-1=1;?2-1=1;?2-1=1 \\boxed{2} "
+        completions = [fmt.render(1, solution), fmt.render(1, solution), fmt.render(40, solution), fmt.render(1, solution)]
+        rollouts = Rollouts(
+            prompt_ids=[[1]] * 4, completion_ids=[[2]] * 4, completions=completions, finish_reasons=["eos"] * 4,
+            group_index=[0, 0, 1, 1],
+            columns={"answer": ["2"] * 4, "difficulty": [3.0, 3.0, 2.0, 2.0], "prefilled": [False, False, False, True]},
+        )
+        for callback in self.trainer.callbacks:
+            if hasattr(callback, "on_rollouts"):
+                callback.on_rollouts(self.trainer, self, rollouts)
+        return self.weight**2
+
+
+def test_callback_logs_the_collapse_per_difficulty():
+    callback = BudgetMetricsCallback(difficulty_buckets=[2, 3])
+    trainer = pl.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(CollapsedModule())
+    logged = trainer.logged_metrics
+    assert float(logged["rollout/budget/understated_rate"]) == pytest.approx(2 / 3)  # the pre-filled one left out
+    assert float(logged["rollout/budget/difficulty_3/understated_rate"]) == 1.0
+    assert float(logged["rollout/budget/difficulty_2/understated_rate"]) == 0.0  # budget 40 for ~35 tokens

@@ -441,6 +441,7 @@ class BudgetMetricsSchema(Schema):
     difficulty_buckets: Optional[list[float]] = spec()
     prefix: str = spec()
     histogram_prefix: Optional[str] = spec(note="null: no histograms")
+    understated_fraction: float = spec(gt=0, note="understated_rate: own budgets below this fraction of their length")
 
 
 @dataclass
