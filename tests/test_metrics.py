@@ -125,13 +125,16 @@ def test_update_from_rollouts():
 
 
 class MetricsModule(pl.LightningModule):
-    def __init__(self):
+    """Every training step hands ``rollouts_of(output_format)`` to the rollout hooks."""
+
+    def __init__(self, rollouts_of=make_rollouts):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.output_format, self.grader, self.tokenizer = OutputFormat(), MathGrader(workers=0), CharTokenizer()
+        self.rollouts_of = rollouts_of
 
     def training_step(self, batch, batch_idx):
-        rollouts = make_rollouts(self.output_format)
+        rollouts = self.rollouts_of(self.output_format)
         for callback in self.trainer.callbacks:
             if hasattr(callback, "on_rollouts"):
                 callback.on_rollouts(self.trainer, self, rollouts)
@@ -144,12 +147,17 @@ class MetricsModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def logged_by(callback: BudgetMetricsCallback, module: MetricsModule, steps: int) -> dict:
+    """What ``callback`` logged over ``steps`` training steps of ``module``."""
+    trainer = pl.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    return trainer.logged_metrics
+
+
 def test_callback_logs_per_step_and_per_bucket():
     callback = BudgetMetricsCallback(difficulty_buckets=[1, 2])
-    trainer = pl.Trainer(max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(MetricsModule())
-    logged = trainer.logged_metrics
+    logged = logged_by(callback, MetricsModule(), steps=2)
     assert float(logged["rollout/budget/accuracy"]) == pytest.approx(1 / 3)
     assert len(callback.metric.budget) == 0  # reset after every step: each log covers one step's rollouts
     assert float(logged["rollout/budget/difficulty_1/accuracy"]) == 1.0
@@ -186,29 +194,18 @@ def test_understated_rate_counts_own_well_formed_budgets_below_the_fraction():
     assert math.isnan(only_prefilled.compute()["understated_rate"].item())
 
 
-class CollapsedModule(MetricsModule):
-    """Rollouts of a collapsed model: budget 1 and a long solution, on one difficulty only."""
-
-    def training_step(self, batch, batch_idx):
-        fmt, solution = self.output_format, " 1+1=2;?2-1=1;?2-1=1;?2-1=1 \\boxed{2} "
-        completions = [fmt.render(1, solution), fmt.render(1, solution), fmt.render(40, solution), fmt.render(1, solution)]
-        rollouts = Rollouts(
-            prompt_ids=[[1]] * 4, completion_ids=[[2]] * 4, completions=completions, finish_reasons=["eos"] * 4,
-            group_index=[0, 0, 1, 1],
-            columns={"answer": ["2"] * 4, "difficulty": [3.0, 3.0, 2.0, 2.0], "prefilled": [False, False, False, True]},
-        )
-        for callback in self.trainer.callbacks:
-            if hasattr(callback, "on_rollouts"):
-                callback.on_rollouts(self.trainer, self, rollouts)
-        return self.weight**2
+def collapsed_rollouts(fmt: OutputFormat) -> Rollouts:
+    """A collapsed model's rollouts: budget 1 and a long solution on difficulty 3; difficulty 2 honest or pre-filled."""
+    solution = " 1+1=2;?2-1=1;?2-1=1;?2-1=1 \\boxed{2} "
+    return Rollouts(
+        prompt_ids=[[1]] * 4, completion_ids=[[2]] * 4, completions=[fmt.render(b, solution) for b in (1, 1, 40, 1)],
+        finish_reasons=["eos"] * 4, group_index=[0, 0, 1, 1],
+        columns={"answer": ["2"] * 4, "difficulty": [3.0, 3.0, 2.0, 2.0], "prefilled": [False, False, False, True]},
+    )
 
 
 def test_callback_logs_the_collapse_per_difficulty():
-    callback = BudgetMetricsCallback(difficulty_buckets=[2, 3])
-    trainer = pl.Trainer(max_steps=1, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(CollapsedModule())
-    logged = trainer.logged_metrics
+    logged = logged_by(BudgetMetricsCallback(difficulty_buckets=[2, 3]), MetricsModule(collapsed_rollouts), steps=1)
     assert float(logged["rollout/budget/understated_rate"]) == pytest.approx(2 / 3)  # the pre-filled one left out
     assert float(logged["rollout/budget/difficulty_3/understated_rate"]) == 1.0
     assert float(logged["rollout/budget/difficulty_2/understated_rate"]) == 0.0  # budget 40 for ~35 tokens
