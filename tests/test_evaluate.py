@@ -20,13 +20,14 @@ from selfbudget_pl.evaluate import (
     evaluate_model,
     load_datasets,
 )
+from selfbudget_pl.eval_report import summary_markdown
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import SamplingSettings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MAIN_HEADER = (
     "| dataset | budget | n | k | accuracy % | ± s.e. | mean tokens | compression % | Δ accuracy (pts) | budget MAE "
-    "| within ±10 % | within ±20 % | ρ(budget, difficulty) |"
+    "| within ±10 % | within ±20 % | ρ(budget, difficulty) | budget < 0.5 × length % |"
 )
 
 
@@ -77,7 +78,8 @@ def test_hydra_eval_of_20_problems_writes_every_output(tiny_model_dir, tmp_path)
     assert row["n"] == 20 and row["budget"] is None
     assert row["mean_tokens"] == pytest.approx(sum(r["response_tokens"] for r in completions) / 20)
     assert row["accuracy"] == pytest.approx(sum(r["correct"] for r in completions) / 20)
-    for key in ("budget_mae", "within_10", "within_20", "spearman_budget_difficulty", "format_error_rate"):
+    for key in ("budget_mae", "within_10", "within_20", "spearman_budget_difficulty", "format_error_rate",
+                "understated_rate"):
         assert key in row
 
     markdown = (tmp_path / "summary.md").read_text()
@@ -221,3 +223,15 @@ def test_samples_per_problem_is_checked():
             check_samples_per_problem(bad, ["a"], sampled)
     with pytest.raises(ValueError, match="greedy decoding"):
         check_samples_per_problem({"a": 16}, ["a"], greedy)
+
+
+def test_report_prints_the_collapse_detector():
+    rows = [
+        {"dataset": "synthetic", "budget": None, "n": 500, "k": 1, "accuracy": 0.97, "understated_rate": 0.19},
+        {"dataset": "synthetic", "budget": 40, "n": 500, "k": 1, "accuracy": 0.96, "understated_rate": float("nan")},
+    ]
+    table = summary_markdown(rows).split("## As the paper prints it")[0]
+    header, _, own, prefilled = table.strip().splitlines()[2:6]
+    assert header.endswith("| budget < 0.5 × length % |")
+    assert own.endswith("| 19.0 |")  # own budgets: the share that sits below half the length written
+    assert prefilled.endswith("| – |")  # pre-filled budgets are the user's, never counted

@@ -125,13 +125,16 @@ def test_update_from_rollouts():
 
 
 class MetricsModule(pl.LightningModule):
-    def __init__(self):
+    """Every training step hands ``rollouts_of(output_format)`` to the rollout hooks."""
+
+    def __init__(self, rollouts_of=make_rollouts):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.output_format, self.grader, self.tokenizer = OutputFormat(), MathGrader(workers=0), CharTokenizer()
+        self.rollouts_of = rollouts_of
 
     def training_step(self, batch, batch_idx):
-        rollouts = make_rollouts(self.output_format)
+        rollouts = self.rollouts_of(self.output_format)
         for callback in self.trainer.callbacks:
             if hasattr(callback, "on_rollouts"):
                 callback.on_rollouts(self.trainer, self, rollouts)
@@ -144,14 +147,65 @@ class MetricsModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def logged_by(callback: BudgetMetricsCallback, module: MetricsModule, steps: int) -> dict:
+    """What ``callback`` logged over ``steps`` training steps of ``module``."""
+    trainer = pl.Trainer(max_steps=steps, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module)
+    return trainer.logged_metrics
+
+
 def test_callback_logs_per_step_and_per_bucket():
     callback = BudgetMetricsCallback(difficulty_buckets=[1, 2])
-    trainer = pl.Trainer(max_steps=2, callbacks=[callback], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-    trainer.fit(MetricsModule())
-    logged = trainer.logged_metrics
+    logged = logged_by(callback, MetricsModule(), steps=2)
     assert float(logged["rollout/budget/accuracy"]) == pytest.approx(1 / 3)
     assert len(callback.metric.budget) == 0  # reset after every step: each log covers one step's rollouts
     assert float(logged["rollout/budget/difficulty_1/accuracy"]) == 1.0
     assert float(logged["rollout/budget/difficulty_2/format_error_rate"]) == pytest.approx(0.5)
     assert {f"rollout/budget/{key}" for key in KEYS} <= set(logged)
+
+
+# -- the collapse detector ---------------------------------------------------------------------------
+
+
+def test_understated_rate_counts_own_well_formed_budgets_below_the_fraction():
+    columns = dict(
+        budgets=[1, 10, 50, 1, 1, None, 30, 15],
+        lengths=[120, 30, 40, 120, 120, 50, 100, 30],
+        correct=[True] * 8,
+        difficulty=[3, 2, 4, 3, 3, 2, 4, 2],
+        format_ok=[True, True, True, True, False, False, True, True],
+        prefilled=[False, False, False, True, False, False, False, False],
+    )
+    metric = BudgetAdherence(difficulty_buckets=[2, 3, 4])
+    metric.update(**columns)
+    values = metric.compute()
+    # own and well-formed: rows 0, 1, 2, 6, 7; below half the length: 0 (1 < 60), 1 (10 < 15), 6 (30 < 50);
+    # not row 2 (50 >= 20) nor row 7 (15 is exactly half); a pre-filled (3) or malformed (4) budget is not the model's
+    assert values["understated_rate"].item() == pytest.approx(3 / 5)
+    assert values["difficulty_2/understated_rate"].item() == pytest.approx(1 / 2)
+    assert values["difficulty_3/understated_rate"].item() == 1.0
+    assert values["difficulty_4/understated_rate"].item() == pytest.approx(1 / 2)
+    stricter = BudgetAdherence(understated_fraction=0.25)
+    stricter.update(**columns)
+    assert stricter.compute()["understated_rate"].item() == pytest.approx(1 / 5)  # only 1 < 30
+    only_prefilled = BudgetAdherence()
+    only_prefilled.update(budgets=[1], lengths=[120], correct=[True], prefilled=[True])
+    assert math.isnan(only_prefilled.compute()["understated_rate"].item())
+
+
+def collapsed_rollouts(fmt: OutputFormat) -> Rollouts:
+    """A collapsed model's rollouts: budget 1 and a long solution on difficulty 3; difficulty 2 honest or pre-filled."""
+    solution = " 1+1=2;?2-1=1;?2-1=1;?2-1=1 \\boxed{2} "
+    return Rollouts(
+        prompt_ids=[[1]] * 4, completion_ids=[[2]] * 4, completions=[fmt.render(b, solution) for b in (1, 1, 40, 1)],
+        finish_reasons=["eos"] * 4, group_index=[0, 0, 1, 1],
+        columns={"answer": ["2"] * 4, "difficulty": [3.0, 3.0, 2.0, 2.0], "prefilled": [False, False, False, True]},
+    )
+
+
+def test_callback_logs_the_collapse_per_difficulty():
+    logged = logged_by(BudgetMetricsCallback(difficulty_buckets=[2, 3]), MetricsModule(collapsed_rollouts), steps=1)
+    assert float(logged["rollout/budget/understated_rate"]) == pytest.approx(2 / 3)  # the pre-filled one left out
+    assert float(logged["rollout/budget/difficulty_3/understated_rate"]) == 1.0
+    assert float(logged["rollout/budget/difficulty_2/understated_rate"]) == 0.0  # budget 40 for ~35 tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 from pathlib import Path
@@ -377,16 +378,181 @@ def test_annotate_requires_the_answer_column():
         annotate(rollouts, FORMAT, MathGrader(workers=0), CharTokenizer())
 
 
-@pytest.mark.parametrize("name, peak, shape, cost", [
-    ("selfbudgeter", "alpha", "cosine", 0.0), ("selfbudgeter_fixed", "fixed", "cosine", 0.0),
-    ("selfbudgeter_forecast", "fixed", "linear", 0.3),
+@pytest.mark.parametrize("name, peak, shape, cost, floor, cost_on", [
+    ("selfbudgeter", "alpha", "cosine", 0.0, None, "budget"), ("selfbudgeter_fixed", "fixed", "cosine", 0.0, None, "budget"),
+    ("selfbudgeter_forecast", "fixed", "linear", 0.3, None, "budget"), ("selfbudgeter_honest", "fixed", "linear", 0.3, 0.1, "spent"),
 ])  # fmt: skip
-def test_named_reward_forms_compose(name, peak, shape, cost):
+def test_named_reward_forms_compose(name, peak, shape, cost, floor, cost_on):
+    reward = budget_form(name)
+    assert (reward.peak, reward.shape, reward.budget_cost, reward.correct_floor, reward.cost_on) == (
+        peak, shape, cost, floor, cost_on)  # fmt: skip
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        toy = compose("train", overrides=["experiment=grpo_toy"]).reward.functions.budget_guided
+    assert vars(instantiate(toy)) == vars(budget_form("selfbudgeter_honest"))  # the toy's default form
+
+
+# -- the exits a length reward invites, closed by the honest form ------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def budget_form(name: str) -> BudgetGuidedReward:
+    """The budget-guided reward of ``configs/reward/<name>.yaml`` as training composes it (defaults merged)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=[f"reward={name}"])
-    reward = instantiate(cfg.reward).rewards.functions["budget_guided"]
-    assert (reward.peak, reward.shape, reward.budget_cost) == (peak, shape, cost)
-    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        assert compose("train", overrides=["experiment=grpo_toy"]).reward.functions.budget_guided.shape == "linear"
+    return instantiate(cfg.reward).rewards.functions["budget_guided"]
+
+
+BUDGET_FORMS = sorted(
+    path.stem for path in (CONFIGS / "reward").glob("*.yaml") if "budget_guided" in path.read_text()
+)
+GAMEABLE_FORMS = ("selfbudgeter", "selfbudgeter_fixed", "selfbudgeter_forecast")  # kept as they were, exits and all
+
+
+def honest_scores(reward: BudgetGuidedReward, b_max: int, progress: float) -> list[float]:
+    """Every correct answer whose own budget is within its cap and whose length is within the tolerance
+    (whole token counts, and the tolerance's two edges themselves)."""
+    alpha = reward.alpha(progress)
+    scores = []
+    for budget in range(1, b_max + 1):
+        peak, width = reward.best_length(budget, True, progress), alpha * budget
+        lengths = [*range(max(1, math.ceil(peak - width)), math.floor(peak + width) + 1), peak + width]
+        scores += [reward.score(True, budget, length, True, b_max, progress) for length in lengths + [max(0.0, peak - width)]]
+    return scores
+
+
+def best_honest_score(reward: BudgetGuidedReward, length: int, b_max: int, progress: float) -> float:
+    """The best correct answer of this length with an honest budget (over the cap or not)."""
+    return max(reward.score(True, budget, length, True, b_max, progress) for budget in range(1, 4 * length + 10)
+               if abs(length - reward.best_length(budget, True, progress)) <= reward.alpha(progress) * budget)
+
+
+def absurd_scores(reward: BudgetGuidedReward, b_max: int, progress: float) -> dict[tuple[int, int], float]:
+    """Correct answers whose own budget is below half their length (the collapse: budget 1, 100-130 tokens)."""
+    return {
+        (budget, length): reward.score(True, budget, length, True, b_max, progress)
+        for budget in (1, 2, 3, 5, 8, 13, 21, 34, 55)
+        for length in range(2 * budget, 2 * b_max, 7)
+    }
+
+
+def collapse_margin(reward: BudgetGuidedReward, b_max: int, progress: float) -> float:
+    """How far the best absurd budget stays below the worst honest answer (negative: the exit is open)."""
+    return min(honest_scores(reward, b_max, progress)) - max(absurd_scores(reward, b_max, progress).values())
+
+
+@pytest.mark.parametrize("b_max", [120, 200])
+@pytest.mark.parametrize("progress", [0.0, 1.0])
+def test_stated_budget_of_one_scores_below_every_honest_answer(b_max, progress):
+    reward = budget_form("selfbudgeter_honest")
+    collapse = reward.score(True, 1, 120, True, b_max, progress)  # `<budget>1</budget>` and 120 tokens, correct
+    assert collapse < best_honest_score(reward, 120, b_max, progress)
+    assert collapse < min(honest_scores(reward, b_max, progress))  # below the honest answer of any length
+    assert collapse_margin(reward, b_max, progress) > 0  # and so is every budget below half its length
+    for (budget, length), value in absurd_scores(reward, b_max, progress).items():
+        assert value < best_honest_score(reward, length, b_max, progress), (budget, length)
+
+
+@pytest.mark.parametrize("name", GAMEABLE_FORMS)
+def test_the_kept_forms_still_have_the_exit(name):
+    """The paper's and our earlier forms are kept unchanged, exit included: the check above fails on them."""
+    reward = budget_form(name)
+    assert collapse_margin(reward, 120, 1.0) <= 0  # ties the worst honest answer without a cost, beats it with one
+    if reward.budget_cost:
+        assert reward.score(True, 1, 120, True, 120, 1.0) > min(honest_scores(reward, 120, 1.0))
+
+
+@pytest.mark.parametrize("b_max", [120, 200])
+def test_padding_an_answer_to_land_on_its_budget_does_not_pay(b_max):
+    """Repeating a check until the length meets the budget: on its peak, or stating less than it wrote."""
+    reward = budget_form("selfbudgeter_honest")
+    short = reward.score(True, 21, 20, True, b_max, 1.0)  # the 20 tokens the problem needs, budget on them
+    for padded in (40, 80, 120, 180):
+        on_peak = min(range(1, 400), key=lambda budget: abs(reward.best_length(budget, True, 1.0) - padded))
+        for budget in (on_peak, padded, padded // 2, 1):
+            assert reward.score(True, budget, padded, True, b_max, 1.0) < short, (budget, padded)
+    # the paper's form (no cost) pays a padded answer on its peak as much as the short one
+    paper = budget_form("selfbudgeter")
+    assert paper.score(True, 200, 180, True, None, 1.0) == paper.score(True, 20, 18, True, None, 1.0) == 1.0
+
+
+def finished_scores(reward: BudgetGuidedReward) -> list[float]:
+    return [
+        reward.score(True, budget, length, correct, b_max, progress, prefilled)
+        for budget in (1, 10, 60, 150, 400) for length in (1, 9, 55, 150, 600)
+        for correct in (True, False) for b_max in (None, 50, 120, 200)
+        for progress in (0.0, 0.5, 1.0) for prefilled in (False, True)
+    ]  # fmt: skip
+
+
+def test_stopping_before_the_answer_scores_below_every_finished_answer():
+    reward = budget_form("selfbudgeter_honest")
+    stopped = FORMAT.render(30, " 1+1=2 2+2=4 ").replace("</solution>", "")  # budget stated, no answer, unclosed
+    no_answer = FORMAT.render(30, " 1+1=2 2+2=4 ")  # closed, but nothing boxed
+    parsed = [FORMAT.parse(text) for text in (stopped, no_answer)]
+    values = reward(completions=[stopped, no_answer], parsed=parsed, correct=[False, False], solution_lengths=[12, 12],
+                    b_max=[120, 120], progress=1.0)  # fmt: skip
+    assert values == [reward.format_penalty] * 2
+    assert reward.format_penalty < min(finished_scores(reward))
+    # the forecast form scores a finished wrong answer over its cap (-1 - 0.5) below stopping (-1)
+    forecast = budget_form("selfbudgeter_forecast")
+    assert forecast.format_penalty > min(finished_scores(forecast))
+
+
+@pytest.mark.parametrize("name", BUDGET_FORMS)
+def test_a_wrong_answer_on_its_budget_never_beats_a_correct_one_that_misses(name):
+    reward = budget_form(name)
+    grid = dict(budgets=(1, 5, 20, 60, 119, 120, 121, 300), b_max=(None, 10, 120, 200), progress=(0.0, 0.3, 0.7, 1.0))
+    best_wrong, worst_correct = -math.inf, math.inf
+    for budget in grid["budgets"]:
+        for b_max in grid["b_max"]:
+            for progress in grid["progress"]:
+                for prefilled in (False, True):
+                    landing = (budget, round(reward.best_length(budget, False, progress)))
+                    for length in landing:
+                        best_wrong = max(best_wrong, reward.score(True, budget, length, False, b_max, progress, prefilled))
+                    for length in (0, 1, budget // 3, budget * 3, 5 * budget + 7, 5000):
+                        worst_correct = min(worst_correct, reward.score(True, budget, length, True, b_max, progress, prefilled))
+    assert worst_correct >= best_wrong, (worst_correct, best_wrong)
+    assert {"selfbudgeter", "selfbudgeter_fixed", "selfbudgeter_forecast", "selfbudgeter_honest"} <= set(BUDGET_FORMS)
+
+
+def test_the_floor_continues_the_linear_fall_and_charges_what_was_spent():
+    reward = BudgetGuidedReward(peak="fixed", delta=0.0, shape="linear", alpha_start=0.5, alpha_schedule="constant",
+                                budget_penalty=-0.3, budget_cost=0.3, correct_floor=0.1, cost_on="spent",
+                                format_penalty=-1.5)  # fmt: skip
+    assert reward.score(True, 100, 150, True) == pytest.approx(0.5)  # the width: correct_min
+    assert reward.score(True, 100, 160, True) == pytest.approx(0.4)  # on at the same slope (0.5 per 50 tokens)
+    assert reward.score(True, 100, 190, True) == reward.score(True, 100, 900, True) == pytest.approx(0.1)  # the floor
+    assert reward.score(True, 100, 900, False) == pytest.approx(-1.0)  # wrong answers keep their range
+    # the cost on max(b, l): an answer longer than it said pays for what it wrote (r_b: on the stated budget)
+    assert reward.score(True, 20, 60, True, b_max=120) == pytest.approx(0.1 - 0.3 * 60 / 120)
+    assert reward.score(True, 20, 150, True, b_max=120) == pytest.approx(0.1 - 0.3)
+    assert reward.score(True, 130, 10, True, b_max=120) == pytest.approx(0.1 - 0.3 - 0.3)
+    assert reward.score(True, 100, 90, True, b_max=120) == pytest.approx(0.9 - 0.3 * 100 / 120)  # b > l: on b
+    assert reward.score(True, 20, 150, True, b_max=120, prefilled=True) == pytest.approx(0.1)  # the user's budget
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"correct_floor": 0.25}, r"`correct_floor` must be < min\(`correct_min`, `correct_max` \+ `budget_penalty`\) - "
+                              r"`budget_cost`, so that a correct answer with an absurd budget scores below every "
+                              r"honest one within the tolerance; got correct_floor=0.25 >= 0.2"),
+    ({"correct_max": 0.7, "correct_min": 0.6, "correct_floor": 0.2}, r"got correct_floor=0.2 >= 0.1"),  # 0.7 - 0.3 - 0.3
+    ({"budget_cost": 0.45, "correct_floor": 0.0}, r"`correct_floor` \+ `budget_penalty` - `budget_cost` must be >= `wrong_max`"),
+    ({"format_penalty": -1.0}, r"`format_penalty` must be < `wrong_min` \+ `budget_penalty`, so that stopping before "
+                               r"the answer scores below every finished answer; got format_penalty=-1.0 >= -1.3"),
+    ({"correct_max": 0.5}, r"`correct_floor` needs `correct_max` > `correct_min`"),
+    ({"correct_floor": 0.6}, r"`correct_floor` <= `correct_min`"),
+    ({"cost_on": "length"}, r"`cost_on` must be one of \('budget', 'spent'\)"),
+])  # fmt: skip
+def test_constants_that_leave_an_exit_are_refused(overrides, message):
+    honest = {key: value for key, value in vars(budget_form("selfbudgeter_honest")).items()
+              if key not in ("output_format", "grader", "__name__")}
+    with pytest.raises(ValueError, match=message):
+        BudgetGuidedReward(**{**honest, **overrides})
+    # without a floor the same constants describe a gameable form, which stays loadable
+    if "correct_floor" in overrides or "format_penalty" in overrides:
+        BudgetGuidedReward(**{**honest, **overrides, "correct_floor": None})

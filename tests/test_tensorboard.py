@@ -41,6 +41,7 @@ def test_short_grpo_run_fills_every_tensorboard_group(tmp_path, tiny_cache):
         "completions/mean_length", "completions/clipped_ratio", "clip_ratio/region_mean",
         "rollout/tokens_per_s", "rollout/prefilled_fraction", "rollout/budget/budget_rel_error",
         "rollout/budget/difficulty_3/accuracy", "val/accuracy", "val/budget/within_10",
+        "rollout/budget/understated_rate", "rollout/budget/difficulty_3/understated_rate",  # the collapse detector
     }  # fmt: skip
     assert expected <= scalars, sorted(expected - scalars)
     assert [event.step for event in runs.Scalars(run, "rewards/mean")] == [1, 3]  # every 2nd step

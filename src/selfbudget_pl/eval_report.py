@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 import matplotlib.pyplot as plt
 from torch.utils.tensorboard import SummaryWriter
 
+from selfbudget_pl.metrics import UNDERSTATED_FRACTION
 from selfbudget_pl.plots import budget_vs_length_figure, difficulty_figure
 
 Budget = Optional[int]  # None: the model states its own budget; N: <budget>N</budget> is pre-filled
@@ -29,6 +30,8 @@ MAIN_TABLE = (
     ("within_10", "within ±10 %"),
     ("within_20", "within ±20 %"),
     ("spearman_budget_difficulty", "ρ(budget, difficulty)"),
+    # the collapse detector: own budgets far below the length written (a gamed reward's signature)
+    ("understated_rate", f"budget < {UNDERSTATED_FRACTION:g} × length %"),
 )
 CONTROL_TABLE = (
     ("dataset", "dataset"),
@@ -38,7 +41,7 @@ CONTROL_TABLE = (
     ("within_10", "within ±10 % of N"),
     ("accuracy", "accuracy %"),
 )
-_PERCENT = {"accuracy", "accuracy_se", "compression", "within_10", "within_20"}  # shown as 100 * value, one decimal
+_PERCENT = {"accuracy", "accuracy_se", "compression", "within_10", "within_20", "understated_rate"}  # shown as 100 * value, one decimal
 _FORMATS = {"accuracy_change": "{:+.1f}", "mean_budget_ratio": "{:.2f}", "spearman_budget_difficulty": "{:+.2f}"}
 
 

@@ -1,5 +1,6 @@
 """Budget adherence as a torchmetrics Metric, correct under DDP: accuracy, length, budget error,
-rank correlations, format errors and truncation, overall and per difficulty bucket.
+rank correlations, format errors, truncation and understated budgets (the collapse detector), overall and
+per difficulty bucket.
 
 Every per-completion value is kept as a ``cat`` state: rank correlations need the values themselves,
 and one pass over them gives the overall and per-bucket numbers alike. Training resets the metric
@@ -18,7 +19,10 @@ from torchmetrics.utilities import dim_zero_cat
 
 from selfbudget_pl.rollout.base import Rollouts
 
-_FIELDS = ("budget", "length", "correct", "difficulty", "format_ok", "truncated")
+_FIELDS = ("budget", "length", "correct", "difficulty", "format_ok", "truncated", "prefilled")
+# A stated budget below this fraction of the solution's length counts as understated: a model that games a
+# reward with a floor states tiny budgets and writes long answers (budget 1, 120 tokens).
+UNDERSTATED_FRACTION = 0.5
 KEYS = (
     "accuracy",
     "mean_length",
@@ -30,6 +34,7 @@ KEYS = (
     "spearman_budget_difficulty",
     "format_error_rate",
     "truncation_rate",
+    "understated_rate",
 )
 
 
@@ -57,13 +62,14 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (rx * ry).sum() / denominator
 
 
-def _summary(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _summary(values: dict[str, torch.Tensor], understated_fraction: float) -> dict[str, torch.Tensor]:
     nan = torch.tensor(math.nan, dtype=torch.float64)
     length, budget = values["length"], values["budget"]
     has_budget = ~torch.isnan(budget)
     b, l = budget[has_budget], length[has_budget]
     error = (l - b).abs()
     with_difficulty = has_budget & ~torch.isnan(values["difficulty"])
+    own = has_budget & (values["format_ok"] == 1) & (values["prefilled"] == 0)  # budgets the model chose
 
     def mean(t: torch.Tensor) -> torch.Tensor:
         return t.double().mean() if t.numel() else nan
@@ -79,6 +85,7 @@ def _summary(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "spearman_budget_difficulty": spearman(budget[with_difficulty], values["difficulty"][with_difficulty]),
         "format_error_rate": mean(1.0 - values["format_ok"]),
         "truncation_rate": mean(values["truncated"]),
+        "understated_rate": mean((budget[own] < understated_fraction * length[own]).double()),
     }
 
 
@@ -89,22 +96,26 @@ class BudgetAdherence(Metric):
         difficulty_buckets: upper edges of difficulty buckets (e.g. ``[1, 2, 3, 4, 5]`` for MATH
             levels); a completion goes to the first bucket whose edge is >= its difficulty, and
             :meth:`compute` adds ``difficulty_<edge>/<key>`` for each bucket. None: no buckets.
+        understated_fraction: ``understated_rate`` is the share of well-formed completions with their own
+            (not pre-filled) budget that state less than this fraction of their solution length.
     """
 
     full_state_update = False
     higher_is_better = None
 
-    def __init__(self, difficulty_buckets: Optional[Sequence[float]] = None, **kwargs: Any) -> None:
+    def __init__(self, difficulty_buckets: Optional[Sequence[float]] = None,
+                 understated_fraction: float = UNDERSTATED_FRACTION, **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
         edges = sorted(float(edge) for edge in (difficulty_buckets or ()))
         self.difficulty_buckets = edges
+        self.understated_fraction = float(understated_fraction)
         for field in _FIELDS:
             self.add_state(field, default=[], dist_reduce_fx="cat")
 
     def update(self, budgets: Any, lengths: Any, correct: Any, difficulty: Any = None,
-               format_ok: Any = None, truncated: Any = None) -> None:
+               format_ok: Any = None, truncated: Any = None, prefilled: Any = None) -> None:
         """Add completions. ``budgets``: stated budget or None/NaN; ``difficulty``: number or None/NaN;
-        ``format_ok``/``truncated`` default to all True/False."""
+        ``format_ok``/``truncated``/``prefilled`` default to all True/False/False."""
         size = len(lengths)
         columns = {
             "budget": budgets,
@@ -113,6 +124,7 @@ class BudgetAdherence(Metric):
             "difficulty": difficulty if difficulty is not None else [None] * size,
             "format_ok": format_ok if format_ok is not None else [True] * size,
             "truncated": truncated if truncated is not None else [False] * size,
+            "prefilled": prefilled if prefilled is not None else [False] * size,
         }
         for field, values in columns.items():
             if len(values) != size:
@@ -122,11 +134,11 @@ class BudgetAdherence(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         values = {field: self._gathered(field) for field in _FIELDS}
-        results = _summary(values)
+        results = _summary(values, self.understated_fraction)
         lower = -math.inf
         for edge in self.difficulty_buckets:
             inside = (values["difficulty"] > lower) & (values["difficulty"] <= edge)
-            bucket = _summary({field: tensor[inside] for field, tensor in values.items()})
+            bucket = _summary({field: tensor[inside] for field, tensor in values.items()}, self.understated_fraction)
             results.update({f"difficulty_{edge:g}/{key}": value for key, value in bucket.items()})
             lower = edge
         return {key: value.float() for key, value in results.items()}
@@ -148,6 +160,7 @@ def update_from_rollouts(metric: BudgetAdherence, rollouts: Rollouts) -> None:
         difficulty=rollouts.columns.get("difficulty") or [None] * size,
         format_ok=[parsed.well_formed for parsed in rollouts.parsed],
         truncated=rollouts.truncated,
+        prefilled=rollouts.columns.get("prefilled") or [False] * size,
     )
 
 

@@ -1,5 +1,5 @@
 """Logs budget adherence (:class:`~selfbudget_pl.metrics.BudgetAdherence`) of every training step's
-rollouts, and histograms of their lengths and budget errors (validation has its own record:
+rollouts, the collapse detector among it (``understated_rate``), and histograms of their lengths and budget errors (validation has its own record:
 :mod:`selfbudget_pl.modules.validation`)."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import lightning.pytorch as pl
 
 from selfbudget_pl import internals
 from selfbudget_pl.callbacks.reward import RolloutHook
-from selfbudget_pl.metrics import BudgetAdherence, budget_errors, completion_lengths, update_from_rollouts
+from selfbudget_pl.metrics import (
+    UNDERSTATED_FRACTION, BudgetAdherence, budget_errors, completion_lengths, update_from_rollouts,
+)
 from selfbudget_pl.plots import log_histograms
 from selfbudget_pl.rollout.base import Rollouts
 from selfbudget_pl.rewards.annotate import annotate, is_annotated
@@ -28,11 +30,13 @@ def log_budget_metrics(pl_module: pl.LightningModule, metric: BudgetAdherence, p
 
 class BudgetMetricsCallback(RolloutHook):
     """Per training step: ``rollout/budget/<key>`` and ``rollout/budget/difficulty_<edge>/<key>`` over that
-    step's rollouts.
+    step's rollouts. ``understated_rate`` (own budgets below ``understated_fraction`` of their length) is the
+    collapse detector: a model gaming a budget reward states tiny budgets on some difficulties first.
 
     Args:
         difficulty_buckets: upper edges of difficulty buckets (see :class:`BudgetAdherence`);
             None or empty for no per-bucket metrics.
+        understated_fraction: a stated budget below this fraction of its solution length is understated.
         prefix: metric name prefix.
         histogram_prefix: every ``trainer.log_every_n_steps`` steps, histograms of completion length and
             relative budget error go to ``<histogram_prefix>/completion_length|budget_error`` (None: off).
@@ -40,9 +44,9 @@ class BudgetMetricsCallback(RolloutHook):
 
     def __init__(
         self, difficulty_buckets: Optional[Sequence[float]] = None, prefix: str = "rollout/budget",
-        histogram_prefix: Optional[str] = "rollout",
+        histogram_prefix: Optional[str] = "rollout", understated_fraction: float = UNDERSTATED_FRACTION,
     ) -> None:  # fmt: skip
-        self.metric = BudgetAdherence(difficulty_buckets)
+        self.metric = BudgetAdherence(difficulty_buckets, understated_fraction)
         self.prefix = prefix
         self.histogram_prefix = histogram_prefix
 

@@ -28,6 +28,7 @@ TRAIN_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("reward", ("rewards/mean",), "{:+.3f}"),
     ("mean len", ("completions/mean_length",), "{:.1f}"),
     ("budget err", ("rollout/budget/budget_rel_error",), "{:.1%}"),
+    ("understated", ("rollout/budget/understated_rate",), "{:.1%}"),  # the collapse detector
     ("tok/s", ("train/tokens_per_s",), "{:.0f}"),
 )
 VAL_FIELDS: tuple[tuple[str, tuple[str, ...], str], ...] = (

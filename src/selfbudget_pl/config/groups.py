@@ -6,10 +6,12 @@ does not (the ``TARGETS``/``INJECTED`` of each class below), so the two cannot d
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from selfbudget_pl.config.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
+from selfbudget_pl.rewards.budget import BudgetGuidedReward, constant_violations
 
 # -- shared pieces -----------------------------------------------------------------------------------
 
@@ -244,27 +246,27 @@ class BudgetGuidedRewardSchema(Schema):
     alpha_end: float = spec(gt=0)
     alpha_schedule: str = spec(choices=("linear", "cosine", "constant"))
     shape: str = spec(choices=("cosine", "linear"))
-    budget_cost: float = spec(ge=0, note="a correct answer with its own capped budget loses budget_cost * b / b_max")
+    budget_cost: float = spec(ge=0, note="a correct answer with its own capped budget loses budget_cost * n / b_max")
     correct_max: float = spec()
     correct_min: float = spec()
     wrong_max: float = spec()
     wrong_min: float = spec()
+    correct_floor: Optional[float] = spec(note="null: a correct answer far from its budget keeps correct_min")
+    cost_on: str = spec(choices=("budget", "spent"), note="n: the stated budget, or max(budget, length)")
 
     @classmethod
     def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
         _ordered(node, key, findings, "correct_min", "correct_max")
         _ordered(node, key, findings, "wrong_min", "wrong_max")
-        names = ("correct_min", "budget_penalty", "wrong_max")
-        correct_min, penalty, wrong_max = (node.get(name) for name in names)
-        cost = node.get("budget_cost", 0.0)
-        values = (correct_min, penalty, wrong_max, cost)
-        if all(isinstance(v, (int, float)) for v in values) and correct_min + penalty - cost < wrong_max:
-            findings.error(
-                f"{key}.budget_penalty", penalty,
-                f"{key}.correct_min={correct_min} + budget_penalty - budget_cost={cost} is below "
-                f"{key}.wrong_max={wrong_max}: a correct answer over its budget cap would score below a wrong one "
-                "(the paper's constraint)",
-            )  # fmt: skip
+        _ordered(node, key, findings, "correct_floor", "correct_min")
+        # the constructor's rule, on the node's values (the constructor's defaults for keys left out)
+        defaults = inspect.signature(BudgetGuidedReward).parameters
+        values = {name: node.get(name, defaults[name].default) for name in inspect.signature(constant_violations).parameters}
+        numbers = [value for name, value in values.items() if name != "correct_floor"]
+        floor = values["correct_floor"]
+        if all(isinstance(v, (int, float)) for v in numbers) and (floor is None or isinstance(floor, (int, float))):
+            for name, message in constant_violations(**values):
+                findings.error(f"{key}.{name}", values[name], message)
 
 
 @dataclass
@@ -439,6 +441,7 @@ class BudgetMetricsSchema(Schema):
     difficulty_buckets: Optional[list[float]] = spec()
     prefix: str = spec()
     histogram_prefix: Optional[str] = spec(note="null: no histograms")
+    understated_fraction: float = spec(gt=0, note="understated_rate: own budgets below this fraction of their length")
 
 
 @dataclass

@@ -5,7 +5,8 @@
     peak  = max(0, (1 - alpha) b) if correct else (1 + alpha) b          # peak="alpha" (the paper, as read)
     peak  = b (1 - delta) if correct else b (1 + delta)                 # peak="fixed" (ablation)
     R = r_f                                                             if not well-formed or unfinished
-    R = cos(|l - peak|, alpha b, s_max, s_min) + (r_b if b > b_max else 0) - c min(b, b_max) / b_max [correct]
+    R = cos(|l - peak|, alpha b, s_max, s_min) + (r_b if b > b_max else 0) - c min(n, b_max) / b_max [correct]
+    n = b (cost_on="budget") or max(b, l) (cost_on="spent")
 
 with ``[s_min, s_max]`` the correct range ``[s_c_min, s_c_max]`` or the wrong one ``[s_w_min, s_w_max]``.
 ``shape="linear"`` replaces the cosine by a straight fall from ``s_max`` at the peak to ``s_min`` at the
@@ -13,6 +14,15 @@ width (a cosine is flat at its peak, so small forecast errors cost almost nothin
 0 in the paper) charges a correct answer for the budget it states, relative to its cap: compression
 pressure on the forecast itself, while the precision term keeps the length on the forecast. Neither r_b
 nor the cost applies to a pre-filled budget: it is the user's, not the model's.
+
+The paper's form and ours before it can be gamed: beyond the width a correct answer keeps ``s_c_min``
+however far its length is from its budget, while the cost falls with the stated budget, so stating a
+budget of 1 and writing a long answer scores ``s_c_min`` minus almost nothing, above every honest answer
+at the edge of its tolerance (``s_c_min - c``). Two parameters close that exit:
+``correct_floor`` (beyond the width a correct answer's precision term keeps falling, at the linear
+shape's slope ``(s_c_max - s_c_min) / (alpha b)`` per token, down to the floor) and ``cost_on="spent"``
+(the cost charged on ``max(b, l)``, so understating the budget never lowers it). With a floor set,
+:func:`constant_violations` also requires the inequalities that make every such exit lose.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from selfbudget_pl.rewards.grader import Grader
 SCHEDULES = ("linear", "cosine", "constant")
 PEAKS = ("alpha", "fixed")
 SHAPES = ("cosine", "linear")
+COST_BASES = ("budget", "spent")
 
 
 def cosine_interpolation(x: float, width: float, value_at_zero: float, value_at_width: float) -> float:
@@ -69,6 +80,60 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"BudgetGuidedReward: `{key}` must be one of {choices}, got {value!r}.")
 
 
+def constant_violations(
+    correct_max: float, correct_min: float, wrong_max: float, wrong_min: float, budget_penalty: float,
+    budget_cost: float, format_penalty: float, correct_floor: Optional[float] = None,
+) -> list[tuple[str, str]]:
+    """The inequalities between :class:`BudgetGuidedReward`'s constants that fail, each as (the argument
+    to change, what fails with the values). The one rule for the constructor and the config check.
+
+    Always (the paper's constraint, with the lowest correct score): ``lowest + r_b - c >= s_w_max``, where
+    ``lowest`` is ``correct_floor`` when set, else ``s_c_min``: a correct answer however far from its budget
+    and over its cap still beats every wrong answer.
+
+    With ``correct_floor`` set (the form claims to have no exit, so it must have none):
+      - ``s_c_max > s_c_min``: the fall beyond the width continues the slope within it;
+      - ``correct_floor < min(s_c_min, s_c_max + r_b) - c``: an absurd budget scores below every honest
+        answer (within the tolerance) whose budget is within the cap, the worst of which scores
+        ``s_c_min - c``, and below the best honest answer of its own length when that one's budget is over
+        the cap (``s_c_max + r_b - c``). An understated budget pays at least nothing, so this holds
+        whatever ``cost_on`` is (``spent`` makes the answer pay for its length on top);
+      - ``r_f < s_w_min + r_b``: stopping before the answer scores below every finished answer.
+    """
+    failures = []
+    lowest, lowest_name = (correct_min, "correct_min") if correct_floor is None else (correct_floor, "correct_floor")
+    if lowest + budget_penalty - budget_cost < wrong_max:
+        failures.append((
+            "budget_penalty",
+            f"`{lowest_name}` + `budget_penalty` - `budget_cost` must be >= `wrong_max`, so that a correct answer "
+            f"far from and over its budget cap still beats every wrong answer; got {lowest_name}={lowest} + "
+            f"budget_penalty={budget_penalty} - budget_cost={budget_cost} < wrong_max={wrong_max}",
+        ))  # fmt: skip
+    if correct_floor is None:
+        return failures
+    if correct_max <= correct_min:
+        failures.append((
+            "correct_max",
+            f"`correct_floor` needs `correct_max` > `correct_min` (beyond the width the precision term keeps "
+            f"falling at the slope it falls within it); got correct_max={correct_max} <= correct_min={correct_min}",
+        ))  # fmt: skip
+    honest_worst = min(correct_min, correct_max + budget_penalty) - budget_cost
+    if not correct_floor < honest_worst:
+        failures.append((
+            "correct_floor",
+            "`correct_floor` must be < min(`correct_min`, `correct_max` + `budget_penalty`) - `budget_cost`, so "
+            "that a correct answer with an absurd budget scores below every honest one within the tolerance; "
+            f"got correct_floor={correct_floor} >= {honest_worst:g}",
+        ))  # fmt: skip
+    if not format_penalty < wrong_min + budget_penalty:
+        failures.append((
+            "format_penalty",
+            f"`format_penalty` must be < `wrong_min` + `budget_penalty`, so that stopping before the answer "
+            f"scores below every finished answer; got format_penalty={format_penalty} >= {wrong_min + budget_penalty:g}",
+        ))  # fmt: skip
+    return failures
+
+
 class BudgetGuidedReward:
     """SelfBudgeter's reward: format, budget cap, and precision around the budget.
 
@@ -85,7 +150,13 @@ class BudgetGuidedReward:
         shape: fall-off from the peak to the range's minimum at the width: ``cosine`` (the paper) or
             ``linear`` (steepest at the peak, so every token of forecast error costs).
         budget_cost: ``c >= 0``; a correct answer with its own budget and a finite cap loses
-            ``c * min(b, b_max) / b_max`` (0: the paper's reward).
+            ``c * min(n, b_max) / b_max`` (0: the paper's reward; ``n`` as ``cost_on`` says).
+        cost_on: what the cost is charged on: ``budget`` (the stated ``b``) or ``spent`` (``max(b, l)``:
+            stating less than was written saves nothing). r_b is always on the stated budget.
+        correct_floor: None (the paper): beyond the width a correct answer scores ``correct_min`` however
+            far its length is from the budget. A number (<= ``correct_min``): it keeps falling at the linear
+            shape's slope down to this floor, and the constants must pass :func:`constant_violations`'s
+            checks for a form without exits.
         correct_max, correct_min: ``s_c_max``/``s_c_min``, the range for correct answers.
         wrong_max, wrong_min: ``s_w_max``/``s_w_min``, the range for wrong answers.
         output_format, grader: used only when the caller does not pass ``parsed``/``correct``/``finished``.
@@ -113,12 +184,15 @@ class BudgetGuidedReward:
         correct_min: float = 0.5,
         wrong_max: float = -0.5,
         wrong_min: float = -1.0,
+        correct_floor: Optional[float] = None,
+        cost_on: str = "budget",
         output_format: Optional[OutputFormat] = None,
         grader: Optional[Grader] = None,
     ) -> None:
         _check_choice("peak", peak, PEAKS)
         _check_choice("alpha_schedule", alpha_schedule, SCHEDULES)
         _check_choice("shape", shape, SHAPES)
+        _check_choice("cost_on", cost_on, COST_BASES)
         if not (alpha_start > 0 and alpha_end > 0):
             raise ValueError(
                 f"BudgetGuidedReward: `alpha_start` and `alpha_end` must be > 0 (the tolerance width is "
@@ -128,18 +202,19 @@ class BudgetGuidedReward:
             raise ValueError(f"BudgetGuidedReward: `delta` must be in [0, 1), got {delta}.")
         if budget_cost < 0:
             raise ValueError(f"BudgetGuidedReward: `budget_cost` must be >= 0, got {budget_cost}.")
-        if correct_min > correct_max or wrong_min > wrong_max:
+        floor = correct_min if correct_floor is None else correct_floor
+        if not floor <= correct_min <= correct_max or wrong_min > wrong_max:
             raise ValueError(
-                "BudgetGuidedReward: each range needs min <= max: "
-                f"`correct_min`={correct_min}, `correct_max`={correct_max}, "
+                "BudgetGuidedReward: each range needs min <= max (and `correct_floor` <= `correct_min`): "
+                f"`correct_min`={correct_min}, `correct_max`={correct_max}, `correct_floor`={correct_floor}, "
                 f"`wrong_min`={wrong_min}, `wrong_max`={wrong_max}."
             )
-        if correct_min + budget_penalty - budget_cost < wrong_max:
-            raise ValueError(
-                "BudgetGuidedReward: `correct_min` + `budget_penalty` - `budget_cost` must be >= `wrong_max`, "
-                "so that a correct answer over its budget cap still beats every wrong answer; got "
-                f"{correct_min} + {budget_penalty} - {budget_cost} < {wrong_max}."
-            )
+        failures = constant_violations(
+            correct_max, correct_min, wrong_max, wrong_min, budget_penalty, budget_cost, format_penalty,
+            correct_floor,
+        )
+        if failures:
+            raise ValueError("BudgetGuidedReward: " + "; ".join(message for _, message in failures) + ".")
         self.peak = peak
         self.format_penalty = float(format_penalty)
         self.budget_penalty = float(budget_penalty)
@@ -151,6 +226,8 @@ class BudgetGuidedReward:
         self.budget_cost = float(budget_cost)
         self.correct_max, self.correct_min = float(correct_max), float(correct_min)
         self.wrong_max, self.wrong_min = float(wrong_max), float(wrong_min)
+        self.correct_floor = None if correct_floor is None else float(correct_floor)
+        self.cost_on = cost_on
         self.output_format = output_format
         self.grader = grader
         self.__name__ = self.name  # TRL-style metric key
@@ -173,14 +250,18 @@ class BudgetGuidedReward:
             return self.format_penalty
         high, low = (self.correct_max, self.correct_min) if correct else (self.wrong_max, self.wrong_min)
         distance = abs(length - self.best_length(budget, correct, progress))
-        reward = FALLOFFS[self.shape](distance, self.alpha(progress) * budget, high, low)
+        width = self.alpha(progress) * budget
+        reward = FALLOFFS[self.shape](distance, width, high, low)
+        if correct and self.correct_floor is not None and distance > width:
+            reward = max(self.correct_floor, low - (high - low) * (distance - width) / width)
         cap = _budget_cap(b_max)
         if prefilled:
             return reward  # the user's budget: neither the cap penalty nor the cost is the model's doing
         if budget > cap:
             reward += self.budget_penalty
         if correct and self.budget_cost and math.isfinite(cap) and cap > 0:
-            reward -= self.budget_cost * min(budget, cap) / cap
+            charged = max(budget, length) if self.cost_on == "spent" else budget
+            reward -= self.budget_cost * min(charged, cap) / cap
         return reward
 
     def __call__(self, completions: Sequence[str], **columns: Any) -> list[float]:
