@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from selfbudget_pl.config.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
-from selfbudget_pl.rewards.budget import BudgetGuidedReward, constant_violations
+from selfbudget_pl.rewards.budget import COST_BASES, PEAKS, SCHEDULES, SHAPES, BudgetGuidedReward, constant_violations
 
 # -- shared pieces -----------------------------------------------------------------------------------
 
@@ -238,21 +238,21 @@ class BudgetGuidedRewardSchema(Schema):
     TARGETS = ("selfbudget_pl.rewards.budget.BudgetGuidedReward",)
     INJECTED = ("output_format", "grader")
 
-    peak: str = spec(choices=("alpha", "fixed"), note="alpha: the paper's moving peak; fixed: b(1 -/+ delta)")
+    peak: str = spec(choices=PEAKS, note="alpha: the paper's moving peak; fixed: b(1 -/+ delta)")
     format_penalty: float = spec()
     budget_penalty: float = spec()
     delta: float = spec(ge=0, lt=1)
     alpha_start: float = spec(gt=0)
     alpha_end: float = spec(gt=0)
-    alpha_schedule: str = spec(choices=("linear", "cosine", "constant"))
-    shape: str = spec(choices=("cosine", "linear"))
+    alpha_schedule: str = spec(choices=SCHEDULES)
+    shape: str = spec(choices=SHAPES)
     budget_cost: float = spec(ge=0, note="a correct answer with its own capped budget loses budget_cost * n / b_max")
     correct_max: float = spec()
     correct_min: float = spec()
     wrong_max: float = spec()
     wrong_min: float = spec()
     correct_floor: Optional[float] = spec(note="null: a correct answer far from its budget keeps correct_min")
-    cost_on: str = spec(choices=("budget", "spent"), note="n: the stated budget, or max(budget, length)")
+    cost_on: str = spec(choices=COST_BASES, note="n: the stated budget, or max(budget, length)")
 
     @classmethod
     def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
