@@ -293,10 +293,12 @@ def test_oversized_and_costly_input_is_wrong_without_parsing(local, monkeypatch)
     assert local.grade("1" * 20_000, "1" * 20_001) is False
     for text in [r"9^{9^{9^{9}}}", "9**9**9**9", r"(10^{100})!", "12345!", r"10^{10^{10}}", r"2^{123456}",
                  "__import__('os').system('id')", 'exec("print(1)")', "`id`",
-                 r"\frac{" * 20 + "1" + "}{2}" * 20, "{" * 40 + "1" + "}" * 40]:
+                 r"\frac{" * 20 + "1" + "}{2}" * 20, "{" * 40 + "1" + "}" * 40,
+                 r"\binom{10^{9}}{10^{8}}", r"{10^{9} \choose 10^{8}}", r"\dbinom{1000000}{500000}"]:
         assert too_costly(text), text
         assert local.grade(text, "3") is False
-    for text in [r"2^{10}", "x^{2^n}", "(n+1)!", "(2-1)!", "5!", "f'(x)", r"\text{Evelyn's}", r"\frac{1}{2}", r"e^{-x^2}", r"(2^3)^2"]:
+    for text in [r"2^{10}", "x^{2^n}", "(n+1)!", "(2-1)!", "5!", "f'(x)", r"\text{Evelyn's}", r"\frac{1}{2}", r"e^{-x^2}", r"(2^3)^2",
+                 r"\binom{2024}{2}", r"\binom{10^{9}}{2}", r"\binom{n}{k^2}", r"{5 \choose 2}"]:
         assert too_costly(text) is None, text
 
 

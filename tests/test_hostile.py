@@ -33,6 +33,7 @@ def hostile_answers(canary: Path) -> dict[str, str]:
         "power_tower_python": "9**9**9**9",
         "power_tower_latex": r"9^{9^{9^{9}}}",
         "huge_factorial": r"(10^{100})!",
+        "huge_binomial": r"\binom{10^{9}}{10^{8}}",
         "division_by_zero": r"\frac{1}{0}",
         "nested_braces_400": "{" * 400 + "1" + "}" * 400,
         "nested_fractions": r"\frac{" * 150 + "1" + "}{2}" * 150,

@@ -5,7 +5,7 @@
 - :func:`malformed`: LaTeX whose groups do not close (``\\begin{pmatrix} 1 & 2``, ``\\frac{1}{``) is
   wrong as written; math-verify would otherwise match a fragment of it.
 - :func:`too_costly`: answers that make sympy compute huge numbers (power towers, factorials of
-  computed numbers, deep nesting), and program text (``__import__('os')``, ``exec("...")``), are wrong
+  computed numbers, binomials choosing a computed number of items, deep nesting), and program text (``__import__('os')``, ``exec("...")``), are wrong
   without being parsed. None is a MATH-style final answer; rejecting them here keeps a batch's grading
   time from depending on what a policy emits.
 - :func:`foreign_digits`: digits are ASCII ``0-9``. An answer with a decimal digit of another script
@@ -51,6 +51,11 @@ _FRACTION_LITERAL = re.compile(
 _NUMERIC_TOWER = re.compile(r"\d\s*(?:\^|\*\*)\s*\{?\s*\(?\s*\d+\s*(?:\^|\*\*)", re.ASCII)
 _HUGE_EXPONENT = re.compile(r"\d\s*\}?\s*(?:\^|\*\*)\s*\{?\s*\(?\s*\d{5,}", re.ASCII)
 _HUGE_FACTORIAL = re.compile(r"\d{4,}\s*!", re.ASCII)
+# binomial(n, k) costs about k multiplications of numbers that grow with it, so only the number chosen
+# matters: a power or a 4+-digit k is a huge product whatever n is.
+_BINOMIAL = re.compile(r"\\[dt]?binom(?![a-zA-Z])")
+_CHOOSE = re.compile(r"\\choose(?![a-zA-Z])")
+_COMPUTED_OR_LARGE = re.compile(r"\^|\*\*|\d{4}", re.ASCII)
 _ENVIRONMENT = re.compile(r"\\(begin|end)\s*\{([^{}]*)\}")
 _SIZED = re.compile(r"\\(left|right)(?![a-zA-Z])")
 _LABEL = re.compile(r"([a-zA-Z](?:_\{?[a-zA-Z0-9]+\}?)?)=(.+)", re.ASCII)
@@ -181,12 +186,51 @@ def too_costly(text: str) -> Optional[str]:
         return "an exponent of 5 or more digits"
     if _HUGE_FACTORIAL.search(text):
         return "the factorial of a number of 4 or more digits"
+    if any(_numeric_and_large(chosen) for chosen in _binomial_choices(text)):
+        return "a binomial choosing a computed power or a 4+-digit number of items"
     for closing in re.finditer(r"[)}]\s*!(?!=)", text):
         opening = _opening_of(text, closing.start())
         group = text[opening : closing.start()] if opening is not None else ""
         if re.search(r"\^|\*\*|\d{4}", group) and not re.search(r"[a-zA-Z]", group.replace("\\frac", "")):
             return "the factorial of a computed power or a 4+-digit number"
     return None
+
+
+def _numeric_and_large(group: str) -> bool:
+    """Whether ``group`` holds a power or a 4+-digit number and no variable (``n^2`` stays symbolic)."""
+    return bool(_COMPUTED_OR_LARGE.search(group)) and not re.search(r"[a-zA-Z]", group.replace("\\frac", ""))
+
+
+def _binomial_choices(text: str) -> list[str]:
+    """The lower argument of each ``\\binom{n}{k}`` (``\\dbinom``, ``\\tbinom``) and ``{n \\choose k}``."""
+    choices = []
+    for command in _BINOMIAL.finditer(text):
+        upper_end = _argument_end(text, command.end())
+        choices.append(text[upper_end : _argument_end(text, upper_end)])
+    commands = list(_CHOOSE.finditer(text))
+    for command, following in zip(commands, commands[1:] + [None]):
+        # k runs to the end of the enclosing group; stopping at the next \choose keeps this linear
+        depth, position, stop = 0, command.end(), following.start() if following else len(text)
+        while position < stop and depth >= 0:
+            depth += (text[position] == "{") - (text[position] == "}")
+            position += 1
+        choices.append(text[command.end() : position])
+    return choices
+
+
+def _argument_end(text: str, start: int) -> int:
+    """Where the LaTeX argument starting at ``start`` (a braced group or one character, after spaces) ends."""
+    position = start
+    while position < len(text) and text[position].isspace():
+        position += 1
+    if position >= len(text) or text[position] != "{":
+        return min(position + 1, len(text))
+    depth = 0
+    for end in range(position, len(text)):
+        depth += (text[end] == "{") - (text[end] == "}")
+        if depth == 0:
+            return end + 1
+    return len(text)
 
 
 def _opening_of(text: str, close_at: int) -> Optional[int]:
