@@ -63,8 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sampled.add_argument("--choose", default="shortest", choices=("shortest", "random"), help="which correct one")
     sampled.add_argument("--temperature", type=float, default=0.6)
     sampled.add_argument("--max-new-tokens", type=int, default=grpo_max_new_tokens(),
-                         help="sample length ceiling (default: GRPO's, configs/module/grpo.yaml sampling.max_new_tokens: "
-                              "a correct answer longer than this is lost and its problem stays uncapped)")
+                         help="sample length ceiling (default: GRPO's, configs/module/grpo.yaml "
+                              "sampling.max_new_tokens: a longer correct answer is lost and its problem uncapped)")
     sampled.add_argument("--restart", action="store_true", help="relabel every problem instead of resuming "
                          "(by default rows already in --output are kept and only the others are labelled)")
     sampled.add_argument("--batch-size", type=int, default=16, help="problems per generate call")

@@ -17,7 +17,8 @@ from .test_train import compose_small
 def test_grpo_on_rows_without_b_max_stops_at_start_up_naming_the_keys(tmp_path, tiny_cache, shared_data):
     # data=gsm8k has no label file and no reference caps: r_b and pre-filling would silently do nothing.
     cfg = compose_small("grpo_toy", tmp_path, "data=gsm8k", "data.mode=grpo", "model.name_or_path=null")
-    with pytest.raises(ConfigError, match=r"bad config value: data.b_max_labels=null: no train row has a b_max \(budget cap\), so "
+    with pytest.raises(ConfigError, match=r"bad config value: data.b_max_labels=null: no train row has a b_max "
+                                          r"\(budget cap\), so "
                                           r"reward.functions.budget_guided.budget_penalty=-0.3 and "
                                           r"module.prefill_fraction=0.5 do nothing: point data.b_max_labels"):
         train(cfg)

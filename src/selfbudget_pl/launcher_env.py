@@ -5,8 +5,8 @@ vLLM's ``external_launcher`` executor (one engine per training rank) reads ``RAN
 Lightning's other launchers do not: its subprocess launcher (``python train.py trainer.devices=N``) sets
 no ``RANK``, and under SLURM the ranks are ``SLURM_PROCID``/``SLURM_LOCALID``. The Trainer's cluster
 environment knows them whichever launcher started the process, so :func:`export_process_group_env`
-writes them out before the engine is built. :func:`check_process_count` checks, before fitting, that an
-external launcher started as many processes as the Trainer expects.
+writes them out before the engine is built. :func:`check_process_count` checks, before the Trainer is
+built, that an external launcher started as many processes as the Trainer expects.
 """
 
 from __future__ import annotations

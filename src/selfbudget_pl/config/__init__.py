@@ -19,7 +19,6 @@ from omegaconf import DictConfig, ListConfig
 from selfbudget_pl.callbacks.reward import RewardCallback
 from selfbudget_pl.config import groups
 from selfbudget_pl.data.prompts import encode_prompts
-from selfbudget_pl.rewards.budget import BudgetGuidedReward
 from selfbudget_pl.config.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
 from selfbudget_pl.config.startup import (
     check_devices,
@@ -29,11 +28,12 @@ from selfbudget_pl.config.startup import (
     check_trainer,
     model_facts,
 )
+from selfbudget_pl.rewards.budget import BudgetGuidedReward
 
 __all__ = [
     "ConfigError",
-    "check_eval_config",
     "check_budget_caps",
+    "check_eval_config",
     "check_eval_prompts",
     "check_generation",
     "check_train_config",

@@ -167,8 +167,8 @@ class BudgetMathDataModule(L.LightningDataModule):
             path = Path(name).expanduser()
             if not path.is_file():
                 raise DataError(
-                    f"data.b_max_labels: {name}: no such file; write it with `python scripts/label_budgets.py --samples K "
-                    f"... --output {name}` (README: budget caps), or set data.b_max_labels=null"
+                    f"data.b_max_labels: {name}: no such file; write it with `python scripts/label_budgets.py "
+                    f"--samples K ... --output {name}` (README: Budget caps), or set data.b_max_labels=null"
                 )
             records = JsonlSource(str(path), schema="labelled").load(
                 on_bad_row=self.on_bad_row, dropped=self.dropped, max_line_bytes=self.max_line_bytes

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from selfbudget_pl.config import check_training_prompts
 from selfbudget_pl.data.collate import record_columns
@@ -103,10 +104,10 @@ class PolicyModule(L.LightningModule):
         if self._rollout_backend is None:
             if self.rollout_factory is None:
                 self.rollout_factory = HFRolloutBackend
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if self._trainer is not None and isinstance(self._trainer.strategy, ParallelStrategy):
                 # A colocated engine joins the Trainer's process group from the environment, whichever
                 # launcher started this process (vLLM's external launcher reads RANK, LOCAL_RANK, ...).
-                export_process_group_env(self.trainer)
+                export_process_group_env(self._trainer)
             self._rollout_backend = self.rollout_factory(model=self.model, tokenizer=self.tokenizer)
         return self._rollout_backend
 
