@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (issues 9 and 16): first the vLLM tests (`pytest -m vllm`, tests/test_vllm_engine.py: the same
 # real-engine tests CI runs on vLLM's CPU build, here on CUDA), then GRPO with the colocated vLLM engine
-# under FSDP on one GPU, on a scaled-up tiny model (random weights, hidden 512, 8 layers), 5 steps. The run
+# under FSDP on every visible GPU (Lightning's launcher, trainer.devices = their count), on a scaled-up
+# tiny model (random weights, hidden 512, 8 layers), 5 steps. The run
 # goes through the weight sync before each rollout (FSDP-gathered weights reloaded into vLLM in place) and
 # the FSDP export at the end. Prints the tests' outcome, step time, rollout tokens/s and peak GPU memory as
 # a Markdown section for benchmarks/RESULTS.md.
@@ -41,7 +42,7 @@ overrides() {  # $1: vllm | hf; further arguments are appended
   local rollout=$1; shift
   OVERRIDES=(
     experiment=grpo_math model=tiny data=synthetic "rollout=$rollout" strategy=fsdp2 trainer=fsdp2
-    trainer.devices=1 trainer.max_steps=5 trainer.log_every_n_steps=1 trainer.limit_val_batches=0
+    "trainer.devices=${DEVICES:-1}" trainer.max_steps=5 trainer.log_every_n_steps=1 trainer.limit_val_batches=0
     trainer.enable_progress_bar=false name=grpo_fsdp_gpu_check callbacks.model_checkpoint=null
     model.tiny.hidden_size=512 model.tiny.intermediate_size=1536 model.tiny.num_hidden_layers=8
     model.tiny.num_attention_heads=8 model.tiny.num_key_value_heads=8 model.tiny.max_position_embeddings=2048
@@ -76,8 +77,9 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export SELFBUDGET_CACHE="$WORK/cache"
-# One process, one GPU: what torchrun would set; vLLM's external_launcher reads these.
-export RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 LOCAL_WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=29533
+# Launched as README says: Lightning's launcher, one process per visible GPU, no ranks set by hand (train()
+# writes the variables vLLM's external launcher reads from the Trainer's own ranks).
+unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE
 started=$(date +%s)
 
 # 1. Dependencies, from .whl/ only (no index is reachable).
@@ -110,6 +112,8 @@ else
   ROLLOUT=hf
 fi
 "$PY" -c "import torch; print('== torch', torch.__version__, torch.cuda.get_device_name(0))"
+DEVICES=${DEVICES:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}
+echo "== trainer.devices=$DEVICES (every visible GPU)"
 
 # 2b. The vLLM tests on CUDA (the engine on the GPU, the HF reference on the CPU, both float32).
 TESTS_RC=skipped
@@ -132,7 +136,7 @@ kill "$SMI" 2>/dev/null
 echo "== train.py exit code $RC after $(( $(date +%s) - started )) s"
 
 # 4. Numbers from the TensorBoard scalars (wall time per logged step) and nvidia-smi.
-ROLLOUT=$ROLLOUT VLLM_VERSION=$VLLM_VERSION RC=$RC TESTS_RC=$TESTS_RC WORK=$WORK OUT=$OUT "$PY" - <<'EOF'
+DEVICES=$DEVICES ROLLOUT=$ROLLOUT VLLM_VERSION=$VLLM_VERSION RC=$RC TESTS_RC=$TESTS_RC WORK=$WORK OUT=$OUT "$PY" - <<'EOF'
 import glob, json, os, statistics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -174,7 +178,7 @@ md = f"""## GRPO under FSDP on one H200, rollouts by {label} (`scripts/gpu_check
 
 Setup: the tiny Qwen2 scaled up (hidden 512, 8 layers, 8 heads, random weights, fp32 master weights,
 bf16 FSDP mixed precision), synthetic sums, 32 prompts x G = 8 = 256 completions of up to 256 new tokens
-per step, micro-batch 32, 5 steps, `strategy=fsdp2 trainer=fsdp2 trainer.devices=1`, rollout={summary['rollout']}
+per step, micro-batch 32, 5 steps, `strategy=fsdp2 trainer=fsdp2 trainer.devices={os.environ['DEVICES']}` (Lightning's launcher), rollout={summary['rollout']}
 (vllm {summary['vllm']}{', gpu_memory_utilization 0.25, enforce_eager, bf16' if summary['rollout'] == 'vllm' else ''}).
 {'Weights reloaded into the engine before each rollout' if summary['rollout'] == 'vllm' else 'No weight sync (HF generate shares the policy)'}; FSDP export at the end: {'written' if exported else 'NOT written'}.
 vLLM tests (`pytest -m vllm`) exit code {summary['vllm_tests_exit_code']}; train.py exit code {summary['exit_code']}; {len(rows)} steps logged; step seconds {', '.join(f'{x:.2f}' for x in step_s)}.

@@ -27,13 +27,14 @@ The DataModule reads the output with ``JsonlSource(path, schema="labelled")``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from selfbudget_pl.data.budget_labels import label_records, write_jsonl
+from selfbudget_pl.data.budget_labels import label_records, labelled_ids, write_jsonl
 from selfbudget_pl.data.records import DroppedRows
 from selfbudget_pl.data.rows import SCHEMAS
 from selfbudget_pl.data.sources import JsonlSource
@@ -61,7 +62,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sampled.add_argument("--samples", type=int, default=0, help="K answers per problem (0: reference solutions)")
     sampled.add_argument("--choose", default="shortest", choices=("shortest", "random"), help="which correct one")
     sampled.add_argument("--temperature", type=float, default=0.6)
-    sampled.add_argument("--max-new-tokens", type=int, default=4096)
+    sampled.add_argument("--max-new-tokens", type=int, default=grpo_max_new_tokens(),
+                         help="sample length ceiling (default: GRPO's, configs/module/grpo.yaml "
+                              "sampling.max_new_tokens: a longer correct answer is lost and its problem uncapped)")
+    sampled.add_argument("--restart", action="store_true", help="relabel every problem instead of resuming "
+                         "(by default rows already in --output are kept and only the others are labelled)")
     sampled.add_argument("--batch-size", type=int, default=16, help="problems per generate call")
     sampled.add_argument("--data", default="math", help="data config (name in configs/data or a YAML file) "
                          "whose prompt_template and system_prompt render the prompts, as in training")
@@ -89,15 +94,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dropped = DroppedRows()
     records = source.load(on_bad_row=args.on_bad_row, dropped=dropped, root=args.data_root)
     if args.samples:
-        result = label_with_samples(args, loader, tokenizer, records, dropped)
-        labelled = result.records
+        # Resumable: each batch is appended as soon as it is labelled; a rerun skips the problems written.
+        if args.restart:
+            Path(args.output).unlink(missing_ok=True)
+        done = labelled_ids(args.output)
+        if done:
+            log.info("resuming: %d problems already labelled in %s (--restart relabels them)", len(done), args.output)
+        todo = [record for record in records if record["id"] not in done]
+        result = label_with_samples(args, loader, tokenizer, todo, dropped)
+        labelled = [*read_labelled(args.output, done), *result.records]
+        rows = len(labelled)
     else:
         labelled = label_records(records, tokenizer, OutputFormat(), args.round_to, dropped)
-    rows = write_jsonl(labelled, args.output)
+        rows = write_jsonl(labelled, args.output)
     dropped.log_summary(log)
     if args.samples:
         print(f"label_budgets: {result.summary(dropped)}", file=sys.stderr)
-    budgets = [record["budget"] for record in labelled if "budget" in record]
+    budgets = [record["budget"] for record in labelled if record.get("budget") is not None]
     log.info(
         "wrote %d rows to %s; budget mean %.1f, median %.0f, max %d",
         rows, args.output,
@@ -105,6 +118,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         statistics.median(budgets) if budgets else 0, max(budgets, default=0),
     )
     return 0
+
+
+def grpo_max_new_tokens() -> int:
+    """GRPO's sampling ceiling, from configs/module/grpo.yaml: labels made with a shorter one drop the long
+    correct answers GRPO itself would sample."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(CONFIG_DIR / "module" / "grpo.yaml").sampling.max_new_tokens)
+
+
+def read_labelled(path: str, ids: set[str]) -> list[Any]:
+    """The rows a previous run wrote for ``ids`` (for the summary: the file holds them already)."""
+    if not ids:
+        return []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [row for row in map(json.loads, filter(str.strip, lines)) if str(row["id"]) in ids]
 
 
 def config_file(group: str, name: str) -> Any:
@@ -125,15 +154,20 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
     from selfbudget_pl.rollout.base import SamplingSettings
 
     data = config_file("data", args.data)
-    rollout = instantiate(config_file("rollout", args.rollout))  # a partial: finished with the model
-    model = loader.load_model().to(args.device)
+    rollout_config = config_file("rollout", args.rollout)
+    rollout = instantiate(rollout_config)  # a partial: finished with the model
+    if str(rollout_config.get("_target_", "")).endswith("VLLMRolloutBackend"):
+        # The engine loads the checkpoint itself and nothing trains: no HF copy of the weights on the device.
+        model = loader.load_skeleton()
+    else:
+        model = loader.load_model().to(args.device)
     sampling = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
     with instantiate(config_file("grader", args.grader)) as grader:
         return label_from_samples(
             records, rollout(model=model, tokenizer=tokenizer), tokenizer, grader, samples=args.samples,
             choose=args.choose, sampling=sampling, prompt_template=data.get("prompt_template") or "{problem}",
             system_prompt=data.get("system_prompt"), round_to=args.round_to, batch_size=args.batch_size,
-            seed=args.seed, dropped=dropped,
+            seed=args.seed, dropped=dropped, on_batch=lambda batch: write_jsonl(batch, args.output, append=True),
         )  # fmt: skip
 
 

@@ -14,6 +14,9 @@ Per case, each rank writes (all must be true):
 * ``root_resharded``: after sampling, the root unit holds shards only again;
 * ``after_step``: one optimizer step through the root, then sampling follows the new weights
   (``weights_moved``: the step changed the greedy output, so the check means something);
+* ``clipped_to_max_grad_norm`` (FSDP1 only): ``PolicyModule.configure_gradient_clipping`` under
+  ``strategy=fsdp`` brings the global gradient norm, over both ranks' shards, down to ``max_grad_norm``
+  (Lightning's own ``clip_gradients(..., "norm")`` raises under FSDP1);
 * ``inner_generate_fails``: the inner model's ``generate`` alone (what the backend did before) raises or
   differs: the root's embeddings and lm_head are shards outside its forward.
 
@@ -35,7 +38,7 @@ from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.modules.base import PolicyModule
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
-from selfbudget_pl.strategies import decoder_layer_classes
+from selfbudget_pl.strategies import decoder_layer_classes, make_strategy
 
 from .conftest import sharpen
 from .rank_cases import run_cases
@@ -61,6 +64,28 @@ def train_step(root: torch.nn.Module, vocab_size: int) -> None:
     root(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def global_grad_norm(root: torch.nn.Module) -> float:
+    """The gradients' norm over every rank's shards."""
+    squares = sum(float(p.grad.float().pow(2).sum()) for p in root.parameters() if p.grad is not None)
+    total = torch.tensor([squares], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.sqrt())
+
+
+def clipped_to_max_grad_norm(module: PolicyModule, root: torch.nn.Module, loader: ModelLoader, vocab_size: int) -> bool:
+    """One backward through the FSDP1 root, then the module's clipping as a Trainer with strategy=fsdp runs it."""
+    trainer = module._trainer
+    module._trainer = SimpleNamespace(strategy=make_strategy("fsdp", model=loader), model=root)
+    ids = torch.randint(0, vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+    root(input_ids=ids, labels=ids).loss.backward()
+    before = global_grad_norm(root)
+    module.configure_gradient_clipping(optimizer=None)
+    after = global_grad_norm(root)
+    root.zero_grad(set_to_none=True)
+    module._trainer = trainer
+    return before > 2 * module.max_grad_norm and abs(after - module.max_grad_norm) < 1e-4
 
 
 def shard(module: PolicyModule, kind: str, layers: tuple[type, ...]) -> torch.nn.Module:
@@ -150,6 +175,9 @@ def run_case(kind: str, loader: ModelLoader, tokenizer, layers: tuple[type, ...]
         backend.sync_weights(root, "model.")
         report["after_step"] = sample(backend, prompts) == expected_after
         report["weights_moved"] = expected_after != expected
+
+    if kind == "fsdp1":
+        report["clipped_to_max_grad_norm"] = clipped_to_max_grad_norm(module, root, loader, reference.config.vocab_size)
 
     # Last: a failed forward may leave FSDP mid-state. This is the backend's old call.
     try:

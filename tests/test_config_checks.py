@@ -469,3 +469,15 @@ def test_findings_name_nan_and_infinity_as_not_finite():
     for value in (math.nan, math.inf, -math.inf):
         check_value(value, float, {}, "x", findings)
     assert [f.message for f in findings.errors] == ["is not a finite number; must be a finite number"] * 3
+
+
+def test_activation_checkpointing_in_both_the_model_and_the_strategy_is_refused_naming_both():
+    message = error_of(compose_cfg("experiment=grpo_toy", "strategy=fsdp2", "model.gradient_checkpointing=true",
+                                   "strategy.activation_checkpointing=true"))
+    assert message == (
+        "bad config value: strategy.activation_checkpointing=true: with model.gradient_checkpointing=true recomputes "
+        "each decoder layer twice in backward: keep one, model.gradient_checkpointing=false or "
+        "strategy.activation_checkpointing=false"
+    )
+    for one in ("model.gradient_checkpointing=true", "strategy.activation_checkpointing=true"):
+        check_train_config(compose_cfg("experiment=grpo_toy", "strategy=fsdp2", one))

@@ -68,6 +68,20 @@ def assert_ranks_agree(reports: list[dict], steps: int, synced: list[str]) -> No
         assert rank0["metrics"][key] == pytest.approx(rank1["metrics"][key], abs=1e-6), key
 
 
+def assert_examples_shuffled_from_data_seed(reports: list[dict], cfg) -> None:
+    """Each rank trained on the examples a DistributedSampler seeded with ``data.seed`` gives it, in order."""
+    from selfbudget_pl.models import ModelLoader
+
+    datamodule = instantiate(cfg.data, _convert_="object")
+    datamodule.connect(ModelLoader().load_tokenizer())
+    datamodule.setup("fit")
+    dataset = datamodule.datasets["train"]
+    assert cfg.data.seed != cfg.seed
+    for rank, report in enumerate(reports):
+        order = list(torch.utils.data.DistributedSampler(dataset, num_replicas=2, rank=rank, seed=cfg.data.seed))
+        assert report["examples"] == [dataset[index]["id"] for index in order[: len(report["examples"])]], rank
+
+
 def test_ddp_sft_ranks_agree(tmp_path, tiny_cache):
     reports = run_ddp("sft_toy", tmp_path, tiny_cache, "trainer.max_steps=3", "trainer.val_check_interval=3",
                       "trainer.limit_val_batches=1")
@@ -79,9 +93,11 @@ def test_ddp_grpo_ranks_agree_with_accumulated_micro_batches(tmp_path, tiny_cach
     # last one averages the accumulated sum; a missed sync would leave the ranks' weights different.
     # Rank 1 samples at most 7 tokens, rank 0 at most 12, so the ranks' length extremes differ whichever
     # decoder draws the samples (the random-weight model seldom stops early).
-    reports = run_ddp("grpo_toy", tmp_path, tiny_cache, "model.name_or_path=null", "trainer.max_steps=2",
-                      "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "module.micro_batch_size=2",
-                      "rank1:module.sampling.max_new_tokens=7")
+    # data.seed differs from the global seed: each rank's share must be shuffled from data.seed.
+    overrides = ("model.name_or_path=null", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                 "trainer.limit_val_batches=1", "module.micro_batch_size=2", "data.seed=5")
+    reports = run_ddp("grpo_toy", tmp_path, tiny_cache, *overrides, "rank1:module.sampling.max_new_tokens=7")
+    assert_examples_shuffled_from_data_seed(reports, compose_small("grpo_toy", tmp_path, *overrides))
     assert_ranks_agree(reports, steps=2, synced=["rewards/mean", "rewards/std", "train/loss", "train/entropy",
                                                  "completions/mean_length", "rewards/even_tokens/mean"])
     initial = reports[0]["initial_sha256"]
@@ -181,6 +197,7 @@ def test_hf_rollouts_from_a_sharded_policy_match_the_unsharded_model(tmp_path, t
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         assert sorted(report) == ["fsdp1", "fsdp1_bf16", "fsdp2"]
+        assert "clipped_to_max_grad_norm" in report["fsdp1"]
         for case, checks in report.items():
             checks = {key: value for key, value in checks.items() if key != "inner_generate_error"}
             assert all(checks.values()), f"{case}: {checks}"

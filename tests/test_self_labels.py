@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -150,3 +152,55 @@ def test_script_samples_with_the_tiny_model(tmp_path, tiny_model_dir):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(row["b_max"], row["response"]) for row in rows] == [(None, None)] * 3
     assert "problems 3, solved 0, labelled 0, no_cap 3; not labelled: no_correct_sample 3" in result.stderr
+
+
+class KilledOnSecondBatch(AnswerFiveBackend):
+    """Answers the first batch, then the process is killed (SIGKILL: no handler, no flush) on the second."""
+
+    calls = 0
+
+    def sample(self, contexts, num_samples, sampling) -> Rollouts:
+        KilledOnSecondBatch.calls += 1
+        if KilledOnSecondBatch.calls == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().sample(contexts, num_samples, sampling)
+
+
+def test_a_killed_labelling_run_resumes_without_labelling_twice_or_losing_a_problem(tmp_path, tiny_model_dir):
+    import runpy
+
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(6)))
+    grader = tmp_path / "grader.yaml"
+    grader.write_text("_target_: selfbudget_pl.rewards.grader.MathGrader\nworkers: 0\n")
+    out = tmp_path / "out.jsonl"
+    args = ["--jsonl", str(problems), "--schema", "gsm8k", "--samples", "2", "--batch-size", "2", "--model",
+            str(tiny_model_dir), "--grader", str(grader), "--output", str(out)]  # fmt: skip
+    killing = tmp_path / "killing.yaml"
+    killing.write_text("_target_: tests.test_self_labels.KilledOnSecondBatch\n_partial_: true\n")
+    result = subprocess.run([sys.executable, "scripts/label_budgets.py", *args, "--rollout", str(killing)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    first = out.read_text().splitlines()
+    assert len(first) == 2, "the first batch was not written before the kill"
+    out.write_text(out.read_text() + '{"id": "gsm8k/p:2", "probl')  # and a line the kill cut off
+
+    rollout = tmp_path / "rollout.yaml"
+    rollout.write_text("_target_: tests.test_self_labels.AnswerFiveBackend\n_partial_: true\n")
+    AnswerFiveBackend.prompts = []
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "label_budgets.py"), run_name="label_budgets")
+    assert script["main"]([*args, "--rollout", str(rollout)]) == 0
+    assert AnswerFiveBackend.prompts and len(AnswerFiveBackend.prompts) == 4, "labelled again, or skipped some"
+    rows = out.read_text().splitlines()
+    assert rows[:2] == first
+    assert [json.loads(row)["problem"] for row in rows] == [f"{i}+1?" for i in range(6)]
+    assert [json.loads(row)["b_max"] is not None for row in rows] == [False] * 4 + [True] + [False]
+
+
+def test_labelling_samples_as_long_as_grpo_by_default():
+    import runpy
+
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "label_budgets.py"), run_name="label_budgets")
+    args = script["parse_args"](["--jsonl", "x.jsonl", "--output", "y.jsonl"])
+    assert args.max_new_tokens == OmegaConf.load(REPO_ROOT / "configs" / "module" / "grpo.yaml").sampling.max_new_tokens

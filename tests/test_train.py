@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from selfbudget_pl.data.budget_labels import label_records, write_jsonl
+from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.train import train
 
 from .conftest import REPO_ROOT, SHARED_DATA
@@ -59,9 +62,20 @@ def test_experiment_runs_one_batch(experiment, tmp_path, tiny_cache):
         pytest.skip(f"{experiment} reads ../shared/data, absent at {SHARED_DATA}")
     with open_dict(cfg):
         cfg.trainer.fast_dev_run = True
+        if cfg.data.get("b_max_labels"):
+            cfg.data.b_max_labels = str(reference_labels(cfg.data, tmp_path))
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
     assert any(key.startswith("train/") for key in metrics), metrics
+
+
+def reference_labels(data, output_dir: Path) -> Path:
+    """A label file for ``data``'s train sources as `scripts/label_budgets.py` writes it from reference solutions
+    (the tiny model's tokenizer): the stand-in, needing no model, for the paper's sampled labels."""
+    records = [record for source in data.train for record in instantiate(source).load(root=data.data_root)]
+    path = output_dir / "b_max_labels.jsonl"
+    write_jsonl(label_records(records, ModelLoader().load_tokenizer()), path)
+    return path
 
 
 def test_sft_run_writes_events_checkpoint_and_export(tmp_path, tiny_cache):

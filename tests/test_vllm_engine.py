@@ -415,3 +415,28 @@ def test_grpo_toy_experiment_runs_on_the_vllm_engine(sharp_dir, tmp_path):
     for tag in ("train/loss", "rewards/mean"):
         assert len(scalars[tag]) == 3 and all(math.isfinite(value) for value in scalars[tag]), (tag, scalars[tag])
     assert (tmp_path / "export" / "config.json").exists()
+
+
+def test_labelling_through_vllm_builds_the_engine_without_an_hf_copy(sharp_dir, tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(3)))
+    rollout = tmp_path / "rollout.yaml"
+    rollout.write_text("_target_: selfbudget_pl.rollout.vllm.VLLMRolloutBackend\n_partial_: true\ndtype: float32\n"
+                       "max_model_len: 512\ncpu_kv_cache_gb: 0.125\nenforce_eager: true\n")
+    out = tmp_path / "out.jsonl"
+    args = ["--jsonl", str(problems), "--schema", "gsm8k", "--samples", "2", "--max-new-tokens", "8",
+            "--model", str(sharp_dir), "--rollout", str(rollout), "--output", str(out)]  # fmt: skip
+    # Its own process (this one already holds an engine); loading the HF model there fails the run.
+    code = (
+        "import runpy, sys, transformers\n"
+        "def no_hf_copy(*args, **kwargs):\n"
+        "    raise AssertionError('label_budgets.py loaded the HF model although vLLM loads the checkpoint')\n"
+        "transformers.AutoModelForCausalLM.from_pretrained = no_hf_copy\n"
+        "script = runpy.run_path('scripts/label_budgets.py', run_name='label_budgets')\n"
+        "sys.exit(script['main'](sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["problem"] for row in rows] == [f"{i}+1?" for i in range(3)]

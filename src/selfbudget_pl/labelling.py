@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from selfbudget_pl.data.budget_labels import label_record
 from selfbudget_pl.data.prompts import encode_prompts
@@ -58,9 +58,12 @@ def label_from_samples(
     batch_size: int = 16,
     seed: int = 0,
     dropped: Optional[DroppedRows] = None,
+    on_batch: Optional[Callable[[list[MathRecord]], Any]] = None,
 ) -> SelfLabels:
     """Label ``records`` with the model's own correct answers; see the module docstring. Problems left
-    without a target are counted in ``dropped`` (scope ``self_label``) by cause."""
+    without a target are counted in ``dropped`` (scope ``self_label``) by cause. ``on_batch`` receives each
+    batch's records as soon as they are labelled (the script appends them to its output, so a killed run
+    loses at most one batch)."""
     if choose not in CHOICES:
         raise ValueError(f"choose={choose!r} is not one of {CHOICES}")
     if samples < 1:
@@ -101,6 +104,8 @@ def label_from_samples(
                 continue
             result.counts["labelled"] += 1
             result.records.append(labelled)
+        if on_batch is not None:
+            on_batch(result.records[start:])
     return result
 
 

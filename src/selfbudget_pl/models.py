@@ -124,6 +124,21 @@ class ModelLoader:
                         param.data = param.data.to(_DTYPES[self.dtype])
         return model
 
+    def load_skeleton(self) -> torch.nn.Module:
+        """The architecture without its weights (on the meta device): the config, generation config and
+        checkpoint name a backend that loads the checkpoint itself (vLLM) reads, for none of the memory."""
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
+        model.name_or_path = self.path
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(self.path)
+        except OSError:  # a checkpoint without generation_config.json: the model config's tokens
+            model.generation_config = GenerationConfig.from_model_config(config)
+        return model.requires_grad_(False)
+
 
 def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters; only adapter weights stay trainable."""

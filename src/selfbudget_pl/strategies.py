@@ -292,3 +292,16 @@ def check_strategy_supports(module: Any, strategy: Any) -> None:
             "BACKWARD_POST state but got HandleTrainingState.FORWARD' (Lightning issues #19626, #19685). "
             "Use strategy=fsdp2 trainer=fsdp2 (FSDP2 fully_shard through ModelParallelStrategy) or strategy=ddp."
         )
+
+
+def clip_gradients_by_norm(module: Any, optimizer: torch.optim.Optimizer, max_norm: float) -> None:
+    """Clip ``module``'s gradients to a global norm of ``max_norm`` under whichever strategy trains it.
+
+    Under ``strategy=fsdp`` (FSDP1) each rank holds a shard of every gradient, so the norm must be reduced
+    over ranks: the root FSDP unit's ``clip_grad_norm_`` does that. Lightning's own
+    ``clip_gradients(..., "norm")`` refuses FSDP1 for want of that root, which the Trainer's ``model`` is.
+    Elsewhere Lightning clips (FSDP2's DTensor gradients reduce their norm themselves)."""
+    if isinstance(module.trainer.strategy, FSDPStrategy):
+        module.trainer.model.clip_grad_norm_(max_norm)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")

@@ -16,11 +16,13 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from selfbudget_pl.callbacks.hparams import RunConfigHParams
 from selfbudget_pl.config import ConfigError, check_train_config
 from selfbudget_pl.config.overrides import open_trainer_overrides
+from selfbudget_pl.launcher_env import check_process_count
 from selfbudget_pl.strategies import check_strategy_supports
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # The reward callback runs before the metrics callbacks: they read the rewards it fills in.
     callbacks = instantiate_dict(DictConfig({"reward": cfg.get("reward")})) + instantiate_dict(cfg.get("callbacks"))
     callbacks.append(RunConfigHParams(cfg))  # the resolved config (and final metrics) in TensorBoard's HParams tab
+    # srun or torchrun started as many processes as the Trainer will expect (Lightning's checks raise later).
+    check_process_count(cfg.trainer.get("devices"), cfg.trainer.get("num_nodes", 1))
     strategy = instantiate(cfg.strategy, model=model_loader)  # fsdp/fsdp2 shard the model's own layers
     check_strategy_supports(module, strategy)  # before any process starts: GRPO under FSDP1 cannot work
     trainer: L.Trainer = instantiate(
@@ -77,8 +81,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         metrics, _ = train(cfg)
-    except ConfigError as error:  # a sentence for the user, not a traceback
-        sys.exit(f"error: {error}")
+    except ConfigError as error:  # a sentence for the user, not a traceback; every rank stops
+        if rank_zero_only.rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     log.info("final metrics: %s", {k: round(v, 4) for k, v in sorted(metrics.items())})
 
 

@@ -12,10 +12,11 @@ checks across groups and against the machine: :mod:`selfbudget_pl.config.startup
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig
 
+from selfbudget_pl.callbacks.reward import RewardCallback
 from selfbudget_pl.config import groups
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.config.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
@@ -27,9 +28,11 @@ from selfbudget_pl.config.startup import (
     check_trainer,
     model_facts,
 )
+from selfbudget_pl.rewards.budget import BudgetGuidedReward
 
 __all__ = [
     "ConfigError",
+    "check_budget_caps",
     "check_eval_config",
     "check_eval_prompts",
     "check_generation",
@@ -59,6 +62,7 @@ def check_train_config(cfg: DictConfig) -> None:
     check_trainer(findings, plain_cfg["trainer"] or {}, _gpu_hints(rollout, strategy))
     if str(module.get("_target_", "")).endswith("GRPOModule"):
         _check_manual_optimization(findings, plain_cfg["trainer"] or {})
+    _check_single_activation_checkpointing(findings, model, strategy)
     warmup, max_steps = module.get("warmup_steps"), (plain_cfg["trainer"] or {}).get("max_steps")
     if isinstance(warmup, int) and isinstance(max_steps, int) and 0 < max_steps <= warmup:
         findings.warning("module.warmup_steps", warmup, f"is not below trainer.max_steps={max_steps}: the learning "
@@ -162,6 +166,35 @@ def check_training_prompts(module: Any, datamodule: Any) -> None:
     findings.raise_or_warn()
 
 
+def check_budget_caps(prefill_fraction: float, datamodule: Any, callbacks: Sequence[Any]) -> None:
+    """GRPO, once the data is loaded: when no train row has a ``b_max``, the budget penalty (r_b) never fires
+    and no prompt is pre-filled. Refuse that in one sentence, or warn when ``data.allow_uncapped`` says so."""
+    examples = (getattr(datamodule, "datasets", None) or {}).get("train") or []
+    if not examples or any(example.get("b_max") is not None for example in examples):
+        return
+    idle = [
+        f"reward.functions.{name}.budget_penalty={function.budget_penalty}"
+        for callback in callbacks if isinstance(callback, RewardCallback)
+        for name, function in callback.rewards.functions.items()
+        if isinstance(function, BudgetGuidedReward) and function.budget_penalty
+    ]  # fmt: skip
+    if prefill_fraction > 0:
+        idle.append(f"module.prefill_fraction={prefill_fraction}")
+    if not idle:
+        return
+    findings = Findings()
+    what = f"no train row has a b_max (budget cap), so {' and '.join(idle)} do nothing"
+    if getattr(datamodule, "allow_uncapped", False):
+        findings.warning("data.allow_uncapped", True, what)
+    else:
+        findings.error(
+            "data.b_max_labels", getattr(datamodule, "b_max_labels", None),
+            f"{what}: point data.b_max_labels at the file `scripts/label_budgets.py --samples K` writes, set "
+            "data.reference_b_max=true, or data.allow_uncapped=true to train without the cap on purpose",
+        )  # fmt: skip
+    findings.raise_or_warn()
+
+
 def check_generation(
     model: Optional[str], max_tokens: int, temperature: float, device: str, dtype: str,
     prompt_tokens: Optional[int] = None,
@@ -223,6 +256,18 @@ def _check_manual_optimization(findings: Findings, trainer: Mapping[str, Any]) -
             "trainer.accumulate_grad_batches", accumulate,
             "GRPO optimizes manually: set completions per optimizer step with module.mini_batch_size and per "
             "forward with module.micro_batch_size",
+        )  # fmt: skip
+
+
+def _check_single_activation_checkpointing(
+    findings: Findings, model: Mapping[str, Any], strategy: Mapping[str, Any]
+) -> None:
+    """HF's gradient checkpointing inside the strategy's checkpoint wrappers recomputes every layer twice."""
+    if model.get("gradient_checkpointing") is True and strategy.get("activation_checkpointing") is True:
+        findings.error(
+            "strategy.activation_checkpointing", True,
+            "with model.gradient_checkpointing=true recomputes each decoder layer twice in backward: keep one, "
+            "model.gradient_checkpointing=false or strategy.activation_checkpointing=false",
         )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from selfbudget_pl.config.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
 from selfbudget_pl.rewards.budget import COST_BASES, PEAKS, SCHEDULES, SHAPES, BudgetGuidedReward, constant_violations
@@ -373,7 +373,9 @@ class BudgetMathDataSchema(Schema):
     max_line_bytes: int = spec(ge=1)
     val_size: int = spec(ge=0)
     budget_round_to: int = spec(ge=1)
+    b_max_labels: Optional[Union[str, list[str]]] = spec()
     reference_b_max: bool = spec()
+    allow_uncapped: bool = spec()
     data_root: Optional[str] = spec()
     pin_memory: bool = spec()
 

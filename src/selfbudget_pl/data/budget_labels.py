@@ -71,13 +71,13 @@ def label_records(
     return labelled
 
 
-def write_jsonl(records: Iterable[MathRecord], path: str | Path) -> int:
+def write_jsonl(records: Iterable[MathRecord], path: str | Path, append: bool = False) -> int:
     """Write records as JSONL (the ``labelled`` schema when they carry ``b_max``; a record without a target
-    gets ``response``/``budget`` null); returns rows."""
+    gets ``response``/``budget`` null); returns rows. ``append``: add to the file (a resumed labelling run)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
-    with path.open("w", encoding="utf-8") as handle:
+    with path.open("a" if append else "w", encoding="utf-8") as handle:
         for record in records:
             difficulty = record["difficulty"]
             row = {**record, "difficulty": None if math.isnan(difficulty) else difficulty}
@@ -86,3 +86,17 @@ def write_jsonl(records: Iterable[MathRecord], path: str | Path) -> int:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
             rows += 1
     return rows
+
+
+def labelled_ids(path: str | Path) -> set[str]:
+    """The ids already written to a labelling run's output (empty when there is none yet), so a resumed run
+    labels only the rest. A last line cut off by a killed run is removed: its problem is labelled again."""
+    path = Path(path)
+    if not path.is_file():
+        return set()
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        path.write_text("".join(lines[:-1]), encoding="utf-8")
+        lines = lines[:-1]
+    return {str(json.loads(line)["id"]) for line in lines if line.strip()}

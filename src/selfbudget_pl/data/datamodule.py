@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from selfbudget_pl.data.budget_labels import label_record, label_records
 from selfbudget_pl.data.collate import GRPOCollator, SFTCollator
@@ -31,7 +32,7 @@ from selfbudget_pl.data.loader import ResumableDataLoader
 from selfbudget_pl.data.prompts import build_prompt, encode_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
 from selfbudget_pl.data.rows import BAD_ROW_POLICIES
-from selfbudget_pl.data.sources import DEFAULT_MAX_LINE_BYTES, Source
+from selfbudget_pl.data.sources import DEFAULT_MAX_LINE_BYTES, JsonlSource, Source
 from selfbudget_pl.format import OutputFormat
 
 log = logging.getLogger(__name__)
@@ -65,10 +66,15 @@ class BudgetMathDataModule(L.LightningDataModule):
         max_line_bytes: a JSONL line longer than this is a bad row (read no further than this).
         val_size: with no val sources, hold out this many train problems as val (0: no validation).
         budget_round_to: budget labels are rounded up to a multiple of this (1: exact token counts).
+        b_max_labels: the JSONL file(s) ``scripts/label_budgets.py --samples K`` writes (schema ``labelled``; a
+            relative path is read from the working directory, not ``data_root``): each record whose problem
+            one labels takes its ``b_max`` from it (None where the model had no correct answer: no cap).
         reference_b_max: in GRPO mode, a record without a ``b_max`` of its own (from a label file) gets
             ``b_max`` = the label length of its reference solution. Our deviation, opt-in: in the paper
             b_max is the length of the base model's own correct answer (``scripts/label_budgets.py
             --samples K`` writes it), infinite when it had none. False (default): no cap (``None``).
+        allow_uncapped: GRPO may train with no row capped (no ``b_max`` anywhere) on purpose: a warning, not
+            the start-up error that otherwise says the budget penalty and pre-filling would do nothing.
         data_root: directory that relative source paths are resolved against.
         pin_memory: DataLoader ``pin_memory`` (for GPU training).
     """
@@ -92,7 +98,9 @@ class BudgetMathDataModule(L.LightningDataModule):
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         val_size: int = 0,
         budget_round_to: int = 1,
+        b_max_labels: Optional[str | Sequence[str]] = None,
         reference_b_max: bool = False,
+        allow_uncapped: bool = False,
         data_root: Optional[str] = None,
         pin_memory: bool = False,
     ) -> None:
@@ -116,7 +124,10 @@ class BudgetMathDataModule(L.LightningDataModule):
         self.max_line_bytes = max_line_bytes
         self.val_size = val_size
         self.budget_round_to = budget_round_to
+        self.b_max_labels = b_max_labels
         self.reference_b_max = reference_b_max
+        self.allow_uncapped = allow_uncapped
+        self.label_caps: dict[str, Optional[int]] = {}
         self.data_root = data_root
         self.pin_memory = pin_memory
         self.tokenizer: Any = None
@@ -140,12 +151,30 @@ class BudgetMathDataModule(L.LightningDataModule):
             raise DataError("data.train has no sources")
         if self.datasets:
             return
+        self.label_caps = self._load_label_caps()
         self.records = self._load_records()
         for split, records in self.records.items():
             self.datasets[split] = self._examples(split, records)
         self.dropped.log_summary(log)
         for split, examples in self.datasets.items():
             log.info("%s: %d examples (%s)", split, len(examples), self.mode)
+
+    def _load_label_caps(self) -> dict[str, Optional[int]]:
+        """``b_max`` per problem (:func:`problem_key`) from ``b_max_labels``; empty when none is set."""
+        files = [self.b_max_labels] if isinstance(self.b_max_labels, str) else list(self.b_max_labels or [])
+        caps: dict[str, Optional[int]] = {}
+        for name in files:
+            path = Path(name).expanduser()
+            if not path.is_file():
+                raise DataError(
+                    f"data.b_max_labels: {name}: no such file; write it with `python scripts/label_budgets.py "
+                    f"--samples K ... --output {name}` (README: Budget caps), or set data.b_max_labels=null"
+                )
+            records = JsonlSource(str(path), schema="labelled").load(
+                on_bad_row=self.on_bad_row, dropped=self.dropped, max_line_bytes=self.max_line_bytes
+            )
+            caps.update((problem_key(record["problem"]), record.get("b_max")) for record in records)
+        return caps
 
     def _load_records(self) -> dict[str, list[MathRecord]]:
         records = {split: self._load_split(split) for split in SPLITS if self.sources[split]}
@@ -224,6 +253,9 @@ class BudgetMathDataModule(L.LightningDataModule):
     def _b_max(self, record: MathRecord) -> Optional[int]:
         if "b_max" in record:  # a label file's cap (None: no correct cold-start answer, no cap)
             return record["b_max"]
+        key = problem_key(record["problem"])
+        if key in self.label_caps:
+            return self.label_caps[key]
         if self.reference_b_max and record.get("solution"):
             return label_record(record, self.tokenizer, self.output_format, self.budget_round_to)["b_max"]
         return None
@@ -236,17 +268,29 @@ class BudgetMathDataModule(L.LightningDataModule):
         return SFTCollator(pad_token_id, include_prompts=split == "val")
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        sampler = self._distributed_sampler(split) if shuffle else None
         return ResumableDataLoader(
             self.datasets[split],
             batch_size=batch_size,
-            # A RandomSampler (shuffle=True) is what Lightning swaps for a DistributedSampler under DDP.
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle and sampler is None else None,
             collate_fn=self._collator(split),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=self.pin_memory,
         )
+
+    def _distributed_sampler(self, split: str) -> Optional[DistributedSampler]:
+        """Each rank's share of the shuffled split when the Trainer runs several processes, shuffled from
+        ``seed``: the sampler Lightning would put in otherwise is seeded from the global seed instead."""
+        trainer = self.trainer
+        if trainer is None or trainer.world_size < 2:
+            return None
+        return DistributedSampler(
+            self.datasets[split], num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True,
+            seed=self.seed,
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, shuffle=True)

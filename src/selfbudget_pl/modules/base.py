@@ -14,17 +14,19 @@ from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 from selfbudget_pl.config import check_training_prompts
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
+from selfbudget_pl.launcher_env import export_process_group_env
 from selfbudget_pl.models import ModelLoader, export_pretrained
 from selfbudget_pl.modules.optimization import optimizer_and_schedule
 from selfbudget_pl.modules.validation import ValidationRecord
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, sampling_settings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
-from selfbudget_pl.strategies import check_strategy_supports, shard_models
+from selfbudget_pl.strategies import check_strategy_supports, clip_gradients_by_norm, shard_models
 from selfbudget_pl.weights import full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class PolicyModule(L.LightningModule):
         merge_lora_on_export: bool = True,
     ) -> None:
         super().__init__()
+        self.generate_in_validation = True  # SFT may validate on the loss alone
         self.model_loader = model_loader
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
@@ -101,6 +104,10 @@ class PolicyModule(L.LightningModule):
         if self._rollout_backend is None:
             if self.rollout_factory is None:
                 self.rollout_factory = HFRolloutBackend
+            if self._trainer is not None and isinstance(self._trainer.strategy, ParallelStrategy):
+                # A colocated engine joins the Trainer's process group from the environment, whichever
+                # launcher started this process (vLLM's external launcher reads RANK, LOCAL_RANK, ...).
+                export_process_group_env(self._trainer)
             self._rollout_backend = self.rollout_factory(model=self.model, tokenizer=self.tokenizer)
         return self._rollout_backend
 
@@ -123,11 +130,16 @@ class PolicyModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.max_grad_norm
         if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            clip_gradients_by_norm(self, optimizer, clip)
 
     # -- validation: generate, grade, record budget adherence -----------------------------------
     def on_validation_epoch_start(self) -> None:
         self.validation_record = ValidationRecord(self.device)
+        # Validation samples from the weights being validated: a backend with its own copy (vLLM) loads them
+        # before its next generate. SFT never marks it stale otherwise, and a resumed policy is not the
+        # checkpoint the engine started from.
+        if self.generate_in_validation:
+            self.rollout_backend.mark_stale(*self.weights_source())
 
     def generate_and_score(
         self, batch: dict[str, Any], sampling: SamplingSettings, num_samples: int = 1, prefill: Optional[str] = None

@@ -39,6 +39,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from peft import PeftModel
 
+from selfbudget_pl.config import check_budget_caps
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.base import PolicyModule
@@ -152,6 +153,11 @@ class GRPOModule(PolicyModule):
         # checkpoints would otherwise carry a second full copy of the weights that nothing trains.
         self.register_state_dict_post_hook(_drop_reference_weights)
         self.register_load_state_dict_post_hook(_reference_weights_not_expected)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # The data is loaded by now: a run whose rows carry no b_max would train without the cap unnoticed.
+        check_budget_caps(self.prefill_fraction, self.trainer.datamodule, self.trainer.callbacks)
 
     def configure_model(self) -> None:
         super().configure_model()
