@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from selfbudget_pl.checkpoints import packaged_checkpoint
 from selfbudget_pl.config import groups
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.config.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
@@ -37,6 +38,10 @@ __all__ = [
     "check_training_prompts",
     "plain",
 ]
+
+# ``${packaged_checkpoint:PACKAGE,FILE}`` in a config: the HF folder converted from a GGUF file a package ships
+# (configs/model/smollm2_135m.yaml). Registered here, where every entry point passes before it resolves a config.
+OmegaConf.register_new_resolver("packaged_checkpoint", packaged_checkpoint, replace=True)
 
 _POSITIVE = {"ge": 1, "note": "null: torch's default"}
 _TARGET_GROUPS = ("module", "model", "data", "output_format", "reward", "grader", "rollout", "strategy")
