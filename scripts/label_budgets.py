@@ -132,8 +132,8 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
         return label_from_samples(
             records, rollout(model=model, tokenizer=tokenizer), tokenizer, grader, samples=args.samples,
             choose=args.choose, sampling=sampling, prompt_template=data.get("prompt_template") or "{problem}",
-            system_prompt=data.get("system_prompt"), round_to=args.round_to, batch_size=args.batch_size,
-            seed=args.seed, dropped=dropped,
+            system_prompt=data.get("system_prompt"), chat_template=data.get("chat_template"), round_to=args.round_to,
+            batch_size=args.batch_size, seed=args.seed, dropped=dropped,
         )  # fmt: skip
 
 

@@ -53,6 +53,7 @@ def label_from_samples(
     sampling: Optional[SamplingSettings] = None,
     prompt_template: str = "{problem}",
     system_prompt: Optional[str] = None,
+    chat_template: Optional[bool] = None,
     output_format: Optional[OutputFormat] = None,
     round_to: int = 1,
     batch_size: int = 16,
@@ -72,7 +73,9 @@ def label_from_samples(
     result = SelfLabels()
     for start in range(0, len(records), batch_size):
         batch = list(records[start : start + batch_size])
-        prompt_ids = encode_prompts([r["problem"] for r in batch], tokenizer, prompt_template, system_prompt)
+        prompt_ids = encode_prompts(
+            [r["problem"] for r in batch], tokenizer, prompt_template, system_prompt, chat_template
+        )
         rollouts = backend.generate(prompt_ids, num_samples=samples, sampling=sampling)
         answers = [extract_boxed(text) for text in rollouts.completions]
         golds = [batch[group]["answer"] for group in rollouts.group_index]

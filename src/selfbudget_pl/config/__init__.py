@@ -124,7 +124,9 @@ def check_eval_prompts(
         return
     longest, where = 0, ""
     for name, records in datasets.items():
-        prompts = encode_prompts([r["problem"] for r in records], tokenizer, cfg.prompt_template, cfg.get("system_prompt"))
+        prompts = encode_prompts(
+            [r["problem"] for r in records], tokenizer, cfg.prompt_template, cfg.get("system_prompt"), cfg.get("chat_template")
+        )
         for record, ids in zip(records, prompts):
             if len(ids) > longest:
                 longest, where = len(ids), f"{name} {record['id']}"
