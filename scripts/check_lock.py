@@ -7,7 +7,9 @@ between two lock files.
 The environment matches when every locked package is installed at its locked version, nothing else is
 installed (beyond pip, setuptools and the project itself), and every installed distribution's requirements
 hold, apart from the packages the lock leaves out on purpose (pip-compile's ``--unsafe-package`` list, which
-its output names at the end). The project's extras are read from the pip-compile command in the lock's header.
+its output names at the end) and the requirements of the packages it installs without their dependencies (the
+block ``scripts/refresh_lock.sh`` appends from ``requirements/no-deps.in``, after ``NO_DEPS_HEADER``). The
+project's extras are read from the pip-compile command in the lock's header.
 """
 
 from __future__ import annotations
@@ -25,23 +27,29 @@ from packaging.version import Version
 PROJECT = "selfbudget-pl"
 BOOTSTRAP = {"pip", "setuptools", "wheel"}  # what `python -m venv` and the editable install bring
 REFRESH = "bash scripts/refresh_lock.sh"
+# Opens the block of packages installed without their declared dependencies (requirements/no-deps.in).
+NO_DEPS_HEADER = "# Installed without their declared dependencies"
 
 
 class Lock:
-    """A pip-compile output: pinned versions, the packages it leaves out on purpose, the project's extras."""
+    """A pip-compile output: pinned versions, the packages it leaves out on purpose, the project's extras, and
+    the pinned packages whose own requirements are not installed (``no_deps``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.versions: dict[str, str] = {}
         self.excluded: set[str] = set()
         self.extras: set[str] = set()
-        in_excluded = False
+        self.no_deps: set[str] = set()
+        in_excluded = in_no_deps = False
         for number, line in enumerate(path.read_text().splitlines(), start=1):
             stripped = line.strip()
             if stripped.startswith("#    pip-compile "):
                 self.extras = set(re.findall(r"--extra[= ](\S+)", stripped))
             elif stripped.startswith("# The following packages are considered to be unsafe"):
                 in_excluded = True
+            elif stripped.startswith(NO_DEPS_HEADER):
+                in_excluded, in_no_deps = False, True
             elif in_excluded and stripped.startswith("# "):
                 self.excluded.add(canonicalize_name(stripped[2:].strip()))
             elif stripped and not stripped.startswith(("#", "-")):
@@ -49,6 +57,8 @@ class Lock:
                 if not separator:
                     raise SystemExit(f"{path}:{number}: {stripped!r} is not pinned (name==version): re-lock with {REFRESH}")
                 self.versions[canonicalize_name(name)] = version.split(";")[0].strip()
+                if in_no_deps:
+                    self.no_deps.add(canonicalize_name(name))
 
 
 def installed() -> dict[str, importlib.metadata.Distribution]:
@@ -60,6 +70,8 @@ def unmet_requirements(dists: dict[str, importlib.metadata.Distribution], lock: 
     (the project's with the lock's extras) that the installed versions do not meet."""
     problems = []
     for name, dist in sorted(dists.items()):
+        if name in lock.no_deps:
+            continue
         extras = lock.extras if name == PROJECT else set()
         for text in dist.requires or []:
             requirement = Requirement(text)

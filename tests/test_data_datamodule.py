@@ -263,3 +263,10 @@ def test_data_root_defaults_to_the_environment(monkeypatch):
     assert OmegaConf.load(CONFIGS / "math.yaml").data_root == "/somewhere/data"
     monkeypatch.delenv("SELFBUDGET_DATA")
     assert OmegaConf.load(CONFIGS / "gsm8k.yaml").data_root == "../shared/data"
+
+
+def test_chat_template_false_gives_plain_prompts_to_every_split(tokenizer):
+    data = _datamodule(tokenizer, train_size=4, val_size=2, chat_template=False)
+    for split in ("train", "val"):
+        for example in data.datasets[split]:
+            assert tokenizer.decode(example["prompt_ids"]) == example["problem"]

@@ -100,6 +100,15 @@ def test_build_prompt_without_chat_template(tokenizer):
 
     assert build_prompt("3+5", Plain()) == "3+5"
     assert build_prompt("3+5", Plain(), "Q: {problem}\nA:", system_prompt="Sys") == "Sys\n\nQ: 3+5\nA:"
+    with pytest.raises(ValueError, match=r"chat_template=true, but the tokenizer of 'this model' has no chat template: set"):
+        build_prompt("3+5", Plain(), chat_template=True)
+
+
+def test_chat_template_false_writes_plain_text_with_the_tokenizers_special_tokens(tokenizer):
+    prompt = build_prompt("3+5", tokenizer, "Q: {problem}", system_prompt="Sys", chat_template=False)
+    assert prompt == "Sys\n\nQ: 3+5"
+    assert encode_prompt(prompt, tokenizer, chat_template=False) == tokenizer(prompt)["input_ids"]
+    assert build_prompt("3+5", tokenizer, chat_template=True) == build_prompt("3+5", tokenizer) == "<|user|>3+5<|assistant|>"
 
 
 def test_label_budgets_script_writes_labelled_jsonl(tmp_path, tiny_model_dir, tokenizer):

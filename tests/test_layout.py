@@ -15,7 +15,7 @@ LAYERS: dict[str, int] = {
     # 0: the output format and the data
     "format": 0, "data": 0, "plots": 0, "internals": 0,
     # 1: models and their weights
-    "tiny_model": 1, "models": 1, "weights": 1,
+    "tiny_model": 1, "checkpoints": 1, "models": 1, "weights": 1,
     # 2: producing completions, then judging them
     "rollout": 2, "rewards": 3, "metrics": 3, "inference": 4,
     # 5: training

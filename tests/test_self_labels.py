@@ -11,6 +11,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
+from selfbudget_pl.data.answers import stated_answer
 from selfbudget_pl.format import count_solution_tokens
 from selfbudget_pl.data.prompts import build_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows
@@ -91,6 +92,29 @@ class AnswerFiveBackend(RolloutBackend):
         size = len(contexts)
         return Rollouts(prompt_ids=contexts, completion_ids=[[1]] * size, completions=["\\boxed{5}"] * size,
                         finish_reasons=["eos"] * size, group_index=[index // num_samples for index in range(size)])
+
+
+@pytest.mark.parametrize("text, stated", [
+    ("17 + 25 = 42\n\nThe answer is \\boxed{}.", None),
+    ("So she has 1,234 left.\n\nThe answer is: 1,234.", "1234"),
+    ("We add them.\n#### 42", "42"),
+    ("The answer is 7, not \\boxed{}; \\boxed{8} in the end", "8"),
+    ("the answer is 3 ... so the answer is -2.5.", "-2.5"),
+    ("I cannot tell.", None),
+])
+def test_the_stated_answer_of_a_free_form_solution(text, stated):
+    assert stated_answer(text) == stated
+
+
+def test_a_prose_answer_is_graded_and_its_target_ends_in_the_box(tokenizer):
+    records = [{"id": "a", "problem": "17+25", "answer": "42", "solution": None, "difficulty": 2.0, "source": "t"}]
+    prose, empty_box = "17 + 25 = 42. The answer is 42.", "17 + 25 = 42\nThe answer is \\boxed{}."
+    with MathGrader(workers=0) as grader:
+        result = label_from_samples(records, ScriptedBackend([[empty_box, prose]]), tokenizer, grader, samples=2)
+    (record,) = result.records
+    assert result.counts["labelled"] == 1
+    assert record["response"].endswith(f"{prose}\n\\boxed{{42}}</solution>")
+    assert OutputFormat().parse(record["response"]).answer == "42"
 
 
 def test_script_samples_through_the_configured_backend_template_and_grader(tmp_path, tiny_model_dir, tokenizer, capsys):

@@ -21,11 +21,11 @@ CONFIG_DIR = str(REPO_ROOT / "configs")
 EXPERIMENTS = sorted(p.stem for p in (REPO_ROOT / "configs" / "experiment").glob("*.yaml"))
 
 
-def compose_small(experiment: str, output_dir: Path, *overrides: str):
-    """Compose an experiment on the tiny model, shrunk to seconds of CPU work."""
+def compose_small(experiment: str, output_dir: Path, *overrides: str, model: str = "tiny"):
+    """Compose an experiment on the tiny model (or ``model``), shrunk to seconds of CPU work."""
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         # CPU stand-ins for the GPU parts: the tiny model, the CPU trainer, HF rollouts instead of vLLM.
-        base = [f"experiment={experiment}", "model=tiny", "trainer=cpu", "rollout=hf"]
+        base = [f"experiment={experiment}", f"model={model}", "trainer=cpu", "rollout=hf"]
         cfg = compose("train", overrides=[*base, *overrides], return_hydra_config=False)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)

@@ -65,6 +65,7 @@ def evaluate_model(
     batch_size: int = 16,
     prompt_template: str = "{problem}",
     system_prompt: Optional[str] = None,
+    chat_template: Optional[bool] = None,
     baseline: Union[str, Path, Mapping[str, Any], None] = None,
     tensorboard: bool = True,
     progress: bool = True,
@@ -89,7 +90,7 @@ def evaluate_model(
             standard error over the k runs (std of the k per-run accuracies / sqrt(k)). k > 1 needs
             sampling (temperature > 0).
         batch_size: prompts per ``backend.generate`` call (one progress-bar step).
-        prompt_template / system_prompt: how a problem becomes the user turn (as in training).
+        prompt_template / system_prompt / chat_template: how a problem becomes the prompt (as in training).
         baseline: a previous run's ``summary.json`` (or its directory, or the dict this function
             returned) to compute compression and accuracy change against; its rows with the model's
             own budget (or no budget, for a base model) are matched by dataset.
@@ -120,7 +121,9 @@ def evaluate_model(
     with _JsonlWriter(out_path / "completions.jsonl" if out_path else None) as writer:
         for name, records in datasets.items():
             records = list(records)
-            prompt_ids = encode_prompts([r["problem"] for r in records], tokenizer, prompt_template, system_prompt)
+            prompt_ids = encode_prompts(
+                [r["problem"] for r in records], tokenizer, prompt_template, system_prompt, chat_template
+            )
             for budget in budgets:
                 results = _run_condition(
                     name, records, prompt_ids, budget, backend, sampling, output_format, grader, tokenizer,
@@ -142,6 +145,7 @@ def evaluate_model(
             "batch_size": batch_size,
             "prompt_template": prompt_template,
             "system_prompt": system_prompt,
+            "chat_template": chat_template,
             "baseline": str(baseline) if isinstance(baseline, (str, Path)) else None,
         }
         (out_path / "summary.json").write_text(json.dumps({"rows": rows, "settings": settings}, indent=2) + "\n")
@@ -406,6 +410,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             batch_size=int(cfg.batch_size),
             prompt_template=cfg.prompt_template,
             system_prompt=cfg.get("system_prompt"),
+            chat_template=cfg.get("chat_template"),
             baseline=cfg.get("baseline"),
             tensorboard=bool(cfg.get("tensorboard", True)),
             progress=bool(cfg.get("progress", True)),

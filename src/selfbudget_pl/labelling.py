@@ -1,8 +1,10 @@
 """Cold-start labels and budget caps from the model's own correct answers (the paper's stage-1 data).
 
 For each problem the base model samples ``k`` plain answers (no budget format yet) to the prompt it will
-be trained on; the finished ones the grader accepts are kept, one is chosen (shortest or random), and
-it becomes the record's cold-start target, labelled with its own token length as budget and ``b_max``.
+be trained on; the finished ones whose stated answer (a box, ``#### x`` or "the answer is x":
+:func:`~selfbudget_pl.data.answers.stated_answer`) the grader accepts are kept, one is chosen (shortest or
+random), and it becomes the record's cold-start target, labelled with its own token length as budget and
+``b_max``.
 Correctness is the grader's verdict, never string equality with the gold answer (``\\frac12`` for
 ``1/2`` is correct). A problem with no correct sample keeps ``b_max = None`` (no cap) and no target:
 the paper leaves it out of SFT and in the RL set.
@@ -15,10 +17,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from selfbudget_pl.data.answers import boxed_solution, stated_answer
 from selfbudget_pl.data.budget_labels import label_record
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows, MathRecord
-from selfbudget_pl.format import OutputFormat, extract_boxed
+from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.rollout.base import RolloutBackend, SamplingSettings
 
 CHOICES = ("shortest", "random")
@@ -53,6 +56,7 @@ def label_from_samples(
     sampling: Optional[SamplingSettings] = None,
     prompt_template: str = "{problem}",
     system_prompt: Optional[str] = None,
+    chat_template: Optional[bool] = None,
     output_format: Optional[OutputFormat] = None,
     round_to: int = 1,
     batch_size: int = 16,
@@ -75,9 +79,12 @@ def label_from_samples(
     result = SelfLabels()
     for start in range(0, len(records), batch_size):
         batch = list(records[start : start + batch_size])
-        prompt_ids = encode_prompts([r["problem"] for r in batch], tokenizer, prompt_template, system_prompt)
+        prompt_ids = encode_prompts(
+            [r["problem"] for r in batch], tokenizer, prompt_template, system_prompt, chat_template
+        )
         rollouts = backend.generate(prompt_ids, num_samples=samples, sampling=sampling)
-        answers = [extract_boxed(text) for text in rollouts.completions]
+        # A chat model's plain answer often has no filled box: its prose or "####" answer is graded too.
+        answers = [stated_answer(text) for text in rollouts.completions]
         golds = [batch[group]["answer"] for group in rollouts.group_index]
         verdicts = grader.grade_batch(answers, golds)
         for index, record in enumerate(batch):
@@ -85,7 +92,11 @@ def label_from_samples(
             mine = [i for i, group in enumerate(rollouts.group_index) if group == index]
             # An empty completion holds no solution to learn from, whatever a lenient grader said of it.
             texts = {i: rollouts.completions[i].strip() for i in mine}
-            correct = [texts[i] for i in mine if verdicts[i] and not rollouts.truncated[i] and texts[i]]
+            # The target ends in its answer's box, so it parses as the format asks (one line added where
+            # the model stated the answer in prose).
+            correct = [
+                boxed_solution(texts[i], answers[i]) for i in mine if verdicts[i] and not rollouts.truncated[i] and texts[i]
+            ]
             if not correct:
                 reason = "only_truncated_correct" if any(verdicts[i] for i in mine) else "no_correct_sample"
                 result.records.append(_uncapped(record, dropped, reason, result.counts))

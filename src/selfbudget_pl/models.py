@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from selfbudget_pl.checkpoints import check_tokenizer_files
 from selfbudget_pl.tiny_model import TinyModelSpec, ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class ModelLoader:
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
+        check_tokenizer_files(self.path)
         tokenizer = AutoTokenizer.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
         if tokenizer.pad_token is None:
             # Decoder-only checkpoints often ship without one; EOS is the usual stand-in.

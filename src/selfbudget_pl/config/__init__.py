@@ -14,9 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from selfbudget_pl.callbacks.reward import RewardCallback
+from selfbudget_pl.checkpoints import packaged_checkpoint
 from selfbudget_pl.config import groups
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.config.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
@@ -40,6 +41,10 @@ __all__ = [
     "check_training_prompts",
     "plain",
 ]
+
+# ``${packaged_checkpoint:PACKAGE,FILE}`` in a config: the HF folder converted from a GGUF file a package ships
+# (configs/model/smollm2_135m.yaml). Registered here, where every entry point passes before it resolves a config.
+OmegaConf.register_new_resolver("packaged_checkpoint", packaged_checkpoint, replace=True)
 
 _POSITIVE = {"ge": 1, "note": "null: torch's default"}
 _TARGET_GROUPS = ("module", "model", "data", "output_format", "reward", "grader", "rollout", "strategy")
@@ -123,7 +128,9 @@ def check_eval_prompts(
         return
     longest, where = 0, ""
     for name, records in datasets.items():
-        prompts = encode_prompts([r["problem"] for r in records], tokenizer, cfg.prompt_template, cfg.get("system_prompt"))
+        prompts = encode_prompts(
+            [r["problem"] for r in records], tokenizer, cfg.prompt_template, cfg.get("system_prompt"), cfg.get("chat_template")
+        )
         for record, ids in zip(records, prompts):
             if len(ids) > longest:
                 longest, where = len(ids), f"{name} {record['id']}"

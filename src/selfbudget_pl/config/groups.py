@@ -367,6 +367,7 @@ class BudgetMathDataSchema(Schema):
     seed: int = spec()
     prompt_template: str = spec(rule=lambda t: None if "{problem}" in t else "has no {problem} field")
     system_prompt: Optional[str] = spec()
+    chat_template: Optional[bool] = spec(note="null: the model's chat template where it has one")
     max_length: Optional[int] = spec(ge=1, note="null: no limit")
     max_prompt_length: Optional[int] = spec(ge=1, note="null: no limit")
     on_bad_row: str = spec(choices=("drop", "error"))

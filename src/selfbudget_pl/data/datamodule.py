@@ -57,6 +57,8 @@ class BudgetMathDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (0: load in the main process).
         seed: seeds the train shuffle and the ``val_size`` hold-out.
         prompt_template: user message with a ``{problem}`` field; ``system_prompt``: optional system message.
+        chat_template: render prompts in the model's chat template: null where it has one, true (required)
+            or false (plain text); see :func:`~selfbudget_pl.data.prompts.use_chat_template`.
         output_format: the answer format SFT targets are rendered in (train.py passes the shared one).
         max_length: SFT rows with more prompt + response tokens are dropped (targets are never truncated).
         max_prompt_length: rows with a longer prompt are dropped (both modes).
@@ -91,6 +93,7 @@ class BudgetMathDataModule(L.LightningDataModule):
         seed: int = 0,
         prompt_template: str = "{problem}",
         system_prompt: Optional[str] = None,
+        chat_template: Optional[bool] = None,
         output_format: Optional[OutputFormat] = None,
         max_length: Optional[int] = None,
         max_prompt_length: Optional[int] = None,
@@ -117,6 +120,7 @@ class BudgetMathDataModule(L.LightningDataModule):
         self.seed = seed
         self.prompt_template = prompt_template
         self.system_prompt = system_prompt
+        self.chat_template = chat_template
         self.output_format = output_format or OutputFormat()
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -232,8 +236,10 @@ class BudgetMathDataModule(L.LightningDataModule):
             )
         examples = []
         for record in records:
-            prompt = build_prompt(record["problem"], self.tokenizer, self.prompt_template, self.system_prompt)
-            prompt_ids = encode_prompt(prompt, self.tokenizer)
+            prompt = build_prompt(
+                record["problem"], self.tokenizer, self.prompt_template, self.system_prompt, self.chat_template
+            )
+            prompt_ids = encode_prompt(prompt, self.tokenizer, self.chat_template)
             if self.max_prompt_length is not None and len(prompt_ids) > self.max_prompt_length:
                 self.dropped.add(split, f"prompt_longer_than_{self.max_prompt_length}", record["id"])
                 continue
