@@ -218,13 +218,23 @@ def test_old_logprobs_make_the_first_step_on_policy(sharp_loader, prompt_ids):
     )  # fmt: skip
     experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     experience.old_logprobs = module.score_completions(module.model, experience)
-    loss, _ = module.micro_batch_loss(experience, module._normaliser(experience))
+    loss, _, _ = module.micro_batch_loss(experience, module._normaliser(experience))
     # With cached old log-probs from the same weights the ratio is 1: nothing is clipped and the loss
     # equals the on-policy one.
     assert float(loss.clip_region) == 0.0
     experience.old_logprobs = None
-    on_policy, _ = module.micro_batch_loss(experience, module._normaliser(experience))
+    on_policy, _, _ = module.micro_batch_loss(experience, module._normaliser(experience))
     torch.testing.assert_close(loss.loss, on_policy.loss)
+
+
+def test_a_correction_without_the_samplers_log_probs_is_refused_at_the_first_step(sharp_loader, prompt_ids):
+    # auto leaves it off for the HF backend; turned on, its rollouts carry no sampler log-probs to compare.
+    auto = _module(sharp_loader)
+    auto.configure_model()
+    assert auto.active_correction() is None
+    module = _module(sharp_loader, sampler_correction=dict(enabled=True), rollout=None)
+    with pytest.raises(ValueError, match="module.sampler_correction is on but the rollout backend"):
+        _trainer(1, [FirstTokenReward(EVEN_FIRST_TOKEN)]).fit(module, train_dataloaders=_loader(prompt_ids, 2))
 
 
 def test_kl_reference_is_the_frozen_start_or_the_adapters_switched_off(sharp_loader, prompt_ids):
@@ -253,7 +263,7 @@ def test_kl_to_the_reference_is_zero_before_training(sharp_loader, prompt_ids):
     )  # fmt: skip
     experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0]))
     experience.ref_logprobs = module.reference_logprobs(experience)
-    loss, _ = module.micro_batch_loss(experience, module._normaliser(experience))
+    loss, _, _ = module.micro_batch_loss(experience, module._normaliser(experience))
     assert float(loss.kl) == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero: policy == reference
 
 

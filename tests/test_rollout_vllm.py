@@ -61,13 +61,15 @@ def test_sampling_params_give_each_completion_its_own_seed():
     assert kwargs[0] == {
         "n": 1, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "stop": ["</solution>"],
         "stop_token_ids": [1, 2], "include_stop_str_in_output": True, "skip_special_tokens": False,
-        "spaces_between_special_tokens": False, "seed": 7,
+        "spaces_between_special_tokens": False, "logprobs": 0, "flat_logprobs": True, "seed": 7,
     }
     assert sampling_params_kwargs(SamplingSettings(seed=None), [1])["seed"] is None
 
 
-def _request(token_ids, finish_reason, stop_reason=None):
-    completion = SimpleNamespace(token_ids=token_ids, finish_reason=finish_reason, stop_reason=stop_reason, text="ignored")
+def _request(token_ids, finish_reason, stop_reason=None, logprobs=None):
+    completion = SimpleNamespace(
+        token_ids=token_ids, finish_reason=finish_reason, stop_reason=stop_reason, text="ignored", logprobs=logprobs
+    )
     return SimpleNamespace(outputs=[completion])
 
 
@@ -85,6 +87,16 @@ def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
     assert rollouts.group_index == [0, 0, 1, 1]
     assert rollouts.completions[0] == "the sum"  # decoded from the ids; a pre-filled prefix is RolloutBackend's
     assert rollouts.completions[3] == ""
+    assert rollouts.sampler_logprobs == []  # vLLM returned none
+
+
+def test_each_sampled_tokens_log_prob_is_kept_stop_token_included(tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = [7, 9, eos]
+    positions = [{7: SimpleNamespace(logprob=-0.5)}, {9: SimpleNamespace(logprob=-1.5)}, {eos: SimpleNamespace(logprob=-0.25)}]
+    rollouts = rollouts_from_outputs([_request(ids, "stop", logprobs=positions)], [[5]], 1, tokenizer, [eos])
+    assert rollouts.completion_ids == [[7, 9]] and rollouts.stop_token_ids == [eos]
+    assert rollouts.sampler_logprobs == [[-0.5, -1.5, -0.25]]
 
 
 class _FakeLLM:

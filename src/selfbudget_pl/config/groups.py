@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from selfbudget_pl.config.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
 from selfbudget_pl.rewards.budget import COST_BASES, PEAKS, SCHEDULES, SHAPES, BudgetGuidedReward, constant_violations
@@ -87,6 +87,18 @@ class OptimizerSchema(Schema):
     momentum: float = spec(ge=0)
 
 
+@dataclass
+class SamplerCorrectionSchema(Schema):
+    """:class:`~selfbudget_pl.modules.losses.SamplerCorrection` (``module.sampler_correction``)."""
+
+    TARGETS = ("selfbudget_pl.modules.losses.SamplerCorrection",)
+
+    enabled: Union[str, bool] = spec(choices=("auto", True, False), note="auto: on for a sampler with its own engine")
+    level: str = spec(choices=("token", "sequence"))
+    mode: str = spec(choices=("truncate", "mask"), note="mask: a ratio above the cap drops its tokens; truncate: cut to it")
+    cap: float = spec(gt=0)
+
+
 # -- module ----------------------------------------------------------------------------------------
 
 
@@ -134,6 +146,7 @@ class GRPOModuleSchema(PolicyModuleSchema):
     packed_forward: bool = spec()
     head_chunk_tokens: int = spec(ge=1, note="completion tokens whose logits exist at once")
     mask_truncated_completions: bool = spec()
+    sampler_correction: Optional[SamplerCorrectionSchema] = spec(note="null: the defaults (auto)")
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -526,7 +539,7 @@ class StrategySchema(Schema):
 
 
 register(
-    SamplingSchema, SFTModuleSchema, GRPOModuleSchema, LoraSchema, TinyModelSchema, ModelLoaderSchema,
+    SamplingSchema, SamplerCorrectionSchema, SFTModuleSchema, GRPOModuleSchema, LoraSchema, TinyModelSchema, ModelLoaderSchema,
     OutputFormatSchema, RewardCallbackSchema, BudgetGuidedRewardSchema, L1ExactRewardSchema, L1MaxRewardSchema,
     AccuracyRewardSchema, FormatRewardSchema, MathGraderSchema, HFRolloutSchema, VLLMRolloutSchema,
     BudgetMathDataSchema, JsonlSourceSchema, HFSourceSchema, SyntheticSourceSchema, BudgetMetricsSchema,

@@ -45,7 +45,10 @@ from selfbudget_pl.modules.base import PolicyModule
 from selfbudget_pl.modules.experience import Experience, experience_from_rollouts
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.logprobs import completion_logprobs
-from selfbudget_pl.modules.losses import AGGREGATIONS, Aggregation, PolicyLoss, group_advantages, policy_loss
+from selfbudget_pl.modules.losses import (
+    AGGREGATIONS, Aggregation, PolicyLoss, SamplerCorrection, SamplerWeights, group_advantages, policy_loss,
+    sampler_weights,
+)  # fmt: skip
 from selfbudget_pl.modules.optimization import training_progress
 from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
@@ -86,6 +89,9 @@ class GRPOModule(PolicyModule):
         mask_truncated_completions: leave completions cut off by ``max_new_tokens`` out of the loss
             (TRL's option): their reward says nothing about an answer the model never got to finish.
             They still count in their group's baseline.
+        sampler_correction: importance weights for a sampler whose log-probs are not the trainer's
+            (:class:`~selfbudget_pl.modules.losses.SamplerCorrection`: on/off/auto, token or sequence level,
+            truncate or mask, the cap); ``auto`` turns it on for a backend with its own engine (vLLM).
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class GRPOModule(PolicyModule):
         packed_forward: bool = True,
         head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         mask_truncated_completions: bool = False,
+        sampler_correction: Optional[SamplerCorrection | dict] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -146,6 +153,9 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
         self.head_chunk_tokens = head_chunk_tokens
         self.mask_truncated_completions = mask_truncated_completions
+        if not isinstance(sampler_correction, SamplerCorrection):
+            sampler_correction = SamplerCorrection(**dict(sampler_correction or {}))
+        self.sampler_correction = sampler_correction
         self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
         # The reference is rebuilt from the base checkpoint (configure_model, on resume too), never saved:
@@ -192,7 +202,7 @@ class GRPOModule(PolicyModule):
         # Each rank saw different prompts: log the mean over ranks, not rank 0's share; extremes are
         # the extremes over ranks.
         for reduce_fx in ("min", "max"):
-            extremes = {name: metrics.pop(name) for name in EXTREME_METRICS[reduce_fx]}
+            extremes = {name: metrics.pop(name) for name in EXTREME_METRICS[reduce_fx] if name in metrics}
             self.log_dict(extremes, on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx=reduce_fx)
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
@@ -239,6 +249,12 @@ class GRPOModule(PolicyModule):
 
     def make_experience(self, rollouts: Rollouts, advantages: torch.Tensor) -> Experience:
         """The rollouts as training tensors on the module's device (:func:`experience_from_rollouts`)."""
+        if self.active_correction() is not None and not rollouts.sampler_logprobs:
+            raise ValueError(
+                f"module.sampler_correction is on but the rollout backend ({type(self.rollout_backend).__name__}) "
+                "recorded no log-probs of its sampled tokens, so the trainer/sampler ratio cannot be computed: "
+                "set module.sampler_correction.enabled=false, or use a backend that records them (rollout=vllm)."
+            )
         pad_id = self.tokenizer.pad_token_id
         return experience_from_rollouts(rollouts, advantages, pad_id, self.mask_truncated_completions).to(self.device)
 
@@ -260,9 +276,9 @@ class GRPOModule(PolicyModule):
                 micros = list(mini.chunks(self.micro_batch_size or len(mini)))
                 for index, micro in enumerate(micros):
                     with self._gradient_sync(last=index == len(micros) - 1):
-                        loss, entropy = self.micro_batch_loss(micro, normaliser)
+                        loss, entropy, weights = self.micro_batch_loss(micro, normaliser)
                         self.manual_backward(loss.loss)
-                    accumulate(totals, micro, loss, entropy)
+                    accumulate(totals, micro, loss, entropy, weights)
                 self.configure_gradient_clipping(optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -305,17 +321,32 @@ class GRPOModule(PolicyModule):
             return nullcontext()
         return strategy.block_backward_sync()
 
-    def micro_batch_loss(self, micro: Experience, normaliser: float) -> tuple[PolicyLoss, Optional[torch.Tensor]]:
-        """Forward the policy on one micro-batch and build its share of the mini-batch loss."""
+    def micro_batch_loss(
+        self, micro: Experience, normaliser: float
+    ) -> tuple[PolicyLoss, Optional[torch.Tensor], Optional[SamplerWeights]]:
+        """Forward the policy on one micro-batch and build its share of the mini-batch loss (with the sampler's
+        importance weights when the correction is on)."""
         logprobs, entropy = self.completion_logprobs(self.model, micro)
+        # The trainer's log-probs under the weights that sampled: scored before the first step, or these.
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        correction, weights = self.active_correction(), None
+        if correction is not None:
+            weights = sampler_weights(old, micro.sampler_logprobs, micro.completion_mask, correction)
         loss = policy_loss(
             logprobs, old, micro.advantages, micro.completion_mask,
             eps_low=self.epsilon_low, eps_high=self.epsilon_high, aggregation=self.loss_aggregation,
             ref_logprobs=micro.ref_logprobs, beta=self.beta,
             max_length=self.sampling.max_new_tokens, normaliser=normaliser,
+            sampler_weights=None if weights is None else weights.weights,
         )  # fmt: skip
-        return loss, (entropy.sum() if self.log_entropy else None)
+        return loss, (entropy.sum() if self.log_entropy else None), weights
+
+    def active_correction(self) -> Optional[SamplerCorrection]:
+        """The sampler correction when it applies: on, or ``auto`` with a backend that has its own engine."""
+        enabled = self.sampler_correction.enabled
+        if enabled == "auto":
+            enabled = self.rollout_backend.separate_engine
+        return self.sampler_correction if enabled else None
 
     # -- forward passes ------------------------------------------------------------------------
     def completion_logprobs(self, model: torch.nn.Module, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:

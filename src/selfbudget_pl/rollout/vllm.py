@@ -70,7 +70,12 @@ class VLLMRolloutBackend(RolloutBackend):
         dtype: vLLM weights dtype (``auto`` follows the checkpoint).
         seed: engine seed; per-request seeds come from ``SamplingSettings.seed``.
         engine_kwargs: anything else ``vllm.LLM`` accepts (e.g. ``enforce_eager``, ``max_num_seqs``).
+
+    Every completion comes with vLLM's log-prob of each sampled token, after temperature (``logprobs_mode``
+    ``processed_logprobs``), which GRPO's sampler correction compares with the trainer's own.
     """
+
+    separate_engine = True
 
     def __init__(
         self,
@@ -105,6 +110,8 @@ class VLLMRolloutBackend(RolloutBackend):
             kv_cache_gb = cpu_kv_cache_gb
         if kv_cache_gb is not None:
             engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+        # The log-probs of the distribution each token was drawn from (temperature applied), as the trainer scores them.
+        engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         self.llm = vllm.LLM(
             model=model_path or model.name_or_path,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -229,6 +236,8 @@ def sampling_params_kwargs(sampling: SamplingSettings, eos_token_ids: Sequence[i
         # vLLM would otherwise leave out of it (a stop at "</solution>" would never fire).
         "skip_special_tokens": False,
         "spaces_between_special_tokens": False,
+        "logprobs": 0,  # the sampled token's own log-prob only
+        "flat_logprobs": True,  # a few flat lists per request rather than a dict per token
         "seed": None if sampling.seed is None else sampling.seed + index,
     }
 
@@ -243,12 +252,15 @@ def rollouts_from_outputs(
     """Turn vLLM ``RequestOutput``s (one per completion, in request order) into :class:`Rollouts`.
 
     Completion texts are decoded here from the token ids (not vLLM's text), so ids and text agree exactly
-    as in :class:`~selfbudget_pl.rollout.hf.HFRolloutBackend`.
+    as in :class:`~selfbudget_pl.rollout.hf.HFRolloutBackend`; each sampled token's log-prob (stop token
+    included) is kept when vLLM returned them.
     """
-    samples = []
+    samples, logprobs = [], []
     for request in outputs:
         completion = request.outputs[0]
         ids = list(completion.token_ids)
+        if completion.logprobs is not None:
+            logprobs.append([position[token].logprob for token, position in zip(ids, completion.logprobs)])
         stop_token = None
         if completion.finish_reason == "length":
             reason = "length"
@@ -259,4 +271,4 @@ def rollouts_from_outputs(
             if ids and ids[-1] in eos_token_ids:
                 stop_token = ids.pop()
         samples.append((ids, reason, stop_token))
-    return rollouts_from_samples(contexts, samples, num_samples, tokenizer)
+    return rollouts_from_samples(contexts, samples, num_samples, tokenizer, logprobs if len(logprobs) == len(samples) else None)
