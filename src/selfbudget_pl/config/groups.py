@@ -133,6 +133,7 @@ class GRPOModuleSchema(PolicyModuleSchema):
     num_iterations: int = spec(ge=1)
     mini_batch_size: Optional[int] = spec(ge=1, note="null: the whole batch in one optimizer step")
     micro_batch_size: Optional[int] = spec(ge=1, note="null: a whole mini-batch per forward")
+    micro_batch_tokens: Optional[int] = spec(ge=1, note="null: no bound on a forward's tokens")
     epsilon_low: float = spec(ge=0, lt=1, note="the ratio is clipped at 1 - epsilon_low")
     epsilon_high: float = spec(ge=0)
     beta: float = spec(ge=0, note="0: no KL term and no reference model")

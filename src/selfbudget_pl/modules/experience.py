@@ -54,6 +54,24 @@ class Experience:
         for start in range(0, len(self), size):
             yield self.rows(start, min(start + size, len(self)))
 
+    def micro_batches(self, max_completions: Optional[int] = None, max_tokens: Optional[int] = None) -> Iterator["Experience"]:
+        """Consecutive pieces of at most ``max_completions`` completions holding at most ``max_tokens`` tokens
+        (each completion's prompt and completion tokens: the packed forward, which holds a group's prompt once,
+        holds no more); a completion longer than ``max_tokens`` goes alone. None: no bound."""
+        sizes = (self.prompt_mask.sum(1) + self.completion_mask.sum(1)).tolist()
+        start = 0
+        while start < len(self):
+            stop, tokens = start + 1, sizes[start]
+            while (
+                stop < len(self)
+                and (max_completions is None or stop - start < max_completions)
+                and (max_tokens is None or tokens + sizes[stop] <= max_tokens)
+            ):
+                tokens += sizes[stop]
+                stop += 1
+            yield self.rows(start, stop)
+            start = stop
+
     def to(self, device: torch.device | str) -> "Experience":
         """The same experience with its tensors on ``device``."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -65,6 +65,9 @@ class GRPOModule(PolicyModule):
         num_iterations: passes over each batch of rollouts (PPO epochs); >1 reuses samples off-policy.
         mini_batch_size: completions per optimizer step (None: all of a batch's rollouts in one step).
         micro_batch_size: completions per forward/backward (None: a whole mini-batch at once).
+        micro_batch_tokens: tokens one forward/backward may hold (prompt + completion of each completion; a
+            longer completion goes alone), so a few long completions do not share one forward (None: no bound).
+            The split does not change the step: every micro-batch divides by the mini-batch's normaliser.
         epsilon_low / epsilon_high: the ratio clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
         beta: KL coefficient; > 0 adds a reference policy (the adapters switched off under LoRA,
             otherwise a frozen copy of the starting weights).
@@ -102,6 +105,7 @@ class GRPOModule(PolicyModule):
         num_iterations: int = 1,
         mini_batch_size: Optional[int] = None,
         micro_batch_size: Optional[int] = None,
+        micro_batch_tokens: Optional[int] = None,
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         beta: float = 0.0,
@@ -132,6 +136,9 @@ class GRPOModule(PolicyModule):
         self.num_iterations = num_iterations
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"module.micro_batch_tokens={micro_batch_tokens} must be >= 1 (or null: no bound)")
+        self.micro_batch_tokens = micro_batch_tokens
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
         self.beta = beta
@@ -273,7 +280,7 @@ class GRPOModule(PolicyModule):
         for _ in range(self.num_iterations):
             for mini in experience.chunks(mini_batch):
                 normaliser = self._normaliser(mini)
-                micros = list(mini.chunks(self.micro_batch_size or len(mini)))
+                micros = list(self.micro_batches(mini))
                 for index, micro in enumerate(micros):
                     with self._gradient_sync(last=index == len(micros) - 1):
                         loss, entropy, weights = self.micro_batch_loss(micro, normaliser)
@@ -313,6 +320,10 @@ class GRPOModule(PolicyModule):
         )
         total = per_epoch * max(trainer.max_epochs, 1)
         return float(min(total, trainer.max_steps) if trainer.max_steps > 0 else total)
+
+    def micro_batches(self, experience: Experience) -> list[Experience]:
+        """``experience`` in the pieces one forward takes (``micro_batch_size``, ``micro_batch_tokens``)."""
+        return list(experience.micro_batches(self.micro_batch_size, self.micro_batch_tokens))
 
     def _gradient_sync(self, last: bool) -> ContextManager[None]:
         """All-reduce gradients only on a mini-batch's last backward; earlier ones accumulate locally."""
@@ -367,7 +378,7 @@ class GRPOModule(PolicyModule):
         """Log-probs of every completion token under ``model`` (no grad), ``[N, T]`` like the experience."""
         scores = torch.zeros(experience.completion_ids.shape, dtype=torch.float32, device=self.device)
         start = 0
-        for micro in experience.chunks(self.micro_batch_size or len(experience)):
+        for micro in self.micro_batches(experience):
             logprobs, _ = self.completion_logprobs(model, micro)
             scores[start : start + len(micro), : logprobs.shape[1]] = logprobs
             start += len(micro)
