@@ -8,10 +8,11 @@ entry per completion, ordered prompt by prompt: prompt 0's ``num_samples`` compl
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -225,3 +226,16 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     if eos is None:
         eos = tokenizer.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos)
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
+    """With a seed, sample from a private RNG stream (seeded with it) so the global one (and training) is
+    untouched; without one, from the global stream."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
