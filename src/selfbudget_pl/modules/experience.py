@@ -54,7 +54,9 @@ class Experience:
         for start in range(0, len(self), size):
             yield self.rows(start, min(start + size, len(self)))
 
-    def micro_batches(self, max_completions: Optional[int] = None, max_tokens: Optional[int] = None) -> Iterator["Experience"]:
+    def micro_batches(
+        self, max_completions: Optional[int] = None, max_tokens: Optional[int] = None
+    ) -> Iterator["Experience"]:
         """Consecutive pieces of at most ``max_completions`` completions holding at most ``max_tokens`` tokens
         (each completion's prompt and completion tokens: the packed forward, which holds a group's prompt once,
         holds no more); a completion longer than ``max_tokens`` goes alone. None: no bound."""
@@ -99,4 +101,6 @@ def experience_from_rollouts(
         sampler_logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32)
         for row, values in enumerate(rollouts.sampler_logprobs):
             sampler_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
-    return Experience(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages, sampler_logprobs=sampler_logprobs)
+    return Experience(
+        prompt_ids, prompt_mask, completion_ids, completion_mask, advantages, sampler_logprobs=sampler_logprobs
+    )

@@ -177,7 +177,8 @@ class SamplerCorrection:
     cap: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.enabled not in CORRECTION_SWITCHES or self.level not in CORRECTION_LEVELS or self.mode not in CORRECTION_MODES:
+        known = (self.enabled in CORRECTION_SWITCHES, self.level in CORRECTION_LEVELS, self.mode in CORRECTION_MODES)
+        if not all(known):
             raise ValueError(
                 f"sampler correction enabled={self.enabled!r}, level={self.level!r}, mode={self.mode!r}: enabled is one "
                 f"of {CORRECTION_SWITCHES}, level of {CORRECTION_LEVELS}, mode of {CORRECTION_MODES}"

@@ -298,4 +298,5 @@ def rollouts_from_outputs(
             if ids and ids[-1] in eos_token_ids:
                 stop_token = ids.pop()
         samples.append((ids, reason, stop_token))
-    return rollouts_from_samples(contexts, samples, num_samples, tokenizer, logprobs if len(logprobs) == len(samples) else None)
+    recorded = logprobs if len(logprobs) == len(samples) else None
+    return rollouts_from_samples(contexts, samples, num_samples, tokenizer, recorded)
