@@ -191,6 +191,12 @@ class GRPOModule(PolicyModule):
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollouts = self.sample_and_reward(batch)
+        if self.active_correction() is not None and not rollouts.sampler_logprobs:
+            raise ValueError(
+                f"module.sampler_correction is on but the rollout backend ({type(self.rollout_backend).__name__}) "
+                "recorded no log-probs of its sampled tokens, so the trainer/sampler ratio cannot be computed: "
+                "set module.sampler_correction.enabled=false, or use a backend that records them (rollout=vllm)."
+            )
         advantages = group_advantages(
             rollouts.rewards.to(self.device), self.num_generations, self.scale_rewards, self.advantage_eps
         )
@@ -256,12 +262,6 @@ class GRPOModule(PolicyModule):
 
     def make_experience(self, rollouts: Rollouts, advantages: torch.Tensor) -> Experience:
         """The rollouts as training tensors on the module's device (:func:`experience_from_rollouts`)."""
-        if self.active_correction() is not None and not rollouts.sampler_logprobs:
-            raise ValueError(
-                f"module.sampler_correction is on but the rollout backend ({type(self.rollout_backend).__name__}) "
-                "recorded no log-probs of its sampled tokens, so the trainer/sampler ratio cannot be computed: "
-                "set module.sampler_correction.enabled=false, or use a backend that records them (rollout=vllm)."
-            )
         pad_id = self.tokenizer.pad_token_id
         return experience_from_rollouts(rollouts, advantages, pad_id, self.mask_truncated_completions).to(self.device)
 
