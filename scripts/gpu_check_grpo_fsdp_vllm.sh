@@ -50,8 +50,10 @@ overrides() {  # $1: vllm | hf; further arguments are appended
     module.sampling.max_new_tokens=256 module.val_sampling.max_new_tokens=64 module.optimizer.lr=1e-5
   )
   if [[ $rollout == vllm ]]; then
-    OVERRIDES+=(rollout.gpu_memory_utilization=0.25 rollout.max_model_len=1024 rollout.dtype=bfloat16
-                +rollout.enforce_eager=true)
+    # Sleep mode is CUDA-only: this run is where TRL's order (wake weights, sync, wake KV cache, generate,
+    # sleep level 2) meets a real engine; the sampler correction's sampling/* figures land in train.log.
+    OVERRIDES+=(rollout.gpu_memory_utilization=0.25 rollout.max_model_len=1024 rollout.dtype=auto
+                rollout.enable_sleep_mode=true +rollout.enforce_eager=true)
   else
     OVERRIDES+=(rollout.batch_size=256)
   fi

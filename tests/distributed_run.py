@@ -24,28 +24,41 @@ import lightning as L
 import torch
 import yaml
 from omegaconf import OmegaConf, open_dict
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 
 from selfbudget_pl.train import train
 from tests.test_train import compose_small
 
 
+def count_allreduces(buckets, bucket):  # unannotated: DDP rejects the string annotations of this module
+    """A DDP communication hook: DDP's own all-reduce of ``bucket`` (a ``dist.GradBucket``), its index noted
+    in ``buckets`` (a list) first."""
+    buckets.append(bucket.index())
+    return default_hooks.allreduce_hook(None, bucket)
+
+
 class RecordExamples(L.Callback):
     """Keeps the starting weights' digest, an identity for every training example this rank saw (its
-    dataset id, which GRPO batches carry, or a digest of its tokens for SFT batches) and, under GRPO,
-    the completion lengths it sampled in the last step."""
+    dataset id, which GRPO batches carry, or a digest of its tokens for SFT batches), the gradient buckets
+    DDP all-reduced and, under GRPO, the completion lengths it sampled in the last step."""
 
     def __init__(self) -> None:
         self.examples: list[Any] = []
         self.initial_sha256 = ""
         self.completion_lengths: list[int] = []  # GRPO: this rank's completion lengths in the last step
+        self.allreduced_buckets: list[Any] = []  # "step": a training batch starts; an index: a bucket all-reduced
 
     def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Any) -> None:
         self.completion_lengths = [len(rollouts.sampled_ids(index)) for index in range(len(rollouts))]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initial_sha256 = weights_digest(pl_module.model)
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            trainer.strategy.model.register_comm_hook(self.allreduced_buckets, count_allreduces)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.allreduced_buckets.append("step")
         if "id" in batch:
             ids = batch["id"]
             self.examples.extend(ids.tolist() if isinstance(ids, torch.Tensor) else list(ids))
@@ -109,6 +122,7 @@ def main(experiment: str, output_dir: str, *overrides: str) -> None:
         "weights_sha256": weights_digest(objects["module"].model),
         "examples": recorder.examples,
         "completion_lengths": recorder.completion_lengths,
+        "allreduced_buckets": recorder.allreduced_buckets,
     }
     if trainer.is_global_zero:
         from transformers import AutoModelForCausalLM

@@ -7,6 +7,9 @@ Per case, each rank writes what its engine received against two references:
 * before training, the unsharded model's own weights (``merge_and_unload`` under LoRA);
 * after one optimizer step, torch's own full state dict (``get_model_state_dict``), merged by peft.
 
+The stand-in engine is a GPU one, so it runs (and receives) bfloat16 from the float32 model; under FSDP2 each
+rank casts its shard before the all-gather, which moves bfloat16 (recorded by :class:`GatherDtypes`).
+
     torchrun --nproc-per-node=2 -m tests.fsdp_weight_sync_run <output_dir>
 """
 
@@ -18,6 +21,8 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from selfbudget_pl.models import LoraSettings, ModelLoader, apply_lora
 from selfbudget_pl.weights import full_state_dict
@@ -27,6 +32,23 @@ from .rank_cases import run_cases
 from .vllm_stand_in import install_stand_in_vllm
 
 CASES = [("fsdp2", False), ("fsdp2", True), ("fsdp1", False), ("fsdp1", True)]
+GATHERED = {  # the dtypes the sync's all-gathers send, per case
+    ("fsdp2", False): {"torch.bfloat16"}, ("fsdp2", True): {"torch.bfloat16", "torch.float32"},
+    ("fsdp1", False): {"torch.float32"}, ("fsdp1", True): {"torch.float32"},
+}
+
+
+class GatherDtypes(TorchDispatchMode):
+    """Notes the dtype of every tensor an all-gather collective sends while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "gather" in str(func):  # c10d's allgather (FSDP1) and the functional all_gather (DTensor)
+            self.dtypes.update(str(leaf.dtype) for leaf in tree_leaves(args) if isinstance(leaf, torch.Tensor))
+        return func(*args, **(kwargs or {}))
 
 
 class Holder(torch.nn.Module):
@@ -61,6 +83,10 @@ class RecordingLLM:
 
 def same(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> bool:
     return left.keys() == right.keys() and all(torch.equal(left[key], right[key]) for key in left)
+
+
+def in_engine_dtype(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value.to(torch.bfloat16) for key, value in state.items()}
 
 
 def digest(state: dict[str, torch.Tensor]) -> str:
@@ -139,7 +165,8 @@ def run_case(kind: str, lora: bool, loader: ModelLoader, tokenizer, layers: tupl
     oracle = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True))
     oracle = {key[len("model.") :]: value.clone() for key, value in oracle.items() if key.startswith("model.")}
     expected_after = merged(loader, lora, oracle)
-    backend.sync_weights(root, "model.")
+    with GatherDtypes() as gathers:
+        backend.sync_weights(root, "model.")
     received_after = engine.received()
 
     return {
@@ -147,8 +174,10 @@ def run_case(kind: str, lora: bool, loader: ModelLoader, tokenizer, layers: tupl
         "external_launcher": engine.kwargs.get("distributed_executor_backend") == "external_launcher",
         "one_reload_per_sync": len(engine.reloads) == 2,
         "names_once": len(engine.reloads[-1]) == len(received_after),
-        "before_equals_unsharded": same(received_before, expected_before),
-        "after_step_equals_torch_state_dict": same(received_after, expected_after),
+        "before_equals_unsharded": same(received_before, in_engine_dtype(expected_before)),
+        "after_step_equals_torch_state_dict": same(received_after, in_engine_dtype(expected_after)),
+        # FSDP1 gathers a unit's flat parameter as it is (float32), and LoRA layers merge in float32, then cast.
+        "gathers_in_engine_dtype": gathers.dtypes == GATHERED[kind, lora],
         "weights_moved": not same(expected_after, expected_before),
         "sync_left_training_weights": dist.get_rank() != 0 or same(raw_after_sync, raw_before),
         "digest": digest(received_after),

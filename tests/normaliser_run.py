@@ -47,7 +47,7 @@ def mini_batch(vocab: int) -> Experience:
 def gradients(module: GRPOModule, part: Experience, normaliser: float) -> dict[str, torch.Tensor]:
     """The gradient of ``part``'s share of the loss, divided by ``normaliser``."""
     module.model.zero_grad(set_to_none=True)
-    loss, _ = module.micro_batch_loss(part, normaliser)
+    loss, _, _ = module.micro_batch_loss(part, normaliser)
     loss.loss.backward()
     return {name: p.grad.clone() for name, p in module.model.named_parameters()}
 

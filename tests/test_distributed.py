@@ -94,14 +94,22 @@ def test_ddp_grpo_ranks_agree_with_accumulated_micro_batches(tmp_path, tiny_cach
     # Rank 1 samples at most 7 tokens, rank 0 at most 12, so the ranks' length extremes differ whichever
     # decoder draws the samples (the random-weight model seldom stops early).
     # data.seed differs from the global seed: each rank's share must be shuffled from data.seed.
-    overrides = ("model.name_or_path=null", "trainer.max_steps=2", "trainer.val_check_interval=2",
+    overrides = ("model.name_or_path=null", "trainer.max_steps=3", "trainer.val_check_interval=3",
                  "trainer.limit_val_batches=1", "module.micro_batch_size=2", "data.seed=5")
     reports = run_ddp("grpo_toy", tmp_path, tiny_cache, *overrides, "rank1:module.sampling.max_new_tokens=7")
     assert_examples_shuffled_from_data_seed(reports, compose_small("grpo_toy", tmp_path, *overrides))
-    assert_ranks_agree(reports, steps=2, synced=["rewards/mean", "rewards/std", "train/loss", "train/entropy",
+    assert_ranks_agree(reports, steps=3, synced=["rewards/mean", "rewards/std", "train/loss", "train/entropy",
                                                  "completions/mean_length", "rewards/even_tokens/mean"])
     initial = reports[0]["initial_sha256"]
     assert reports[0]["weights_sha256"] != initial, "GRPO took no step: the test reward gave no advantage"
+    # Each gradient bucket is all-reduced once per optimizer step, steps after DDP rebuilds its buckets
+    # included: neither the earlier micro-batches' backwards (no_sync) nor the DDP forward that wraps
+    # training_step (and prepares its reducer for a backward) makes another.
+    for report in reports:
+        per_step: list[list[int]] = []
+        for entry in report["allreduced_buckets"]:
+            per_step.append([]) if entry == "step" else per_step[-1].append(entry)
+        assert len(per_step) == 3 and all(step and len(set(step)) == len(step) for step in per_step), per_step
     # Length extremes are the extremes over ranks, the mean the mean of the ranks' means (equal counts).
     lengths = [report["completion_lengths"] for report in reports]
     assert max(lengths[1]) <= 7 < max(lengths[0])  # a mean or rank 0's own extreme would differ

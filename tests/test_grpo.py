@@ -200,6 +200,30 @@ def test_micro_batch_losses_match_a_hand_computed_policy_gradient(sharp_loader, 
         torch.testing.assert_close(ours[name], parameter.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_token_bounded_micro_batches_give_the_unsplit_steps_gradients(sharp_loader, prompt_ids, aggregation):
+    module = _module(sharp_loader, micro_batch_tokens=11, loss_aggregation=aggregation)
+    module.configure_model()
+    completions = [[11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [14], [15, 16], [17, 18, 19], [20], [21, 22]]
+    rollouts = Rollouts(
+        prompt_ids=[prompt_ids[1]] * 3 + [prompt_ids[0]] * 3, completion_ids=completions, completions=["a"] * 6,
+        finish_reasons=["length"] * 6, group_index=[0, 0, 0, 1, 1, 1],
+    )  # fmt: skip
+    experience = module.make_experience(rollouts, group_advantages(torch.tensor([1.0, 0.0, 0.5, 0.0, 0.0, 1.0]), 3))
+    normaliser = module._normaliser(experience)
+    micros = module.micro_batches(experience)
+    # The 12-token first completion (its prompt included) goes alone; the rest fill up to 11 tokens each.
+    sizes = [int(micro.prompt_mask.sum() + micro.completion_mask.sum()) for micro in micros]
+    assert [len(micro) for micro in micros] == [1, 2, 1, 1, 1] and max(sizes[1:]) <= 11 < sizes[0], sizes
+    for micro in micros:
+        module.micro_batch_loss(micro, normaliser)[0].loss.backward()
+    split = {name: p.grad.clone() for name, p in module.model.named_parameters()}
+    module.model.zero_grad(set_to_none=True)
+    module.micro_batch_loss(experience, normaliser)[0].loss.backward()
+    for name, parameter in module.model.named_parameters():
+        torch.testing.assert_close(split[name], parameter.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_several_iterations_and_mini_batches_step_per_mini_batch_with_old_logprobs(sharp_loader, prompt_ids):
     module = _module(sharp_loader, num_iterations=2, mini_batch_size=4, micro_batch_size=2)
     trainer = _trainer(4, [FirstTokenReward(EVEN_FIRST_TOKEN)])
@@ -218,13 +242,23 @@ def test_old_logprobs_make_the_first_step_on_policy(sharp_loader, prompt_ids):
     )  # fmt: skip
     experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0, 0.5, -0.5]))
     experience.old_logprobs = module.score_completions(module.model, experience)
-    loss, _ = module.micro_batch_loss(experience, module._normaliser(experience))
+    loss, _, _ = module.micro_batch_loss(experience, module._normaliser(experience))
     # With cached old log-probs from the same weights the ratio is 1: nothing is clipped and the loss
     # equals the on-policy one.
     assert float(loss.clip_region) == 0.0
     experience.old_logprobs = None
-    on_policy, _ = module.micro_batch_loss(experience, module._normaliser(experience))
+    on_policy, _, _ = module.micro_batch_loss(experience, module._normaliser(experience))
     torch.testing.assert_close(loss.loss, on_policy.loss)
+
+
+def test_a_correction_without_the_samplers_log_probs_is_refused_at_the_first_step(sharp_loader, prompt_ids):
+    # auto leaves it off for the HF backend; turned on, its rollouts carry no sampler log-probs to compare.
+    auto = _module(sharp_loader)
+    auto.configure_model()
+    assert auto.active_correction() is None
+    module = _module(sharp_loader, sampler_correction=dict(enabled=True), rollout=None)
+    with pytest.raises(ValueError, match="module.sampler_correction is on but the rollout backend"):
+        _trainer(1, [FirstTokenReward(EVEN_FIRST_TOKEN)]).fit(module, train_dataloaders=_loader(prompt_ids, 2))
 
 
 def test_kl_reference_is_the_frozen_start_or_the_adapters_switched_off(sharp_loader, prompt_ids):
@@ -253,7 +287,7 @@ def test_kl_to_the_reference_is_zero_before_training(sharp_loader, prompt_ids):
     )  # fmt: skip
     experience = module.make_experience(rollouts, torch.tensor([1.0, -1.0]))
     experience.ref_logprobs = module.reference_logprobs(experience)
-    loss, _ = module.micro_batch_loss(experience, module._normaliser(experience))
+    loss, _, _ = module.micro_batch_loss(experience, module._normaliser(experience))
     assert float(loss.kl) == pytest.approx(0.0, abs=1e-6)  # LoRA B starts at zero: policy == reference
 
 

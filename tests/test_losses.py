@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from selfbudget_pl.modules.losses import entropy_from_logits, group_advantages, policy_loss, token_logprobs
+from selfbudget_pl.modules.losses import (
+    SamplerCorrection, entropy_from_logits, group_advantages, policy_loss, sampler_weights, token_logprobs,
+)
 
 
 def test_group_advantages_match_hand_computed_groups():
@@ -179,3 +181,65 @@ def test_padding_with_extreme_log_probs_cannot_poison_the_loss():
 def test_unknown_aggregation_is_named_in_the_error():
     with pytest.raises(ValueError, match="'mean'"):
         policy_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1), torch.ones(1, 1), aggregation="mean")
+
+
+# -- the sampler correction: weights for a sampler whose log-probs are not the trainer's -------------------
+
+# Two completions: 3 tokens and 2 tokens (then padding). Trainer minus sampler log-probs per token:
+TRAINER = torch.tensor([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+GAPS = torch.tensor([[0.5, 0.2, 0.1, 0.0], [-0.3, 0.1, 0.0, 0.0]])
+SAMPLER = TRAINER - GAPS + torch.tensor([[0.0, 0.0, 0.0, 9.0], [0.0, 0.0, 9.0, 9.0]])  # padding differs: ignored
+MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_sequence_level_weights_are_the_completions_ratio_cut_or_masked_at_the_cap(mode):
+    correction = SamplerCorrection(enabled=True, level="sequence", mode=mode, cap=2.0)
+    result = sampler_weights(TRAINER, SAMPLER, MASK, correction)
+    first, second = math.exp(0.8), math.exp(-0.2)  # exp(0.5 + 0.2 + 0.1) > cap, exp(-0.3 + 0.1) < cap
+    kept = 2.0 if mode == "truncate" else 0.0
+    expected = torch.tensor([[kept, kept, kept, 0.0], [second, second, 0.0, 0.0]])
+    torch.testing.assert_close(result.weights, expected)
+    assert float(result.ratio_mean) == pytest.approx((first + second) / 2)
+    assert float(result.ratio_max) == pytest.approx(first)
+    assert float(result.capped) == pytest.approx(0.5)
+    assert float(result.logprob_gap) == pytest.approx((0.5 + 0.2 + 0.1 + 0.3 + 0.1) / 5)
+
+
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_token_level_weights_are_each_tokens_ratio(mode):
+    result = sampler_weights(TRAINER, SAMPLER, MASK, SamplerCorrection(level="token", mode=mode, cap=1.5))
+    ratios = torch.exp(GAPS) * MASK
+    over = math.exp(0.5)  # the only token ratio above 1.5
+    expected = ratios.clone()
+    expected[0, 0] = 1.5 if mode == "truncate" else 0.0
+    torch.testing.assert_close(result.weights, expected)
+    assert float(result.ratio_max) == pytest.approx(over)
+    assert float(result.capped) == pytest.approx(1 / 5)
+    assert float(result.ratio_mean) == pytest.approx(float(ratios.sum()) / 5)
+
+
+def test_a_huge_sequence_gap_masks_without_overflow():
+    trainer = torch.zeros(1, 4000)
+    result = sampler_weights(trainer, trainer - 0.5, torch.ones(1, 4000), SamplerCorrection(cap=3.0))
+    assert torch.isfinite(result.ratio_max) and float(result.weights.abs().sum()) == 0.0
+
+
+def test_sampler_weights_scale_each_tokens_loss_with_the_normaliser_unchanged():
+    logprobs = TRAINER.clone().requires_grad_(True)
+    advantages = torch.tensor([1.0, -1.0])
+    weights = sampler_weights(TRAINER, SAMPLER, MASK, SamplerCorrection(level="token", mode="truncate", cap=1.5)).weights
+    plain = policy_loss(logprobs, TRAINER, advantages, MASK)
+    weighted = policy_loss(logprobs, TRAINER, advantages, MASK, sampler_weights=weights)
+    (grad_plain,) = torch.autograd.grad(plain.loss, logprobs)
+    (grad_weighted,) = torch.autograd.grad(weighted.loss, logprobs)
+    # On-policy the per-token gradient is -A / tokens; the weight multiplies it, the 5 tokens still divide it.
+    torch.testing.assert_close(grad_weighted, grad_plain * weights)
+    torch.testing.assert_close(grad_plain, -advantages[:, None] * MASK / 5)
+
+
+def test_a_correction_setting_outside_its_choices_is_named():
+    with pytest.raises(ValueError, match="level='sentence'"):
+        SamplerCorrection(level="sentence")
+    with pytest.raises(ValueError, match="cap=0"):
+        SamplerCorrection(cap=0)

@@ -54,20 +54,20 @@ def test_a_mismatched_torchvision_is_named_with_the_fix(monkeypatch, tokenizer):
         VLLMRolloutBackend(torch.nn.Linear(1, 1), tokenizer)
 
 
-def test_sampling_params_give_each_completion_its_own_seed():
+def test_sampling_params_carry_no_seed_and_ask_for_the_sampled_log_prob():
     sampling = SamplingSettings(temperature=0.6, top_p=0.9, top_k=0, max_new_tokens=32, stop=["</solution>"], seed=7)
-    kwargs = [sampling_params_kwargs(sampling, [1, 2], index) for index in range(3)]
-    assert [k["seed"] for k in kwargs] == [7, 8, 9]
-    assert kwargs[0] == {
+    # No per-request seed: vLLM samples seeded requests row by row in Python; the call reseeds the engine.
+    assert sampling_params_kwargs(sampling, [1, 2]) == {
         "n": 1, "temperature": 0.6, "top_p": 0.9, "top_k": 0, "max_tokens": 32, "stop": ["</solution>"],
         "stop_token_ids": [1, 2], "include_stop_str_in_output": True, "skip_special_tokens": False,
-        "spaces_between_special_tokens": False, "seed": 7,
+        "spaces_between_special_tokens": False, "logprobs": 0, "flat_logprobs": True,
     }
-    assert sampling_params_kwargs(SamplingSettings(seed=None), [1])["seed"] is None
 
 
-def _request(token_ids, finish_reason, stop_reason=None):
-    completion = SimpleNamespace(token_ids=token_ids, finish_reason=finish_reason, stop_reason=stop_reason, text="ignored")
+def _request(token_ids, finish_reason, stop_reason=None, logprobs=None):
+    completion = SimpleNamespace(
+        token_ids=token_ids, finish_reason=finish_reason, stop_reason=stop_reason, text="ignored", logprobs=logprobs
+    )
     return SimpleNamespace(outputs=[completion])
 
 
@@ -85,6 +85,16 @@ def test_outputs_become_rollouts_with_eos_stripped(tokenizer):
     assert rollouts.group_index == [0, 0, 1, 1]
     assert rollouts.completions[0] == "the sum"  # decoded from the ids; a pre-filled prefix is RolloutBackend's
     assert rollouts.completions[3] == ""
+    assert rollouts.sampler_logprobs == []  # vLLM returned none
+
+
+def test_each_sampled_tokens_log_prob_is_kept_stop_token_included(tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = [7, 9, eos]
+    positions = [{7: SimpleNamespace(logprob=-0.5)}, {9: SimpleNamespace(logprob=-1.5)}, {eos: SimpleNamespace(logprob=-0.25)}]
+    rollouts = rollouts_from_outputs([_request(ids, "stop", logprobs=positions)], [[5]], 1, tokenizer, [eos])
+    assert rollouts.completion_ids == [[7, 9]] and rollouts.stop_token_ids == [eos]
+    assert rollouts.sampler_logprobs == [[-0.5, -1.5, -0.25]]
 
 
 class _FakeLLM:
@@ -122,8 +132,9 @@ class _FakeLLM:
     def sleep(self, level):
         self.calls.append(f"sleep{level}")
 
-    def wake_up(self):
-        self.calls.append("wake_up")
+    def wake_up(self, tags=None):
+        self.calls.append("wake_up" + "".join(f"_{tag}" for tag in tags or []))
+        return tags != ["weights"]  # fully awake once the KV cache is
 
 
 @pytest.fixture
@@ -152,7 +163,7 @@ def test_generate_builds_one_request_per_completion(fake_vllm, model_loader, tok
     assert [request["prompt_token_ids"] for request, _ in llm.requests] == [
         [11, 12] + prefill_ids, [11, 12] + prefill_ids, [13] + prefill_ids, [13] + prefill_ids
     ]
-    assert [params["seed"] for _, params in llm.requests] == [3, 4, 5, 6]
+    assert all("seed" not in params for _, params in llm.requests)
     assert rollouts.columns == {"id": ["a", "a", "b", "b"], "prefilled": [True] * 4}
     assert rollouts.truncated == [True] * 4 and rollouts.group_index == [0, 0, 1, 1]
 
@@ -163,12 +174,14 @@ def test_sleep_mode_releases_memory_between_rollouts(fake_vllm, model_loader, to
     model = model_loader.load_model()
     backend = VLLMRolloutBackend(model, tokenizer, enable_sleep_mode=True)
     llm = _FakeLLM.instances[-1]
-    backend.generate([[1]], 1, SamplingSettings())
+    backend.generate([[1]], 1, SamplingSettings())  # before any sync: the checkpoint's weights stay on the host
     backend.mark_stale(model)
     backend.generate([[1]], 1, SamplingSettings())
-    assert llm.calls == [
-        "generate", "sleep1", "wake_up", "reload_weights", "reset_prefix_cache", "sleep1", "wake_up", "generate", "sleep1"
-    ]
+    backend.generate([[1]], 1, SamplingSettings())  # no step between: level 2 discarded them, so they are reloaded
+    # TRL's order: wake the weights, sync, wake the KV cache, generate, sleep at level 2.
+    one_rollout = ["wake_up_weights", "reload_weights", "reset_prefix_cache", "wake_up_kv_cache", "generate", "sleep2"]
+    assert llm.calls == ["generate", "sleep1", *one_rollout, *one_rollout]
+    assert backend.num_syncs == 2
 
 
 def test_steps_between_rollouts_cost_one_sync_before_the_next_generate(fake_vllm, model_loader, tokenizer):
@@ -209,12 +222,17 @@ def test_sync_weights_reloads_the_plain_model_state_dict_in_one_call(fake_vllm, 
     from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
 
     model = model_loader.load_model()
-    expected = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert next(model.parameters()).dtype == torch.float32
+    # A GPU engine runs bfloat16 whatever the checkpoint's dtype, and the sync sends what it runs.
+    expected = {name: tensor.to(torch.bfloat16) for name, tensor in model.state_dict().items()}
     backend = VLLMRolloutBackend(model, tokenizer)
     backend.sync_weights(model)
     llm = _FakeLLM.instances[-1]
+    assert llm.kwargs["dtype"] == "bfloat16"
     assert len(llm.reloads) == 1  # layerwise reload needs every weight of a layer within one call
     assert_same(llm.loaded, expected)
+    VLLMRolloutBackend(model, tokenizer, dtype="float32")
+    assert _FakeLLM.instances[-1].kwargs["dtype"] == "float32"
 
 
 def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm, model_loader, tokenizer):
@@ -225,7 +243,7 @@ def test_sync_weights_sends_lora_merged_weights_under_checkpoint_names(fake_vllm
     expected = copy.deepcopy(policy).merge_and_unload().state_dict()
     before = {name: weight.clone() for name, weight in policy.state_dict().items()}
 
-    backend = VLLMRolloutBackend(policy, tokenizer)
+    backend = VLLMRolloutBackend(policy, tokenizer, dtype="float32")
     backend.sync_weights(policy)
     llm = _FakeLLM.instances[-1]
     assert_same(llm.loaded, expected)  # exactly peft's merge, under the HF checkpoint's names

@@ -440,3 +440,48 @@ def test_labelling_through_vllm_builds_the_engine_without_an_hf_copy(sharp_dir, 
     assert result.returncode == 0, result.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["problem"] for row in rows] == [f"{i}+1?" for i in range(3)]
+
+
+def test_recorded_log_probs_equal_the_trainers_and_a_perturbed_sampler_gets_its_importance_weights(
+    backend, loader, prompts
+):
+    from selfbudget_pl.modules.grpo import GRPOModule
+
+    sampling = dict(temperature=0.7, max_new_tokens=8, seed=3)
+    module = GRPOModule(
+        model_loader=loader, optimizer=functools.partial(torch.optim.AdamW), num_generations=4, sampling=sampling,
+        rollout=lambda model, tokenizer: backend,
+    )  # fmt: skip
+    module.configure_model()
+    assert module.active_correction() is not None  # enabled: auto turns it on for vLLM
+    backend.sync_weights(module.model)
+    rollouts = backend.generate(prompts, 4, SamplingSettings(**sampling))
+    experience = module.make_experience(rollouts, torch.zeros(len(rollouts)))
+    mask = experience.completion_mask.bool()
+    trainer = module.score_completions(module.model, experience)  # at the sampling temperature
+    # Same weights, float32 on both sides: equal up to float rounding (2e-5 seen; the stop tokens included).
+    torch.testing.assert_close(experience.sampler_logprobs[mask], trainer[mask], atol=1e-4, rtol=0)
+    _, _, weights = module.micro_batch_loss(experience, module._normaliser(experience))
+    assert float(weights.ratio_max) == pytest.approx(1.0, abs=1e-3) and float(weights.capped) == 0.0
+
+    # The engine samples from perturbed weights while the trainer keeps its own: the weights are then
+    # exp(sum over the completion of trainer - sampler log-probs), masked above the cap. The cap is set to
+    # the median expected ratio so that both sides of it are exercised.
+    perturbed = copy.deepcopy(module.model)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in perturbed.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    backend.sync_weights(perturbed)
+    experience = module.make_experience(backend.generate(prompts, 4, SamplingSettings(**sampling)), torch.zeros(16))
+    mask = experience.completion_mask.bool()
+    trainer = module.score_completions(module.model, experience)
+    sampler = module.score_completions(perturbed, experience)
+    torch.testing.assert_close(experience.sampler_logprobs[mask], sampler[mask], atol=1e-4, rtol=0)
+    ratios = torch.exp(((trainer - sampler) * mask).sum(1))
+    module.sampler_correction.cap = float(ratios.median())
+    expected = torch.where(ratios > module.sampler_correction.cap, 0.0, ratios)[:, None] * mask
+    _, _, weights = module.micro_batch_loss(experience, module._normaliser(experience))
+    torch.testing.assert_close(weights.weights, expected, rtol=1e-3, atol=1e-5)
+    assert 0.0 < float(weights.capped) < 1.0
+    assert float(weights.logprob_gap) > 1e-3

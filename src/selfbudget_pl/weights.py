@@ -31,7 +31,7 @@ def is_sharded(root: torch.nn.Module) -> bool:
 
 
 def iter_full_weights(
-    root: torch.nn.Module, prefix: str = "", merge_lora: bool = True
+    root: torch.nn.Module, prefix: str = "", merge_lora: bool = True, dtype: Optional[torch.dtype] = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, full tensor)`` for every entry of the state dict of ``root``'s submodule at ``prefix``.
 
@@ -42,12 +42,15 @@ def iter_full_weights(
         merge_lora: fold active LoRA adapters into their base weights and yield the base model's names
             (``model.layers.0.self_attn.q_proj.weight``, as in the HF checkpoint); False yields the
             peft model's own state-dict names and tensors (adapters separate).
+        dtype: yield tensors in this dtype (None: their own). Each rank casts its FSDP2 shard before the
+            gather, so a float32 model synced to a bfloat16 engine moves half the bytes; FSDP1 units gather
+            their flat parameter as it is, and LoRA layers merge in float32, before the cast.
 
     A yielded tensor may alias the parameter, or gathered FSDP1 storage that stays valid only while the walk
     is inside that FSDP unit: copy what must outlive it (vLLM's reload holds a tensor until the rest of its
     layer has arrived, which is inside the same decoder-layer unit).
     """
-    yield from _walk_root(root, prefix, merge_lora)
+    yield from _walk_root(root, prefix, merge_lora, dtype)
 
 
 def full_state_dict(root: torch.nn.Module, prefix: str) -> Optional[dict[str, torch.Tensor]]:
@@ -70,15 +73,16 @@ def full_state_dict(root: torch.nn.Module, prefix: str) -> Optional[dict[str, to
     return state
 
 
-def _walk_root(root: torch.nn.Module, prefix: str, merge_lora: bool) -> Iterator:
+def _walk_root(root: torch.nn.Module, prefix: str, merge_lora: bool, dtype: Optional[torch.dtype] = None) -> Iterator:
     # No torch.no_grad() around the walk: a grad mode set inside a generator would leak into the
     # caller's code between items. Gathers and merges are wrapped individually instead.
     _reshard_idle_units(root)
-    for name, tensor in _walk(root, "", prefix, merge_lora):
-        yield name[len(prefix) :], tensor.detach()
+    for name, tensor in _walk(root, "", prefix, merge_lora, dtype):
+        tensor = tensor.detach()
+        yield name[len(prefix) :], tensor if dtype is None else tensor.to(dtype)
 
 
-def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> Iterator:
+def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool, dtype: Optional[torch.dtype]) -> Iterator:
     """Pre-order over ``module`` (at dotted ``path``, wrapper names left out), yielding ``(path + name,
     full tensor)`` for its state dict entries under ``prefix``."""
     if not (path.startswith(prefix) or prefix.startswith(path)):
@@ -89,7 +93,7 @@ def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> 
         # Only this unit's own flat parameter; nested units are unsharded one at a time as the walk
         # reaches them. writeback=False: nothing here modifies the parameters.
         with FullyShardedDataParallel.summon_full_params(module, recurse=False, writeback=False):
-            yield from _walk(internals.fsdp1_wrapped_module(module), path, prefix, merge_lora)
+            yield from _walk(internals.fsdp1_wrapped_module(module), path, prefix, merge_lora, dtype)
         return
     peft = _peft_classes() if merge_lora else None
     if peft is not None:
@@ -101,11 +105,11 @@ def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> 
             active = module.active_adapters[0] if module.active_adapters else None
             use_copy = active is not None and not module.disable_adapters and active in module.modules_to_save
             chosen = module.modules_to_save[active] if use_copy else module.original_module
-            yield from _walk(chosen, path, prefix, merge_lora)
+            yield from _walk(chosen, path, prefix, merge_lora, dtype)
             return
     for name, tensor in internals.own_state(module):
         if not internals.is_flat_parameter(tensor) and (path + name).startswith(prefix):
-            yield path + name, _full(tensor)
+            yield path + name, _full(tensor, dtype)
     for name, child in internals.child_modules(module).items():
         if child is None:
             continue
@@ -114,7 +118,7 @@ def _walk(module: torch.nn.Module, path: str, prefix: str, merge_lora: bool) -> 
             and ((isinstance(module, peft["PeftModel"]) and name == "base_model")
                  or (isinstance(module, peft["BaseTuner"]) and name == "model"))
         )  # fmt: skip
-        yield from _walk(child, path if transparent else f"{path}{name}.", prefix, merge_lora)
+        yield from _walk(child, path if transparent else f"{path}{name}.", prefix, merge_lora, dtype)
 
 
 def _reshard_idle_units(root: torch.nn.Module) -> None:
@@ -178,14 +182,15 @@ def merged_lora_linear(layer: torch.nn.Module, where: str = "") -> tuple[torch.T
     return merged_weight.to(weight.dtype), None if bias is None else merged_bias.to(bias.dtype)
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: an FSDP2 (or any DTensor) shard is all-gathered (a collective)."""
+def _full(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The whole tensor: an FSDP2 (or any DTensor) shard is all-gathered (a collective), cast to ``dtype``
+    (None: its own) before the gather, so the gather moves ``dtype``'s bytes."""
     from torch.distributed.tensor import DTensor
 
     if not isinstance(tensor, DTensor):
-        return tensor.detach()
+        return tensor.detach() if dtype is None else tensor.detach().to(dtype)
     with torch.no_grad():
-        return tensor.full_tensor()
+        return (tensor if dtype is None else tensor.to(dtype)).full_tensor()
 
 
 _PEFT: Optional[dict[str, type]] = None

@@ -87,6 +87,18 @@ class OptimizerSchema(Schema):
     momentum: float = spec(ge=0)
 
 
+@dataclass
+class SamplerCorrectionSchema(Schema):
+    """:class:`~selfbudget_pl.modules.losses.SamplerCorrection` (``module.sampler_correction``)."""
+
+    TARGETS = ("selfbudget_pl.modules.losses.SamplerCorrection",)
+
+    enabled: Union[str, bool] = spec(choices=("auto", True, False), note="auto: on for a sampler with its own engine")
+    level: str = spec(choices=("token", "sequence"))
+    mode: str = spec(choices=("truncate", "mask"), note="mask: a ratio above the cap drops its tokens; truncate: cut to it")
+    cap: float = spec(gt=0)
+
+
 # -- module ----------------------------------------------------------------------------------------
 
 
@@ -121,6 +133,7 @@ class GRPOModuleSchema(PolicyModuleSchema):
     num_iterations: int = spec(ge=1)
     mini_batch_size: Optional[int] = spec(ge=1, note="null: the whole batch in one optimizer step")
     micro_batch_size: Optional[int] = spec(ge=1, note="null: a whole mini-batch per forward")
+    micro_batch_tokens: Optional[int] = spec(ge=1, note="null: no bound on a forward's tokens")
     epsilon_low: float = spec(ge=0, lt=1, note="the ratio is clipped at 1 - epsilon_low")
     epsilon_high: float = spec(ge=0)
     beta: float = spec(ge=0, note="0: no KL term and no reference model")
@@ -134,6 +147,7 @@ class GRPOModuleSchema(PolicyModuleSchema):
     packed_forward: bool = spec()
     head_chunk_tokens: int = spec(ge=1, note="completion tokens whose logits exist at once")
     mask_truncated_completions: bool = spec()
+    sampler_correction: Optional[SamplerCorrectionSchema] = spec(note="null: the defaults (auto)")
 
 
 # -- model -----------------------------------------------------------------------------------------
@@ -529,7 +543,7 @@ class StrategySchema(Schema):
 
 
 register(
-    SamplingSchema, SFTModuleSchema, GRPOModuleSchema, LoraSchema, TinyModelSchema, ModelLoaderSchema,
+    SamplingSchema, SamplerCorrectionSchema, SFTModuleSchema, GRPOModuleSchema, LoraSchema, TinyModelSchema, ModelLoaderSchema,
     OutputFormatSchema, RewardCallbackSchema, BudgetGuidedRewardSchema, L1ExactRewardSchema, L1MaxRewardSchema,
     AccuracyRewardSchema, FormatRewardSchema, MathGraderSchema, HFRolloutSchema, VLLMRolloutSchema,
     BudgetMathDataSchema, JsonlSourceSchema, HFSourceSchema, SyntheticSourceSchema, BudgetMetricsSchema,

@@ -25,6 +25,7 @@ class Experience:
     advantages: torch.Tensor  # [N]
     old_logprobs: Optional[torch.Tensor] = None  # [N, T], when the policy moves before these are trained on
     ref_logprobs: Optional[torch.Tensor] = None  # [N, T], when beta > 0
+    sampler_logprobs: Optional[torch.Tensor] = None  # [N, T], the sampler's own, when it recorded them
 
     def __len__(self) -> int:
         return self.completion_ids.shape[0]
@@ -45,12 +46,33 @@ class Experience:
             advantages=self.advantages[start:stop],
             old_logprobs=completion_part(self.old_logprobs),
             ref_logprobs=completion_part(self.ref_logprobs),
+            sampler_logprobs=completion_part(self.sampler_logprobs),
         )
 
     def chunks(self, size: int) -> Iterator["Experience"]:
         """Consecutive pieces of at most ``size`` completions (see :meth:`rows`)."""
         for start in range(0, len(self), size):
             yield self.rows(start, min(start + size, len(self)))
+
+    def micro_batches(
+        self, max_completions: Optional[int] = None, max_tokens: Optional[int] = None
+    ) -> Iterator["Experience"]:
+        """Consecutive pieces of at most ``max_completions`` completions holding at most ``max_tokens`` tokens
+        (each completion's prompt and completion tokens: the packed forward, which holds a group's prompt once,
+        holds no more); a completion longer than ``max_tokens`` goes alone. None: no bound."""
+        sizes = (self.prompt_mask.sum(1) + self.completion_mask.sum(1)).tolist()
+        start = 0
+        while start < len(self):
+            stop, tokens = start + 1, sizes[start]
+            while (
+                stop < len(self)
+                and (max_completions is None or stop - start < max_completions)
+                and (max_tokens is None or tokens + sizes[stop] <= max_tokens)
+            ):
+                tokens += sizes[stop]
+                stop += 1
+            yield self.rows(start, stop)
+            start = stop
 
     def to(self, device: torch.device | str) -> "Experience":
         """The same experience with its tensors on ``device``."""
@@ -67,11 +89,18 @@ def experience_from_rollouts(
 ) -> Experience:
     """Pad rollouts into tensors: every sampled token, the stop token the sampler drew included (so
     learning when to stop is part of the objective). ``mask_truncated``: completions cut off by the length
-    limit stay out of the loss (their mask is zero)."""
+    limit stay out of the loss (their mask is zero). The sampler's log-probs come along when it recorded them."""
     completions = [rollouts.sampled_ids(index) for index in range(len(rollouts))]
     # min_width 1: a batch whose completions are all empty still has a token axis.
     prompt_ids, prompt_mask = pad(rollouts.prompt_ids, pad_token_id, left=True, min_width=1)
     completion_ids, completion_mask = pad(completions, pad_token_id, min_width=1)
     if mask_truncated:
         completion_mask = completion_mask * ~torch.tensor(rollouts.truncated, dtype=torch.bool)[:, None]
-    return Experience(prompt_ids, prompt_mask, completion_ids, completion_mask, advantages)
+    sampler_logprobs = None
+    if rollouts.sampler_logprobs:
+        sampler_logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32)
+        for row, values in enumerate(rollouts.sampler_logprobs):
+            sampler_logprobs[row, : len(values)] = torch.tensor(values, dtype=torch.float32)
+    return Experience(
+        prompt_ids, prompt_mask, completion_ids, completion_mask, advantages, sampler_logprobs=sampler_logprobs
+    )

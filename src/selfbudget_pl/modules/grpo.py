@@ -46,7 +46,10 @@ from selfbudget_pl.modules.base import PolicyModule
 from selfbudget_pl.modules.experience import Experience, experience_from_rollouts
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.logprobs import completion_logprobs
-from selfbudget_pl.modules.losses import AGGREGATIONS, Aggregation, PolicyLoss, group_advantages, policy_loss
+from selfbudget_pl.modules.losses import (
+    AGGREGATIONS, Aggregation, PolicyLoss, SamplerCorrection, SamplerWeights, group_advantages, policy_loss,
+    sampler_weights,
+)  # fmt: skip
 from selfbudget_pl.modules.optimization import training_progress
 from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
@@ -63,6 +66,9 @@ class GRPOModule(PolicyModule):
         num_iterations: passes over each batch of rollouts (PPO epochs); >1 reuses samples off-policy.
         mini_batch_size: completions per optimizer step (None: all of a batch's rollouts in one step).
         micro_batch_size: completions per forward/backward (None: a whole mini-batch at once).
+        micro_batch_tokens: tokens one forward/backward may hold (prompt + completion of each completion; a
+            longer completion goes alone), so a few long completions do not share one forward (None: no bound).
+            The split does not change the step: every micro-batch divides by the mini-batch's normaliser.
         epsilon_low / epsilon_high: the ratio clip range ``[1 - epsilon_low, 1 + epsilon_high]``.
         beta: KL coefficient; > 0 adds a reference policy (the adapters switched off under LoRA,
             otherwise a frozen copy of the starting weights).
@@ -87,6 +93,9 @@ class GRPOModule(PolicyModule):
         mask_truncated_completions: leave completions cut off by ``max_new_tokens`` out of the loss
             (TRL's option): their reward says nothing about an answer the model never got to finish.
             They still count in their group's baseline.
+        sampler_correction: importance weights for a sampler whose log-probs are not the trainer's
+            (:class:`~selfbudget_pl.modules.losses.SamplerCorrection`: on/off/auto, token or sequence level,
+            truncate or mask, the cap); ``auto`` turns it on for a backend with its own engine (vLLM).
     """
 
     def __init__(
@@ -97,6 +106,7 @@ class GRPOModule(PolicyModule):
         num_iterations: int = 1,
         mini_batch_size: Optional[int] = None,
         micro_batch_size: Optional[int] = None,
+        micro_batch_tokens: Optional[int] = None,
         epsilon_low: float = 0.2,
         epsilon_high: float = 0.2,
         beta: float = 0.0,
@@ -110,6 +120,7 @@ class GRPOModule(PolicyModule):
         packed_forward: bool = True,
         head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         mask_truncated_completions: bool = False,
+        sampler_correction: Optional[SamplerCorrection | dict] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -126,6 +137,9 @@ class GRPOModule(PolicyModule):
         self.num_iterations = num_iterations
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
+        if micro_batch_tokens is not None and micro_batch_tokens < 1:
+            raise ValueError(f"module.micro_batch_tokens={micro_batch_tokens} must be >= 1 (or null: no bound)")
+        self.micro_batch_tokens = micro_batch_tokens
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
         self.beta = beta
@@ -147,6 +161,9 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
         self.head_chunk_tokens = head_chunk_tokens
         self.mask_truncated_completions = mask_truncated_completions
+        if not isinstance(sampler_correction, SamplerCorrection):
+            sampler_correction = SamplerCorrection(**dict(sampler_correction or {}))
+        self.sampler_correction = sampler_correction
         self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
         # The reference is rebuilt from the base checkpoint (configure_model, on resume too), never saved:
@@ -180,6 +197,12 @@ class GRPOModule(PolicyModule):
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         rollouts = self.sample_and_reward(batch)
+        if self.active_correction() is not None and not rollouts.sampler_logprobs:
+            raise ValueError(
+                f"module.sampler_correction is on but the rollout backend ({type(self.rollout_backend).__name__}) "
+                "recorded no log-probs of its sampled tokens, so the trainer/sampler ratio cannot be computed: "
+                "set module.sampler_correction.enabled=false, or use a backend that records them (rollout=vllm)."
+            )
         advantages = group_advantages(
             rollouts.rewards.to(self.device), self.num_generations, self.scale_rewards, self.advantage_eps
         )
@@ -198,7 +221,7 @@ class GRPOModule(PolicyModule):
         # Each rank saw different prompts: log the mean over ranks, not rank 0's share; extremes are
         # the extremes over ranks.
         for reduce_fx in ("min", "max"):
-            extremes = {name: metrics.pop(name) for name in EXTREME_METRICS[reduce_fx]}
+            extremes = {name: metrics.pop(name) for name in EXTREME_METRICS[reduce_fx] if name in metrics}
             self.log_dict(extremes, on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx=reduce_fx)
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
@@ -263,12 +286,12 @@ class GRPOModule(PolicyModule):
         for _ in range(self.num_iterations):
             for mini in experience.chunks(mini_batch):
                 normaliser = self._normaliser(mini)
-                micros = list(mini.chunks(self.micro_batch_size or len(mini)))
+                micros = list(self.micro_batches(mini))
                 for index, micro in enumerate(micros):
                     with self._gradient_sync(last=index == len(micros) - 1):
-                        loss, entropy = self.micro_batch_loss(micro, normaliser)
+                        loss, entropy, weights = self.micro_batch_loss(micro, normaliser)
                         self.manual_backward(loss.loss)
-                    accumulate(totals, micro, loss, entropy)
+                    accumulate(totals, micro, loss, entropy, weights)
                 self.configure_gradient_clipping(optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -304,6 +327,10 @@ class GRPOModule(PolicyModule):
         total = per_epoch * max(trainer.max_epochs, 1)
         return float(min(total, trainer.max_steps) if trainer.max_steps > 0 else total)
 
+    def micro_batches(self, experience: Experience) -> list[Experience]:
+        """``experience`` in the pieces one forward takes (``micro_batch_size``, ``micro_batch_tokens``)."""
+        return list(experience.micro_batches(self.micro_batch_size, self.micro_batch_tokens))
+
     def _gradient_sync(self, last: bool) -> ContextManager[None]:
         """All-reduce gradients only on a mini-batch's last backward; earlier ones accumulate locally."""
         strategy = self.trainer.strategy
@@ -311,17 +338,32 @@ class GRPOModule(PolicyModule):
             return nullcontext()
         return strategy.block_backward_sync()
 
-    def micro_batch_loss(self, micro: Experience, normaliser: float) -> tuple[PolicyLoss, Optional[torch.Tensor]]:
-        """Forward the policy on one micro-batch and build its share of the mini-batch loss."""
+    def micro_batch_loss(
+        self, micro: Experience, normaliser: float
+    ) -> tuple[PolicyLoss, Optional[torch.Tensor], Optional[SamplerWeights]]:
+        """Forward the policy on one micro-batch and build its share of the mini-batch loss (with the sampler's
+        importance weights when the correction is on)."""
         logprobs, entropy = self.completion_logprobs(self.model, micro)
+        # The trainer's log-probs under the weights that sampled: scored before the first step, or these.
         old = micro.old_logprobs if micro.old_logprobs is not None else logprobs.detach()
+        correction, weights = self.active_correction(), None
+        if correction is not None:
+            weights = sampler_weights(old, micro.sampler_logprobs, micro.completion_mask, correction)
         loss = policy_loss(
             logprobs, old, micro.advantages, micro.completion_mask,
             eps_low=self.epsilon_low, eps_high=self.epsilon_high, aggregation=self.loss_aggregation,
             ref_logprobs=micro.ref_logprobs, beta=self.beta,
             max_length=self.sampling.max_new_tokens, normaliser=normaliser,
+            sampler_weights=None if weights is None else weights.weights,
         )  # fmt: skip
-        return loss, (entropy.sum() if self.log_entropy else None)
+        return loss, (entropy.sum() if self.log_entropy else None), weights
+
+    def active_correction(self) -> Optional[SamplerCorrection]:
+        """The sampler correction when it applies: on, or ``auto`` with a backend that has its own engine."""
+        enabled = self.sampler_correction.enabled
+        if enabled == "auto":
+            enabled = self.rollout_backend.separate_engine
+        return self.sampler_correction if enabled else None
 
     # -- forward passes ------------------------------------------------------------------------
     def completion_logprobs(self, model: torch.nn.Module, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:
@@ -342,7 +384,7 @@ class GRPOModule(PolicyModule):
         """Log-probs of every completion token under ``model`` (no grad), ``[N, T]`` like the experience."""
         scores = torch.zeros(experience.completion_ids.shape, dtype=torch.float32, device=self.device)
         start = 0
-        for micro in experience.chunks(self.micro_batch_size or len(experience)):
+        for micro in self.micro_batches(experience):
             logprobs, _ = self.completion_logprobs(model, micro)
             scores[start : start + len(micro), : logprobs.shape[1]] = logprobs
             start += len(micro)

@@ -7,13 +7,17 @@ Shapes: ``N`` completions, ``T`` completion positions (right-padded, ``mask`` ma
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 
 Aggregation = Literal["token", "sequence", "dr_grpo"]
 AGGREGATIONS: tuple[str, ...] = ("token", "sequence", "dr_grpo")
+CORRECTION_LEVELS: tuple[str, ...] = ("token", "sequence")
+CORRECTION_MODES: tuple[str, ...] = ("truncate", "mask")
+CORRECTION_SWITCHES: tuple[Union[str, bool], ...] = ("auto", True, False)
 
 
 def group_advantages(
@@ -90,6 +94,7 @@ def policy_loss(
     beta: float = 0.0,
     max_length: Optional[int] = None,
     normaliser: Optional[float] = None,
+    sampler_weights: Optional[torch.Tensor] = None,
 ) -> PolicyLoss:
     """The clipped GRPO surrogate (PPO ratio, one advantage per completion), optionally + beta * KL.
 
@@ -111,6 +116,9 @@ def policy_loss(
         normaliser: what the summed loss is divided by. Defaults to this batch's own count (tokens for
             ``token``, completions otherwise); pass the whole mini-batch's count when accumulating
             gradients over micro-batches, so their sum equals the loss of the mini-batch in one piece.
+        sampler_weights: ``[N, T]`` importance weights for a sampler other than the trainer
+            (:func:`sampler_weights`), multiplying each token's loss, KL term included (as TRL does); the
+            normaliser is unchanged, so a masked token counts in it but adds nothing.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"loss aggregation={aggregation!r} is not one of {AGGREGATIONS}")
@@ -131,6 +139,8 @@ def policy_loss(
         if beta:
             per_token = per_token + beta * per_token_kl
         kl = _masked_mean(per_token_kl.detach(), mask)
+    if sampler_weights is not None:
+        per_token = per_token * sampler_weights.to(per_token.dtype)
 
     if aggregation == "token":
         total = (per_token * mask).sum()
@@ -151,3 +161,79 @@ def policy_loss(
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@dataclass
+class SamplerCorrection:
+    """How the loss corrects for a sampler whose log-probs differ from the trainer's (another engine, other
+    kernels, another dtype): each token's loss is weighted by ``pi_trainer / pi_sampler`` of its token
+    (``level="token"``) or of its whole completion (``"sequence"``, the product over its tokens), and a
+    ratio above ``cap`` is cut to ``cap`` (``mode="truncate"``, TIS) or drops its tokens from the loss
+    (``"mask"``). ``enabled="auto"``: on for a backend that samples from its own copy of the weights."""
+
+    enabled: Union[str, bool] = "auto"
+    level: str = "sequence"
+    mode: str = "mask"
+    cap: float = 3.0
+
+    def __post_init__(self) -> None:
+        known = (self.enabled in CORRECTION_SWITCHES, self.level in CORRECTION_LEVELS, self.mode in CORRECTION_MODES)
+        if not all(known):
+            raise ValueError(
+                f"sampler correction enabled={self.enabled!r}, level={self.level!r}, mode={self.mode!r}: enabled is one "
+                f"of {CORRECTION_SWITCHES}, level of {CORRECTION_LEVELS}, mode of {CORRECTION_MODES}"
+            )
+        if not self.cap > 0:
+            raise ValueError(f"sampler correction cap={self.cap} must be > 0")
+
+
+@dataclass
+class SamplerWeights:
+    """Importance weights for the sampler/trainer mismatch, and what to log about them (detached)."""
+
+    weights: torch.Tensor  # [N, T], 0 at padding and at masked tokens
+    logprob_gap: torch.Tensor  # mean |trainer - sampler| log-prob over real tokens (TRL's sampling_logp_difference)
+    ratio_mean: torch.Tensor  # mean ratio over tokens (token level) or completions (sequence level), before the cap
+    ratio_max: torch.Tensor
+    capped: torch.Tensor  # share of those ratios above the cap (truncated or masked)
+
+
+def sampler_weights(
+    trainer_logprobs: torch.Tensor,
+    sampler_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    correction: SamplerCorrection,
+) -> SamplerWeights:
+    """Weights ``[N, T]`` that turn the loss on the sampler's tokens into an estimate under the trainer's
+    policy (TRL's ``vllm_importance_sampling_correction``, verl's ``rollout_correction``).
+
+    Args:
+        trainer_logprobs: ``[N, T]`` log-probs of the sampled tokens under the weights that sampled them, as
+            the trainer computes them (detached).
+        sampler_logprobs: ``[N, T]`` the same tokens' log-probs as the sampler reported them.
+        mask: ``[N, T]`` 1 for completion tokens.
+        correction: level, truncate or mask, and the cap.
+    """
+    real = mask.bool()
+    with torch.no_grad():
+        log_ratio = torch.where(real, trainer_logprobs.float() - sampler_logprobs.float(), 0.0)
+        if correction.level == "sequence":
+            log_ratio = log_ratio.sum(dim=1, keepdim=True)
+            units = real.any(dim=1, keepdim=True)
+        else:
+            units = real
+        # exp() of a large sum overflows to inf; the cap decides anyway, so clamp first (1e4 > any cap).
+        ratio = torch.exp(log_ratio.clamp(max=math.log(1e4)))
+        above = ratio > correction.cap
+        kept = torch.where(above, 0.0, ratio) if correction.mode == "mask" else ratio.clamp(max=correction.cap)
+        weights = kept.expand_as(trainer_logprobs) * real
+        counted = ratio[units.expand_as(ratio)]
+        gap = (trainer_logprobs.float() - sampler_logprobs.float()).abs()[real]
+        empty = torch.zeros((), device=trainer_logprobs.device)
+        return SamplerWeights(
+            weights=weights,
+            logprob_gap=gap.mean() if gap.numel() else empty,
+            ratio_mean=counted.mean() if counted.numel() else empty,
+            ratio_max=counted.max() if counted.numel() else empty,
+            capped=above[units.expand_as(above)].float().mean() if counted.numel() else empty,
+        )

@@ -8,11 +8,12 @@ from typing import Optional
 import torch
 
 from selfbudget_pl.modules.experience import Experience
-from selfbudget_pl.modules.losses import PolicyLoss
+from selfbudget_pl.modules.losses import PolicyLoss, SamplerWeights
 from selfbudget_pl.rollout.base import Rollouts
 
 # Logged with these reductions over ranks (every other metric is the mean over ranks).
-EXTREME_METRICS = {"min": ("completions/min_length",), "max": ("completions/max_length",)}
+SAMPLER_RATIO_MAX = "sampling/importance_sampling_ratio/max"  # logged when the sampler correction is on
+EXTREME_METRICS = {"min": ("completions/min_length",), "max": ("completions/max_length", SAMPLER_RATIO_MAX)}
 
 
 def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
@@ -45,8 +46,16 @@ def update_metrics(stats: dict[str, float]) -> dict[str, float]:
     return {name if "/" in name else f"train/{name}": value for name, value in stats.items()}
 
 
-def accumulate(totals: dict[str, float], micro: Experience, loss: PolicyLoss, entropy: Optional[torch.Tensor]) -> None:
-    """Add one micro-batch's loss and per-token statistics (weighted by its tokens) to ``totals``."""
+def accumulate(
+    totals: dict[str, float],
+    micro: Experience,
+    loss: PolicyLoss,
+    entropy: Optional[torch.Tensor],
+    weights: Optional[SamplerWeights] = None,
+) -> None:
+    """Add one micro-batch's loss and per-token statistics (weighted by its tokens) to ``totals``; with the
+    sampler correction, TRL's ``sampling/*`` (the log-prob gap, the ratio's mean and max) and the share of
+    ratios above the cap."""
     tokens = float(micro.completion_mask.sum())
     totals["loss"] += float(loss.loss.detach())
     totals["completion_tokens"] += tokens
@@ -58,12 +67,20 @@ def accumulate(totals: dict[str, float], micro: Experience, loss: PolicyLoss, en
         totals["kl"] += float(loss.kl) * tokens
     if entropy is not None:
         totals["entropy"] += float(entropy)
+    if weights is not None:
+        totals["sampling/sampling_logp_difference/mean"] += float(weights.logprob_gap) * tokens
+        totals["sampling/importance_sampling_ratio/mean"] += float(weights.ratio_mean) * tokens
+        totals["sampling/capped_fraction"] += float(weights.capped) * tokens
+        totals[SAMPLER_RATIO_MAX] = max(totals.get(SAMPLER_RATIO_MAX, 0.0), float(weights.ratio_max))
 
 
 def token_means(totals: dict[str, float], optimizer_steps: int) -> dict[str, float]:
     """Token-weighted means of the per-token stats; the loss averaged over optimizer steps."""
     tokens = max(totals.pop("completion_tokens"), 1.0)
-    stats = {name: value / tokens for name, value in totals.items() if name not in ("loss", "tokens")}
+    kept = ("loss", "tokens", SAMPLER_RATIO_MAX)
+    stats = {name: value / tokens for name, value in totals.items() if name not in kept}
+    if SAMPLER_RATIO_MAX in totals:
+        stats[SAMPLER_RATIO_MAX] = totals[SAMPLER_RATIO_MAX]
     stats["loss"] = totals["loss"] / optimizer_steps
     stats["tokens"] = totals["tokens"]
     return stats

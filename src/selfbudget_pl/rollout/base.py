@@ -8,10 +8,11 @@ entry per completion, ordered prompt by prompt: prompt 0's ``num_samples`` compl
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -50,7 +51,10 @@ class Rollouts:
     The record of each completion is what was sampled, nothing guessed afterwards: ``completion_ids``
     are the tokens before the stop token, ``stop_token_ids`` the stop token the sampler drew (``None``
     when it drew none: a stop string or the length limit ended the completion), and ``finish_reasons``
-    which of the three ended it. The loss trains on ``completion_ids + [stop_token_id]``.
+    which of the three ended it. The loss trains on ``completion_ids + [stop_token_id]``, and
+    ``sampler_logprobs`` holds the sampler's log-prob of each of those tokens, under the distribution it drew
+    them from (temperature applied): the loss compares them with the trainer's own when they come from
+    another engine. ``[]``: the sampler recorded none.
     """
 
     prompt_ids: list[list[int]]  # one per completion (shared within a group)
@@ -59,6 +63,7 @@ class Rollouts:
     finish_reasons: list[str]  # FinishReason per completion
     group_index: list[int]  # index of the prompt each completion answers
     stop_token_ids: list[Optional[int]] = field(default_factory=list)  # [] means None for every completion
+    sampler_logprobs: list[list[float]] = field(default_factory=list)  # per sampled token (stop token included)
     columns: dict[str, list[Any]] = field(default_factory=dict)  # dataset columns, repeated per completion
     # Filled by annotation/reward callbacks:
     parsed: list[ParsedOutput] = field(default_factory=list)
@@ -79,6 +84,10 @@ class Rollouts:
                 f"{len(self.finish_reasons)} reasons {sorted(unknown) or ''} and {len(self.stop_token_ids)} stop "
                 f"tokens for {len(self.completion_ids)} completions"
             )
+        if self.sampler_logprobs and [len(row) for row in self.sampler_logprobs] != [
+            len(self.sampled_ids(index)) for index in range(len(self))
+        ]:
+            raise ValueError("Rollouts: sampler_logprobs needs one log-prob per sampled token, stop token included")
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -108,6 +117,9 @@ class RolloutBackend(ABC):
     does that for every backend, which only samples (:meth:`sample`)."""
 
     tokenizer: Any = None  # what encodes pre-filled text; a backend that is never pre-filled may have none
+    # Samples with its own copy of the weights and its own kernels (and dtype), so its log-probs are not the
+    # trainer's: GRPO's sampler correction (``enabled: auto``) turns on for such a backend.
+    separate_engine: bool = False
 
     def generate(
         self,
@@ -157,9 +169,16 @@ class RolloutBackend(ABC):
 Sample = tuple[list[int], str, Optional[int]]
 
 
-def rollouts_from_samples(contexts: list[list[int]], samples: Sequence[Sample], num_samples: int, tokenizer: Any) -> Rollouts:
+def rollouts_from_samples(
+    contexts: list[list[int]],
+    samples: Sequence[Sample],
+    num_samples: int,
+    tokenizer: Any,
+    sampler_logprobs: Optional[list[list[float]]] = None,
+) -> Rollouts:
     """The :class:`Rollouts` of one sample per context (``num_samples`` contexts per prompt, in a row), with
-    texts decoded from the ids, so that ids and text agree exactly whichever backend sampled them."""
+    texts decoded from the ids, so that ids and text agree exactly whichever backend sampled them;
+    ``sampler_logprobs``: per completion, the sampler's log-prob of each sampled token (None: not recorded)."""
     completion_ids = [ids for ids, _, _ in samples]
     return Rollouts(
         prompt_ids=contexts,
@@ -168,6 +187,7 @@ def rollouts_from_samples(contexts: list[list[int]], samples: Sequence[Sample], 
         finish_reasons=[reason for _, reason, _ in samples],
         stop_token_ids=[stop for _, _, stop in samples],
         group_index=[index // num_samples for index in range(len(contexts))],
+        sampler_logprobs=sampler_logprobs or [],
     )
 
 
@@ -206,3 +226,16 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     if eos is None:
         eos = tokenizer.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos)
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
+    """With a seed, sample from a private RNG stream (seeded with it) so the global one (and training) is
+    untouched; without one, from the global stream."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -22,7 +22,7 @@ from selfbudget_pl import internals
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import (
-    FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples,
+    FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples, seeded,
 )  # fmt: skip
 from selfbudget_pl.weights import is_sharded
 
@@ -82,7 +82,7 @@ class HFRolloutBackend(RolloutBackend):
                 generated.extend(self._generate_batch(batch, sampling, synced))
             return generated
 
-        with _inference(root), _seeded(sampling.seed, _device_of(self.model)):
+        with _inference(root), seeded(sampling.seed, _device_of(self.model)):
             generated = _through_forward(units, sample)
 
         samples = [self._cut(row, sampling.stop) for row in generated]
@@ -295,15 +295,3 @@ def _inference(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module, training in modes:
             module.training = training
-
-
-@contextlib.contextmanager
-def _seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
-    """With a seed, sample from a private RNG stream so the global one (and training) is untouched."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield

@@ -23,7 +23,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples
+from selfbudget_pl.rollout.base import (
+    RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples, seeded,
+)  # fmt: skip
 from selfbudget_pl.weights import iter_full_weights
 
 log = logging.getLogger(__name__)
@@ -64,13 +66,23 @@ class VLLMRolloutBackend(RolloutBackend):
             ``gpu_memory_utilization`` decides, on CPU ``cpu_kv_cache_gb``.
         cpu_kv_cache_gb: the CPU engine's KV cache when ``kv_cache_gb`` is None: left to itself vLLM takes
             about 90% of RAM, which training shares.
-        enable_sleep_mode: release vLLM's GPU memory (KV cache freed, weights offloaded to CPU) between
-            rollouts, so the optimizer step has the whole GPU; costs a host-device copy per step.
+        enable_sleep_mode: release vLLM's GPU memory between rollouts, so the optimizer step has the whole GPU,
+            in TRL's order: empty torch's cache, wake the weights, sync, wake the KV cache, generate, sleep at
+            level 2 (weights and KV cache discarded: the next generate reloads the policy's weights anyway).
         max_model_len: prompt + completion ceiling; defaults to the model config's.
-        dtype: vLLM weights dtype (``auto`` follows the checkpoint).
-        seed: engine seed; per-request seeds come from ``SamplingSettings.seed``.
+        dtype: vLLM weights dtype; ``auto``: bfloat16 on GPUs whatever the checkpoint's (a float32 export
+            would double the engine's memory), the policy's own on CPU. The weight sync sends this dtype.
+        seed: engine seed (+ rank under DDP/FSDP). Requests carry no seed of their own (vLLM would then sample
+            their rows one by one in Python each step); a call with ``SamplingSettings.seed`` reseeds the
+            in-process engine's random stream for its duration instead, so a resumed run draws what an
+            uninterrupted one would.
         engine_kwargs: anything else ``vllm.LLM`` accepts (e.g. ``enforce_eager``, ``max_num_seqs``).
+
+    Every completion comes with vLLM's log-prob of each sampled token, after temperature (``logprobs_mode``
+    ``processed_logprobs``), which GRPO's sampler correction compares with the trainer's own.
     """
+
+    separate_engine = True
 
     def __init__(
         self,
@@ -105,34 +117,39 @@ class VLLMRolloutBackend(RolloutBackend):
             kv_cache_gb = cpu_kv_cache_gb
         if kv_cache_gb is not None:
             engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+        # The log-probs of the distribution each token was drawn from (temperature applied), as the trainer scores them.
+        engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        self.weights_dtype = engine_dtype(dtype, on_cpu, model)
+        # Where the engine samples, so where its random stream lives (torch's, in this process).
+        self.device = torch.device("cuda" if not on_cpu and torch.cuda.is_available() else "cpu")
         self.llm = vllm.LLM(
             model=model_path or model.name_or_path,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=enable_sleep_mode,
             max_model_len=max_model_len,
-            dtype=dtype,
+            dtype=str(self.weights_dtype).removeprefix("torch."),
             seed=seed,
             **engine_kwargs,
         )
         self._sampling_params = vllm.SamplingParams
-        self._asleep = False
+        self._asleep: set[str] = set()  # the parts of the engine asleep: "weights", "kv_cache"
         self._stale: Optional[tuple[torch.nn.Module, str]] = None
+        self._source: Optional[tuple[torch.nn.Module, str]] = None  # what the engine's weights were synced from
         self.num_syncs = 0  # weight syncs so far (lazy: at most one per generate)
 
     def sample(self, contexts: list[list[int]], num_samples: int, sampling: SamplingSettings) -> Rollouts:
-        """One completion per context (see :meth:`RolloutBackend.sample`); one vLLM request each, with its
-        own seed (``sampling.seed + i``) so a seeded call is reproducible whatever the batching. Loads the
+        """One completion per context (see :meth:`RolloutBackend.sample`), one vLLM request each, drawn from
+        the engine's random stream reseeded with ``sampling.seed`` (when given) for this call. Loads the
         policy's weights first if an optimizer step has changed them since the last sync."""
         if self._stale is not None:
             self.sync_weights(*self._stale)
-        self._wake()
-        params = [
-            self._sampling_params(**sampling_params_kwargs(sampling, self.eos_token_ids, index))
-            for index in range(len(contexts))
-        ]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in contexts], sampling_params=params, use_tqdm=False
-        )
+        self._wake("weights")
+        self._wake("kv_cache")
+        params = self._sampling_params(**sampling_params_kwargs(sampling, self.eos_token_ids))
+        with seeded(sampling.seed, self.device):
+            outputs = self.llm.generate(
+                [{"prompt_token_ids": ids} for ids in contexts], sampling_params=params, use_tqdm=False
+            )
         self._sleep()
         return rollouts_from_outputs(outputs, contexts, num_samples, self.tokenizer, self.eos_token_ids)
 
@@ -148,13 +165,13 @@ class VLLMRolloutBackend(RolloutBackend):
         gathers the full weights and loads them into its own engine. A weight name the engine's model
         does not have raises, naming it.
         """
-        self._wake()
+        self._wake("weights")
         sent: list[str] = []
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             # The engine consumes tensors as they come and holds each only until its layer is complete
             # (layerwise reload), so memory stays within one gathered FSDP unit or parameter.
-            for name, tensor in iter_full_weights(model, prefix, merge_lora=True):
+            for name, tensor in iter_full_weights(model, prefix, merge_lora=True, dtype=self.weights_dtype):
                 sent.append(name)
                 yield name, tensor
 
@@ -172,20 +189,31 @@ class VLLMRolloutBackend(RolloutBackend):
         # Cached prompt prefixes hold keys/values computed with the old weights.
         self.llm.reset_prefix_cache()
         self._stale = None
+        self._source = (model, prefix)
         self.num_syncs += 1
-        self._sleep()
 
-    def _wake(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+    def _wake(self, part: str) -> None:
+        """Wake ``weights`` (torch's cached blocks freed first, for vLLM to take) or ``kv_cache``, if asleep."""
+        if part not in self._asleep:
+            return
+        if part == "weights" and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        awake = self.llm.wake_up(tags=[part])
+        self._asleep.discard(part)
+        if not self._asleep and not awake:
+            self.llm.wake_up()  # whatever else the sleep paused (vLLM's scheduling)
 
     def _sleep(self) -> None:
-        if self.enable_sleep_mode:
-            # Level 1 keeps a CPU copy of the weights, so a generate() with no sync in between
-            # (validation before the first step) still samples from real weights.
-            self.llm.sleep(level=1)
-            self._asleep = True
+        if not self.enable_sleep_mode:
+            return
+        # Level 2 discards the weights too: the next generate syncs them from the policy. Until a first sync
+        # the checkpoint on disk is the engine's only copy (validation or evaluation before training): level 1
+        # keeps it on the host.
+        level = 2 if self._source is not None else 1
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        if level == 2:
+            self._stale = self._stale or self._source
 
 
 def check_engine_supports(vllm: Any, config: Any, on_cpu: bool) -> None:
@@ -214,8 +242,15 @@ def check_engine_supports(vllm: Any, config: Any, on_cpu: bool) -> None:
             )
 
 
-def sampling_params_kwargs(sampling: SamplingSettings, eos_token_ids: Sequence[int], index: int = 0) -> dict[str, Any]:
-    """``vllm.SamplingParams`` arguments for one completion (the ``index``-th of the call)."""
+def engine_dtype(dtype: str, on_cpu: bool, model: torch.nn.Module) -> torch.dtype:
+    """The engine's weights dtype: ``dtype`` by name, or for ``auto`` bfloat16 on a GPU and the policy's own on CPU."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    return next(model.parameters()).dtype if on_cpu else torch.bfloat16
+
+
+def sampling_params_kwargs(sampling: SamplingSettings, eos_token_ids: Sequence[int]) -> dict[str, Any]:
+    """``vllm.SamplingParams`` arguments for every completion of a call (one sample per request, no seed)."""
     return {
         "n": 1,
         "temperature": sampling.temperature,
@@ -229,7 +264,8 @@ def sampling_params_kwargs(sampling: SamplingSettings, eos_token_ids: Sequence[i
         # vLLM would otherwise leave out of it (a stop at "</solution>" would never fire).
         "skip_special_tokens": False,
         "spaces_between_special_tokens": False,
-        "seed": None if sampling.seed is None else sampling.seed + index,
+        "logprobs": 0,  # the sampled token's own log-prob only
+        "flat_logprobs": True,  # a few flat lists per request rather than a dict per token
     }
 
 
@@ -243,12 +279,15 @@ def rollouts_from_outputs(
     """Turn vLLM ``RequestOutput``s (one per completion, in request order) into :class:`Rollouts`.
 
     Completion texts are decoded here from the token ids (not vLLM's text), so ids and text agree exactly
-    as in :class:`~selfbudget_pl.rollout.hf.HFRolloutBackend`.
+    as in :class:`~selfbudget_pl.rollout.hf.HFRolloutBackend`; each sampled token's log-prob (stop token
+    included) is kept when vLLM returned them.
     """
-    samples = []
+    samples, logprobs = [], []
     for request in outputs:
         completion = request.outputs[0]
         ids = list(completion.token_ids)
+        if completion.logprobs is not None:
+            logprobs.append([position[token].logprob for token, position in zip(ids, completion.logprobs)])
         stop_token = None
         if completion.finish_reason == "length":
             reason = "length"
@@ -259,4 +298,5 @@ def rollouts_from_outputs(
             if ids and ids[-1] in eos_token_ids:
                 stop_token = ids.pop()
         samples.append((ids, reason, stop_token))
-    return rollouts_from_samples(contexts, samples, num_samples, tokenizer)
+    recorded = logprobs if len(logprobs) == len(samples) else None
+    return rollouts_from_samples(contexts, samples, num_samples, tokenizer, recorded)
