@@ -103,6 +103,7 @@ class PolicyModuleSchema(Schema):
     val_sampling: Optional[SamplingSchema] = spec()
     export_dir: Optional[str] = spec(note="null: no export")
     merge_lora_on_export: bool = spec()
+    export_shard_gib: float = spec(gt=0)
 
 
 @dataclass
@@ -495,6 +496,7 @@ class FSDP2Schema(Schema):
     reshard_after_forward: bool = spec()
     cpu_offload: bool = spec()
     save_distributed_checkpoint: bool = spec()
+    load_from_rank_zero: bool = spec()
 
 
 STRATEGY_OPTIONS: dict[str, Optional[type[Schema]]] = {"auto": None, "ddp": DDPSchema, "fsdp": FSDPSchema,

@@ -359,23 +359,27 @@ def _add_vllm(plan: MemoryPlan, shape: RunShape, arch: Architecture, settings: P
 
 def _host_terms(shape: RunShape, arch: Architecture, trained_dtype: str, frozen_dtype: str,
                 ranks_per_host: int) -> list[Term]:
-    """Loading (every rank reads the checkpoint into host memory before it moves or shards it) and export
-    (rank 0 gathers the full state dict, then loads it into a fresh model to write it)."""
+    """Loading (each loading rank reads the checkpoint into host memory before it moves or shards it: every
+    rank, or rank 0 alone under ``strategy.load_from_rank_zero``) and the export (streamed in shards of
+    ``module.export_shard_gib``; LoRA kept unmerged: rank 0 gathers the state dict and loads a fresh model)."""
     base_dtype = frozen_dtype if shape.lora else trained_dtype
-    loaders = ranks_per_host
+    once = shape.strategy_name == "fsdp2" and shape.strategy.get("load_from_rank_zero", True) and ranks_per_host > 1
+    loaders, who = (1, "rank 0 only") if once else (ranks_per_host, f"{ranks_per_host} ranks")
+    load_keys = () if once else ("strategy=fsdp2 (strategy.load_from_rank_zero=true)",)
     terms = [Term("loading: the model", loaders * arch.parameters * DTYPE_BYTES[base_dtype], "load",
-                  f"{loaders} ranks x {_count(arch.parameters)} x {base_dtype}", ("model.lora.enabled=true",))]
+                  f"{who} x {_count(arch.parameters)} x {base_dtype}", ("model.lora.enabled=true", *load_keys))]
     if shape.grpo and float(shape.module.get("beta", 0.0) or 0.0) > 0 and not shape.lora:
         terms.append(Term("loading: the reference model", loaders * arch.parameters * DTYPE_BYTES[frozen_dtype],
-                          "load", f"{loaders} ranks x {_count(arch.parameters)} x {frozen_dtype}", ("module.beta=0",)))
-    if shape.strategy_name in ("fsdp", "fsdp2"):
-        export, detail = 2 * arch.parameters * DTYPE_BYTES[base_dtype], "rank 0: gathered state dict + fresh model"
+                          "load", f"{who} x {_count(arch.parameters)} x {frozen_dtype}", ("module.beta=0", *load_keys)))
+    full = arch.parameters * DTYPE_BYTES[trained_dtype]
+    if shape.lora and not shape.module.get("merge_lora_on_export", True):
+        export, detail = 2 * full, "rank 0: gathered state dict + fresh model (LoRA unmerged)"
     else:
-        export, detail = arch.parameters * DTYPE_BYTES[base_dtype], "rank 0: the weights written"
-    if shape.lora and shape.module.get("merge_lora_on_export", True):
-        export += arch.parameters * DTYPE_BYTES[frozen_dtype]
-        detail += " + merged copy"
-    terms.append(Term("export", export, "export", detail, ()))
+        shard = float(shape.module.get("export_shard_gib", 2.0)) * GIB
+        largest = arch.vocab * arch.hidden * DTYPE_BYTES[trained_dtype]  # the embedding: the largest tensor
+        export = min(shard, full) + largest
+        detail = "rank 0: one streamed shard (module.export_shard_gib) + one gathered tensor"
+    terms.append(Term("export", export, "export", detail, ("module.export_shard_gib",)))
     return terms
 
 
