@@ -19,6 +19,10 @@ from selfbudget_pl.config.startup import read_model_config
 from selfbudget_pl.tiny_model import TinyModelSpec
 
 
+class ModelConfigUnavailable(ConfigError):
+    """The model's config cannot be read here (an export not written yet, a hub id without network)."""
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A decoder-only model's sizes, as the plan uses them.
@@ -68,7 +72,7 @@ def model_architecture(model: Mapping[str, Any], config_file: Optional[str] = No
         name = str(model["name_or_path"])
         config = read_model_config(name, bool(model.get("trust_remote_code")))
         if config is None:
-            raise ConfigError(
+            raise ModelConfigUnavailable(
                 f"memory plan: cannot read the config of model.name_or_path={name} (no local copy, no network); "
                 "give its config.json with memory_plan.model_config=<path>"
             )

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from selfbudget_pl.config import plain
 from selfbudget_pl.config.schema import ConfigError
-from selfbudget_pl.memory.architecture import model_architecture
+from selfbudget_pl.memory.architecture import ModelConfigUnavailable, model_architecture
 from selfbudget_pl.memory.plan import GIB, MemoryPlan, PlanSettings, RunShape, Term, plan_memory
 
 MEMINFO = Path("/proc/meminfo")
@@ -159,10 +159,15 @@ def _meminfo(field: str) -> Optional[float]:
     return None
 
 
-def report_memory_plan(cfg: DictConfig, settings: PlanSettings) -> MemoryPlan:
+def report_memory_plan(cfg: DictConfig, settings: PlanSettings) -> Optional[MemoryPlan]:
     """At launch: compute the plan for this machine, print it on rank 0, warn about or refuse a plan that
-    cannot fit (:func:`check_plan`)."""
-    plan, device_memory = plan_from_config(cfg, settings, probe=True)
+    cannot fit (:func:`check_plan`). Without the model's config (an export not written yet) there is no plan:
+    loading the model will say what is missing."""
+    try:
+        plan, device_memory = plan_from_config(cfg, settings, probe=True)
+    except ModelConfigUnavailable as error:
+        rank_zero_warn(f"{error}; no plan")
+        return None
     host_bytes = host_memory(settings, probe=True)
     rank_zero_info(format_plan(plan, device_memory, settings, host_bytes))
     for problem in check_plan(plan, device_memory, settings, host_bytes):
