@@ -29,7 +29,8 @@ from selfbudget_pl.memory.plan import GIB
 from selfbudget_pl.train import CONFIG_DIR, train
 
 MIB = 1024**2
-COMMON = ["trainer=cpu", "rollout=hf", "trainer.max_steps=2", "trainer.val_check_interval=null",
+# 256 synthetic problems: the 0.5B shape's tokenizer (151,936 entries, most of them added tokens) encodes slowly.
+COMMON = ["trainer=cpu", "rollout=hf", "trainer.max_steps=2", "trainer.val_check_interval=null", "data.train.0.size=256",
           "trainer.limit_val_batches=0", "data.num_workers=0", "module.export_dir=null"]
 # Completions of a random-weight model run to max_new_tokens; prompts of the synthetic task stay below 64 tokens.
 # The toy experiments set the tiny model's widths and GRPO's starting export: the shape's widths are given again.
