@@ -4,6 +4,9 @@ and the check at launch that stops a run before anything loads."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,14 @@ def test_launch_stops_before_loading_when_the_plan_cannot_fit(tmp_path):
     with pytest.raises(ConfigError, match=r"memory plan: .* the biggest term is .*shrink it with"):
         train(cfg)
     assert not any(Path(tmp_path).rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_tiny_training_run_stays_within_the_plan_plus_the_process_overhead():
+    """A fresh process trains the tiny model for two steps: its peak resident growth is the plan's device
+    peak plus at most the fixed overhead of libraries loading during the run (benchmarks/RESULTS.md)."""
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_memory_plan.py"), "--case", "tiny_sft"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.5 * row["planned_mib"] <= row["measured_mib"] <= row["planned_mib"] + 120, row
