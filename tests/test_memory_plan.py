@@ -99,4 +99,4 @@ def test_tiny_training_run_stays_within_the_plan_plus_the_process_overhead():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     row = json.loads(done.stdout.strip().splitlines()[-1])
-    assert 0.5 * row["planned_mib"] <= row["measured_mib"] <= row["planned_mib"] + 120, row
+    assert 0.5 * row["planned_mib"] <= row["measured_mib"] <= row["planned_mib"] + 150, row
