@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
+from selfbudget_pl import internals
 from selfbudget_pl.config.schema import ConfigError
 from selfbudget_pl.config.startup import read_model_config
 from selfbudget_pl.tiny_model import TinyModelSpec
@@ -98,7 +99,7 @@ def architecture_of(config: PretrainedConfig, name: str) -> Architecture:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     parameters = sum(parameter.numel() for parameter in skeleton.parameters())
-    layer_names = set(getattr(skeleton, "_no_split_modules", None) or [])
+    layer_names = set(internals.no_split_modules(skeleton))
     layer_counts = [sum(p.numel() for p in module.parameters()) for module in skeleton.modules()
                     if type(module).__name__ in layer_names]  # fmt: skip
     layer_parameters = max(layer_counts, default=0)
