@@ -379,3 +379,22 @@ def test_fsdp_activation_checkpointing_recomputes_sft_layers_without_a_kv_cache(
     plain._trainer = SimpleNamespace(strategy=make_strategy("fsdp", model=model_loader))
     plain.configure_model()
     assert plain.model.config.use_cache is True  # without checkpointing the default stays
+
+
+@pytest.mark.slow
+def test_fsdp2_loads_once_on_rank_zero_and_exports_streamed(tmp_path):
+    """Rank 1 never holds the whole model: its peak while loading and sharding stays well below what one
+    process needs to load the model, and the weights it ends with are the checkpoint's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for mode in ("prepare", "single"):
+        done = subprocess.run([sys.executable, "-m", "tests.fsdp_load_once_run", str(tmp_path), mode], cwd=REPO_ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+    torchrun("fsdp_load_once_run", str(tmp_path), "once")
+    single = json.loads((tmp_path / "single.rank0.json").read_text())
+    rank0, rank1 = (json.loads((tmp_path / f"once.rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank1["was_meta"] and rank0["sharded"] and rank1["sharded"]
+    assert rank0["gathered_equals_checkpoint"] and rank0["export_equals_checkpoint"]
+    assert rank1["buffers_finite"]
+    assert rank1["load_mib"] < 0.6 * single["load_mib"], (rank1, single)  # its shard: half the float32 model
+    assert rank0["export_mib"] < 0.5 * single["model_mib"], rank0  # one shard at a time, not two whole copies

@@ -19,9 +19,9 @@ LAYERS: dict[str, int] = {
     # 2: producing completions, then judging them
     "rollout": 2, "rewards": 3, "metrics": 3, "inference": 4,
     # 5: training
-    "config": 5, "strategies": 5, "launcher_env": 5, "callbacks": 5, "modules": 6,
+    "config": 5, "memory": 5, "strategies": 5, "launcher_env": 5, "callbacks": 5, "modules": 6,
     # 7: entry points
-    "train": 7, "lightning_cli": 8, "eval_report": 7, "evaluate": 8, "reproduce": 9, "labelling": 8, "generate": 8, "cli": 9,
+    "train": 7, "plan": 8, "lightning_cli": 8, "eval_report": 7, "evaluate": 8, "reproduce": 9, "labelling": 8, "generate": 8, "cli": 9,
 }
 # Entry points whose imports are lazy on purpose: `selfbudget --help` answers without loading torch.
 LAZY_IMPORTS_ALLOWED = {"cli"}

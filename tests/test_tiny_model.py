@@ -8,8 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from selfbudget_pl.format import OutputFormat
-from selfbudget_pl.models import ModelLoader, export_pretrained
+from selfbudget_pl.models import ModelLoader, export_pretrained, export_streamed
 from selfbudget_pl.tiny_model import TinyModelSpec, ensure_tiny_model
+from selfbudget_pl.weights import iter_full_weights
 
 
 def test_tiny_model_round_trips_and_generates(tiny_model_dir, tmp_path):
@@ -86,3 +87,34 @@ def test_padded_vocabulary_reaches_the_spec_size_and_encodes_as_before(tmp_path,
     text = "the sum of 12+30 is \\boxed{42}<|endoftext|>"
     assert tokenizer.encode(text) == unpadded.encode(text)  # the added entries are never produced
     assert tokenizer.decode([699]).startswith("<unused_")
+
+
+def test_streamed_export_of_a_lora_model_equals_the_merged_save_pretrained(tmp_path, tiny_model_dir):
+    loader = ModelLoader(name_or_path=str(tiny_model_dir), lora={"enabled": True, "r": 4, "alpha": 8})
+    model = loader.load_model()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.01)
+    tokenizer = loader.load_tokenizer()
+    export_pretrained(model, tokenizer, tmp_path / "merged")
+    # A shard limit below one layer's weights: several files and an index.
+    export_streamed(iter_full_weights(model, "", merge_lora=True), model, tokenizer, tmp_path / "streamed",
+                    max_shard_bytes=64 * 1024)
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").state_dict()
+    streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
+    assert merged.keys() == streamed.keys()
+    assert all(torch.equal(merged[key], streamed[key]) for key in merged)
+    assert AutoTokenizer.from_pretrained(tmp_path / "streamed").get_vocab() == tokenizer.get_vocab()
+
+
+def test_empty_model_matches_the_loaded_one_without_storage(tiny_model_dir):
+    loader = ModelLoader(name_or_path=str(tiny_model_dir), lora={"enabled": True, "r": 4, "alpha": 8},
+                         gradient_checkpointing=True)
+    loaded, empty = loader.load_model(), loader.build_empty_model()
+    assert all(tensor.is_meta for tensor in empty.state_dict().values())
+    shapes = lambda model: {k: (v.shape, v.dtype, v.requires_grad) for k, v in model.named_parameters()}  # noqa: E731
+    assert shapes(empty) == shapes(loaded)
+    assert empty.generation_config.eos_token_id == loaded.generation_config.eos_token_id
+    assert empty.base_model.model.is_gradient_checkpointing

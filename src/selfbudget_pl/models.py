@@ -6,12 +6,15 @@ the tiny model is just a local directory, so the same code loads a hub checkpoin
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
+from safetensors.torch import save_file
 
 from selfbudget_pl.checkpoints import check_tokenizer_files
 from selfbudget_pl.tiny_model import TinyModelSpec, ensure_tiny_model
@@ -107,11 +110,34 @@ class ModelLoader:
         ``frozen=True`` a copy nothing will train (every weight in ``frozen_dtype``, no adapters)."""
         from transformers import AutoModelForCausalLM
 
+        model = AutoModelForCausalLM.from_pretrained(self.path, **self._model_kwargs(frozen))
+        return self._prepare(model, frozen)
+
+    def build_empty_model(self, frozen: bool = False) -> torch.nn.Module:
+        """The model :meth:`load_model` returns, built from its config on the meta device: the same modules,
+        dtypes, adapters and generation config, no storage, no weights read. For ranks that receive their
+        shards from the rank that loaded (:func:`selfbudget_pl.strategies.fill_from_rank_zero`)."""
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+        config = AutoConfig.from_pretrained(self.path, trust_remote_code=self.trust_remote_code)
+        kwargs = self._model_kwargs(frozen)
+        if kwargs["dtype"] == "auto":  # from_config has no "auto": the checkpoint's own dtype, as from_pretrained reads it
+            kwargs["dtype"] = getattr(config, "dtype", None) or torch.float32
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, **kwargs)
+        if (Path(self.path) / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(self.path)
+        return self._prepare(model, frozen)
+
+    def _model_kwargs(self, frozen: bool) -> dict[str, Any]:
         base_dtype = self.frozen_dtype if frozen or self.lora.enabled else self.dtype
         kwargs: dict[str, Any] = {"dtype": _DTYPES[base_dtype], "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+        return kwargs
+
+    def _prepare(self, model: torch.nn.Module, frozen: bool) -> torch.nn.Module:
+        """Freeze, checkpoint and adapt a freshly built model as the settings say."""
         if frozen:
             return model.requires_grad_(False)
         if self.gradient_checkpointing:
@@ -174,3 +200,79 @@ def export_pretrained(model: torch.nn.Module, tokenizer, out_dir: str | Path, me
     to_save.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def export_streamed(
+    weights: Iterable[tuple[str, torch.Tensor]],
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    write: bool = True,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Optional[Path]:
+    """Write a directory ``from_pretrained`` (transformers or vLLM) loads, from ``(checkpoint name, full
+    tensor)`` pairs as they arrive (:func:`selfbudget_pl.weights.iter_full_weights` with LoRA merged):
+    host memory holds one safetensors shard of at most ``max_shard_bytes`` (or one larger tensor), never the
+    whole model, and no fresh copy of it is loaded.
+
+    Args:
+        weights: the pairs; under FSDP every rank must consume them (gathering is collective).
+        model: the policy (a peft model's base is used): its config and generation config are written,
+            and tied weights (an output embedding that is the input one) are left for loading to tie again.
+        tokenizer: saved beside the weights.
+        out_dir: the directory to write.
+        write: False on ranks that only take part in the gathering (nothing is written, None returned).
+        max_shard_bytes: the largest shard file.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied = set(base.get_expanded_tied_weights_keys()) if getattr(text, "tie_word_embeddings", False) else set()
+    out_dir = Path(out_dir)
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size, dtype = 0, None
+    for name, tensor in weights:
+        if not write or name in tied:
+            continue
+        if shard and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
+            files.append(_write_shard(shard, out_dir, len(files)))
+            shard, size = {}, 0
+        shard[name] = tensor.to("cpu", copy=True).contiguous()
+        size += tensor.numel() * tensor.element_size()
+        dtype = dtype or (tensor.dtype if tensor.is_floating_point() else None)
+    if not write:
+        return None
+    if shard or not files:
+        files.append(_write_shard(shard, out_dir, len(files)))
+    _name_shards(files, out_dir)
+    if dtype is not None:
+        config.dtype = dtype  # what the files hold, as save_pretrained records it
+    config.save_pretrained(out_dir)
+    if base.generation_config is not None:
+        base.generation_config.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def _write_shard(shard: dict[str, torch.Tensor], out_dir: Path, index: int) -> tuple[Path, list[str]]:
+    path = out_dir / f".shard-{index:05d}.safetensors"
+    save_file(shard, str(path), metadata={"format": "pt"})
+    return path, list(shard)
+
+
+def _name_shards(files: list[tuple[Path, list[str]]], out_dir: Path) -> None:
+    """Give the shards their final names: ``model.safetensors`` alone, else numbered with an index file."""
+    if len(files) == 1:
+        os.replace(files[0][0], out_dir / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for number, (path, names) in enumerate(files, start=1):
+        final = f"model-{number:05d}-of-{len(files):05d}.safetensors"
+        total += path.stat().st_size
+        os.replace(path, out_dir / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

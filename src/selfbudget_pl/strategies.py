@@ -147,12 +147,16 @@ class FullyShardPlan:
     activation_checkpointing: bool = False
     reshard_after_forward: bool = True
     cpu_offload: bool = False
+    load_from_rank_zero: bool = True
 
     def __call__(self, model: torch.nn.Module, mesh: Any = None) -> torch.nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if is_sharded(model):
             return model
+        # Rank 0 loaded the checkpoint and the others built the same model on the meta device
+        # (PolicyModule.load_model): rank 0's full tensors are kept until its shards have been sent.
+        from_rank_zero = self.load_from_rank_zero and mesh is not None and mesh.size() > 1
         if self.activation_checkpointing:
             internals.apply_activation_checkpointing(model, check_fn=lambda module: isinstance(module, self.layers))
             disable_kv_cache_in_training(model)
@@ -166,10 +170,40 @@ class FullyShardPlan:
         units = [module for module in model.modules() if isinstance(module, self.layers)]
         if not units:
             raise ValueError(f"no modules of class {sorted(c.__name__ for c in self.layers)} in {type(model).__name__}")
+        full = (model.state_dict() if mesh.get_rank() == 0 else {}) if from_rank_zero else None
         for unit in units:
             fully_shard(unit, reshard_after_forward=self.reshard_after_forward, **options)
         fully_shard(model, **options)
+        if full is not None:
+            fill_from_rank_zero(model, full, mesh)
         return model
+
+
+def fill_from_rank_zero(model: torch.nn.Module, full: dict[str, torch.Tensor], mesh: Any) -> None:
+    """Give every rank of ``mesh`` its shards of the weights rank 0 holds whole in ``full`` (the other ranks
+    pass an empty dict and a meta-device ``model``): one tensor at a time, so no rank but 0 ever holds more
+    than a tensor beyond its shards. Buffers, which are not sharded (and not all in the state dict, e.g.
+    rotary frequencies), are sent whole. Collective: every rank of ``mesh`` calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
+        else torch.device(mesh.device_type)
+    if any(tensor.is_meta for tensor in model.state_dict().values()):
+        model.to_empty(device=device)
+    else:
+        model.to(device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    group = mesh.get_group()
+    source = torch.distributed.get_global_rank(group, 0)
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=source, group=group)
+
+
+def loads_once(strategy: Any) -> bool:
+    """Whether only rank 0 reads the checkpoint under ``strategy`` (``fsdp2`` with ``load_from_rank_zero``
+    on more than one rank): the others build an empty model and receive their shards when it is sharded."""
+    plan = getattr(strategy, "parallelize", None)
+    return isinstance(plan, FullyShardPlan) and plan.load_from_rank_zero and strategy.world_size > 1
 
 
 def fsdp2_strategy(
@@ -180,6 +214,7 @@ def fsdp2_strategy(
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
     save_distributed_checkpoint: bool = True,
+    load_from_rank_zero: bool = True,
     **kwargs: Any,
 ) -> Strategy:
     """FSDP2: Lightning's ``ModelParallelStrategy`` (data-parallel over every rank, no tensor parallelism)
@@ -199,6 +234,8 @@ def fsdp2_strategy(
             without a GPU, so refused rather than left to fail mid-run).
         save_distributed_checkpoint: each rank writes its shard (a checkpoint directory); False gathers
             a single file on rank 0.
+        load_from_rank_zero: only rank 0 reads the checkpoint into host memory; the other ranks build the
+            model on the meta device and receive their shards (:func:`fill_from_rank_zero`).
         kwargs: passed to ``ModelParallelStrategy`` (``process_group_backend``, ``timeout``).
     """
     if cpu_offload:
@@ -218,6 +255,7 @@ def fsdp2_strategy(
         activation_checkpointing=activation_checkpointing,
         reshard_after_forward=reshard_after_forward,
         cpu_offload=cpu_offload,
+        load_from_rank_zero=load_from_rank_zero,
         **{key: _DTYPES[value] for key, value in dtypes.items() if value},
     )
     return FSDP2Strategy(plan, save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)

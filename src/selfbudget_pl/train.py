@@ -23,6 +23,7 @@ from selfbudget_pl.callbacks.hparams import RunConfigHParams
 from selfbudget_pl.config import ConfigError, check_train_config
 from selfbudget_pl.config.overrides import open_trainer_overrides
 from selfbudget_pl.launcher_env import check_process_count
+from selfbudget_pl.memory.fit import report_memory_plan
 from selfbudget_pl.strategies import check_strategy_supports
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ def instantiate_dict(section: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Train as ``cfg`` says; return the final logged metrics and the objects that were built."""
     check_train_config(cfg)  # every bad value named by its key, before any model or data is loaded
+    plan_settings = instantiate(cfg.memory_plan) if cfg.get("memory_plan") else None
+    if plan_settings is not None and plan_settings.enabled:
+        report_memory_plan(cfg, plan_settings)  # what each device and host will hold; refuses what cannot fit
     if cfg.get("num_threads"):
         torch.set_num_threads(int(cfg.num_threads))
     L.seed_everything(cfg.seed, workers=True)

@@ -47,7 +47,7 @@ __all__ = [
 OmegaConf.register_new_resolver("packaged_checkpoint", packaged_checkpoint, replace=True)
 
 _POSITIVE = {"ge": 1, "note": "null: torch's default"}
-_TARGET_GROUPS = ("module", "model", "data", "output_format", "reward", "grader", "rollout", "strategy")
+_TARGET_GROUPS = ("module", "model", "data", "output_format", "reward", "grader", "rollout", "strategy", "memory_plan")
 
 
 def check_train_config(cfg: DictConfig) -> None:

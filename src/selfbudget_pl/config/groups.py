@@ -115,6 +115,7 @@ class PolicyModuleSchema(Schema):
     val_sampling: Optional[SamplingSchema] = spec()
     export_dir: Optional[str] = spec(note="null: no export")
     merge_lora_on_export: bool = spec()
+    export_shard_gib: float = spec(gt=0)
 
 
 @dataclass
@@ -478,6 +479,21 @@ LIGHTNING_SUBCLASSES = (
 
 
 @dataclass
+class PlanSettingsSchema(Schema):
+    TARGETS = ("selfbudget_pl.memory.plan.PlanSettings",)
+
+    enabled: bool = spec()
+    device_memory_gib: Optional[float] = spec(gt=0, note="null: the devices found")
+    host_memory_gib: Optional[float] = spec(gt=0, note="null: this host's at launch")
+    on_overflow: str = spec(choices=("error", "warn"))
+    device_reserve_gib: float = spec(ge=0)
+    vllm_profile_gib: float = spec(ge=0)
+    activation_elements: dict[str, float] = spec()
+    norm_float32_bytes: float = spec(ge=0)
+    model_config: Optional[str] = spec(note="null: model.name_or_path's config")
+
+
+@dataclass
 class DDPSchema(Schema):
     TARGETS = ("selfbudget_pl.strategies.ddp_strategy",)
     OPEN = True  # further keys go to Lightning's DDPStrategy
@@ -512,6 +528,7 @@ class FSDP2Schema(Schema):
     reshard_after_forward: bool = spec()
     cpu_offload: bool = spec()
     save_distributed_checkpoint: bool = spec()
+    load_from_rank_zero: bool = spec()
 
 
 STRATEGY_OPTIONS: dict[str, Optional[type[Schema]]] = {"auto": None, "ddp": DDPSchema, "fsdp": FSDPSchema,
@@ -547,7 +564,7 @@ register(
     OutputFormatSchema, RewardCallbackSchema, BudgetGuidedRewardSchema, L1ExactRewardSchema, L1MaxRewardSchema,
     AccuracyRewardSchema, FormatRewardSchema, MathGraderSchema, HFRolloutSchema, VLLMRolloutSchema,
     BudgetMathDataSchema, JsonlSourceSchema, HFSourceSchema, SyntheticSourceSchema, BudgetMetricsSchema,
-    ProgressLinesSchema,
+    ProgressLinesSchema, PlanSettingsSchema,
     StrategySchema,
 )
 # Strategy options are checked through StrategySchema (they have no `_target_` of their own).

@@ -42,7 +42,7 @@ def model_facts(model: Mapping[str, Any]) -> ModelFacts:
         tiny = dict(model.get("tiny") or {})
         limit = tiny.get("max_position_embeddings", TinyModelSpec.max_position_embeddings)
         return ModelFacts(limit, "float32", "model.tiny.max_position_embeddings")
-    config = _read_config(str(path), bool(model.get("trust_remote_code")))
+    config = read_model_config(str(path), bool(model.get("trust_remote_code")))
     if config is None:  # an export not written yet, no network: loading the model will say so
         return ModelFacts(None, None, str(path))
     limit = next(
@@ -55,7 +55,7 @@ def model_facts(model: Mapping[str, Any]) -> ModelFacts:
     return ModelFacts(limit, dtype, f"{path} config.json")
 
 
-def _read_config(path: str, trust_remote_code: bool) -> Any:
+def read_model_config(path: str, trust_remote_code: bool) -> Any:
     """The model's ``config.json`` (a local directory, the hub cache, else the hub itself), or None."""
     from transformers import AutoConfig
 

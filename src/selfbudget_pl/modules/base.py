@@ -21,13 +21,13 @@ from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.launcher_env import export_process_group_env
-from selfbudget_pl.models import ModelLoader, export_pretrained
+from selfbudget_pl.models import ModelLoader, export_pretrained, export_streamed
 from selfbudget_pl.modules.optimization import optimizer_and_schedule
 from selfbudget_pl.modules.validation import ValidationRecord
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, sampling_settings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
-from selfbudget_pl.strategies import check_strategy_supports, clip_gradients_by_norm, shard_models
-from selfbudget_pl.weights import full_state_dict, is_sharded
+from selfbudget_pl.strategies import check_strategy_supports, clip_gradients_by_norm, loads_once, shard_models
+from selfbudget_pl.weights import full_state_dict, is_sharded, iter_full_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class PolicyModule(L.LightningModule):
         val_sampling: sampling settings for validation generation (greedy by default).
         export_dir: where ``on_train_end`` writes a ``save_pretrained`` export (None: no export).
         merge_lora_on_export: fold LoRA adapters into the exported weights.
+        export_shard_gib: the largest safetensors file of the export (the most host memory it holds).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class PolicyModule(L.LightningModule):
         val_sampling: Optional[SamplingSettings | dict] = None,
         export_dir: Optional[str] = None,
         merge_lora_on_export: bool = True,
+        export_shard_gib: float = 2.0,
     ) -> None:
         super().__init__()
         self.generate_in_validation = True  # SFT may validate on the loss alone
@@ -76,6 +78,7 @@ class PolicyModule(L.LightningModule):
         self.val_sampling = sampling_settings(val_sampling, temperature=0.0)
         self.export_dir = export_dir
         self.merge_lora_on_export = merge_lora_on_export
+        self.export_shard_gib = export_shard_gib
         self.tokenizer = model_loader.load_tokenizer()
         self.model: Optional[torch.nn.Module] = None
         self._rollout_backend: Optional[RolloutBackend] = None
@@ -86,8 +89,17 @@ class PolicyModule(L.LightningModule):
         # again on resume; loading once keeps it idempotent.
         if self.model is None:
             # from_pretrained returns eval mode; Lightning toggles train/eval itself from here on.
-            self.model = self.model_loader.load_model().train()
+            self.model = self.load_model().train()
         self.shard_models()
+
+    def load_model(self, frozen: bool = False) -> torch.nn.Module:
+        """The policy (or with ``frozen`` a copy nothing trains) as :class:`ModelLoader` loads it; under a
+        strategy that loads once (:func:`selfbudget_pl.strategies.loads_once`) only rank 0 reads the
+        checkpoint and the other ranks build it empty, to receive their shards when it is sharded."""
+        trainer = self._trainer
+        if trainer is not None and loads_once(trainer.strategy) and trainer.global_rank != 0:
+            return self.model_loader.build_empty_model(frozen=frozen)
+        return self.model_loader.load_model(frozen=frozen)
 
     def shard_models(self) -> None:
         """Shard the models this module holds as the strategy says (:func:`selfbudget_pl.strategies.shard_models`)."""
@@ -195,18 +207,30 @@ class PolicyModule(L.LightningModule):
         return self.model, ""
 
     def export(self, out_dir: str | Path) -> Optional[Path]:
-        """``save_pretrained`` the current weights and tokenizer (full weights; rank 0 writes).
+        """``save_pretrained``-style export of the current weights and tokenizer (full weights; rank 0 writes).
 
-        Under FSDP every rank must call it: the shards are gathered collectively, then rank 0 loads
-        them into a fresh copy of the model (LoRA included, so the merge works as unsharded).
+        The weights stream from wherever they live (:func:`selfbudget_pl.weights.iter_full_weights`: one
+        FSDP unit gathered at a time, LoRA merged) into safetensors shards of ``export_shard_gib``: no
+        fresh copy of the model is loaded and the host never holds the whole state dict. Under FSDP every
+        rank must call it. LoRA adapters kept unmerged (``merge_lora_on_export=false``) are written by
+        peft's ``save_pretrained`` instead.
         """
-        model = self.model
-        full = full_state_dict(*self.weights_source())
-        if not self.trainer.is_global_zero:
-            return None
-        if full is not None:
-            model = self.model_loader.load_model()
-            model.load_state_dict(full)
-        path = export_pretrained(model, self.tokenizer, out_dir, merge_lora=self.merge_lora_on_export)
-        log.info("exported model to %s", path)
+        root, prefix = self.weights_source()
+        lora_unmerged = hasattr(self.model, "peft_config") and not self.merge_lora_on_export
+        if lora_unmerged:
+            full = full_state_dict(root, prefix)
+            if not self.trainer.is_global_zero:
+                return None
+            model = self.model
+            if full is not None:
+                model = self.model_loader.load_model()
+                model.load_state_dict(full)
+            path = export_pretrained(model, self.tokenizer, out_dir, merge_lora=False)
+        else:
+            path = export_streamed(
+                iter_full_weights(root, prefix, merge_lora=True), self.model, self.tokenizer, out_dir,
+                write=self.trainer.is_global_zero, max_shard_bytes=int(self.export_shard_gib * 1024**3),
+            )  # fmt: skip
+        if path is not None:
+            log.info("exported model to %s", path)
         return path

@@ -180,7 +180,7 @@ class GRPOModule(PolicyModule):
         super().configure_model()
         if self.beta > 0 and self.ref_model is None and not _is_peft(self.model):
             # Loaded from the same checkpoint as the policy: the KL anchor is where training started.
-            self.ref_model = self.model_loader.load_model(frozen=True).eval()
+            self.ref_model = self.load_model(frozen=True).eval()
             self.shard_models()  # strategy=fsdp2: the reference is sharded like the policy
 
     def train(self, mode: bool = True) -> "GRPOModule":

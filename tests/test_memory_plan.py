@@ -1,0 +1,102 @@
+"""The memory plan: its arithmetic on known sizes, the paper's 7B setting against 8 x 80 GB (fits under
+FSDP2, not under DDP), the error naming the biggest term and its keys, vLLM's share, ``selfbudget-plan``
+and the check at launch that stops a run before anything loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from selfbudget_pl.config import ConfigError
+from selfbudget_pl.memory.fit import check_plan, format_plan, misfits, plan_from_config
+from selfbudget_pl.memory.plan import GIB
+from selfbudget_pl.plan import main as plan_main
+from selfbudget_pl.train import CONFIG_DIR, train
+
+from .conftest import REPO_ROOT
+from .test_train import compose_small
+
+SEVEN_B = REPO_ROOT / "benchmarks" / "model_configs" / "r1_distill_qwen_7b.json"
+PAPER_7B = ["experiment=grpo_math", "model=r1_distill_qwen_7b", "trainer.devices=8",
+            f"memory_plan.model_config={SEVEN_B}", "memory_plan.device_memory_gib=80"]
+
+
+def plan_for(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    settings = instantiate(cfg.memory_plan)
+    plan, device_memory = plan_from_config(cfg, settings, probe=False)
+    return plan, device_memory, settings
+
+
+def term(plan, name: str) -> float:
+    return next(t.bytes for t in plan.device if t.name == name)
+
+
+def test_seven_b_full_training_fits_8x80_under_fsdp2_and_not_under_ddp():
+    plan, memory, settings = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2", "rollout.max_model_len=9216")
+    assert misfits(plan, memory, settings) == [], format_plan(plan, memory, settings)
+    parameters = 7_615_616_512  # DeepSeek-R1-Distill-Qwen-7B, untied head
+    assert term(plan, "trained weights") == parameters * 4 / 8
+    assert term(plan, "optimizer state") == 2 * parameters * 4 / 8
+    assert term(plan, "vLLM weights") == parameters * 2  # the checkpoint's bfloat16
+    # 28 layers x 4 KV heads x 128 x 2 (k, v) x 2 bytes = 56 KiB a token
+    assert "56 KiB" in next(t.detail for t in plan.device if t.name == "vLLM KV cache")
+
+    plan, memory, settings = plan_for(*PAPER_7B, "trainer=ddp", "strategy=ddp")
+    with pytest.raises(ConfigError, match=r"biggest term is (gradients|optimizer state) .*strategy=fsdp2"):
+        check_plan(plan, memory, settings)
+
+
+def test_vllm_default_length_preempts_and_a_small_share_cannot_start():
+    plan, memory, settings = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2")
+    assert any("will preempt" in note for note in plan.notes)  # 131,072 positions x 40 sequences
+    plan, memory, settings = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2",
+                                      "rollout.gpu_memory_utilization=0.2")
+    problems = misfits(plan, memory, settings)
+    assert any("will not start" in p and "rollout.max_model_len" in p for p in problems), problems
+
+
+def test_sharding_divides_what_fsdp2_shards_and_the_reference_counts_when_beta_is_positive():
+    alone, _, _ = plan_for("experiment=grpo_toy", "model.name_or_path=null")
+    sharded, _, _ = plan_for("experiment=grpo_toy", "model.name_or_path=null", "strategy=fsdp2", "trainer.devices=4",
+                             "module.beta=0.04")
+    for name in ("trained weights", "gradients", "optimizer state"):
+        assert term(sharded, name) == pytest.approx(term(alone, name) / 4)
+    assert term(sharded, "reference model") == pytest.approx(term(alone, "trained weights") / 4)
+    assert "reference model" not in [t.name for t in alone.device]
+
+
+def test_planning_command_prints_the_table_and_exits_naming_the_keys(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        plan_main(["--devices-memory", "80", *PAPER_7B[:-1], "trainer=ddp", "strategy=ddp"])
+    printed = capsys.readouterr().out
+    assert "per device" in printed and "optimizer state" in printed and "per host" in printed
+    assert "strategy=fsdp2" in str(stopped.value)
+
+
+def test_launch_stops_before_loading_when_the_plan_cannot_fit(tmp_path):
+    cfg = compose_small("sft_toy", tmp_path)
+    with open_dict(cfg):
+        cfg.memory_plan.device_memory_gib = 0.001
+    with pytest.raises(ConfigError, match=r"memory plan: .* the biggest term is .*shrink it with"):
+        train(cfg)
+    assert not any(Path(tmp_path).rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_tiny_training_run_stays_within_the_plan_plus_the_process_overhead():
+    """A fresh process trains the tiny model for two steps: its peak resident growth is the plan's device
+    peak plus at most the fixed overhead of libraries loading during the run (benchmarks/RESULTS.md)."""
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_memory_plan.py"), "--case", "tiny_sft"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    assert 0.5 * row["planned_mib"] <= row["measured_mib"] <= row["planned_mib"] + 150, row
