@@ -109,8 +109,10 @@ class VLLMRolloutBackend(RolloutBackend):
         # In-process engine: the weight sync hands the engine a Python iterator of tensors (no pickling to an
         # engine-core process, no copy through shared memory).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # One engine per training rank, each sampling for that rank's prompts.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_world_size() > 1:
+            # One engine per training rank, each sampling for that rank's prompts. (A group of one is the
+            # one an earlier engine of this process made for itself: a second engine is not a rank of it.)
             engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
             seed += torch.distributed.get_rank()
         if kv_cache_gb is None and on_cpu:
