@@ -373,7 +373,7 @@ def test_fsdp_activation_checkpointing_recomputes_sft_layers_without_a_kv_cache(
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids}
-    module._lm_loss(batch).backward()
+    module.lm_loss(batch).backward()
 
     plain = SFTModule(model_loader, optimizer=partial(torch.optim.SGD, lr=0.1))
     plain._trainer = SimpleNamespace(strategy=make_strategy("fsdp", model=model_loader))

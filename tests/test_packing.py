@@ -1,7 +1,8 @@
 """Packed completion logits (:mod:`selfbudget_pl.modules.packing`) against the padded forward they
-replace: the same logits, the same gradients (full weights, LoRA, activation checkpointing) and the same
-GRPO update, on Qwen2, Llama with grouped-query attention and Qwen3; the layout ``pack`` builds; unpacked
-calls unchanged after the switch; and the padded path for models packing does not support."""
+replace: the same logits, the same gradients (full weights, LoRA, activation checkpointing), the same
+GRPO update and the same SFT loss, on Qwen2, Llama with grouped-query attention and Qwen3; the layout
+``pack`` builds; unpacked calls unchanged after the switch; and the padded path for models packing does
+not support."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import pytest
 import torch
 import transformers
 
-from selfbudget_pl.data.collate import pad
+from selfbudget_pl.data.collate import SFTCollator, pad
 from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.experience import Experience
 from selfbudget_pl.modules.grpo import GRPOModule
+from selfbudget_pl.modules.logprobs import packed_sequence_nll
+from selfbudget_pl.modules.sft import SFTModule
 from selfbudget_pl.modules.losses import group_advantages
 
 from .conftest import randomize_lora_b, sharpen
@@ -317,7 +320,7 @@ def test_unsupported_models_run_the_padded_forward(model_loader, monkeypatch, ca
     monkeypatch.setattr(packing, "packed_forward", no_packing)
     module = GRPOModule(**_settings(model_loader, packed_forward=True))
     micro = _experience("groups")
-    with torch.no_grad(), caplog.at_level("WARNING", logger="selfbudget_pl.modules.grpo"):
+    with torch.no_grad(), caplog.at_level("WARNING", logger="selfbudget_pl.modules.base"):
         logprobs, entropy = module.completion_logprobs(gpt2, micro)
         module.completion_logprobs(gpt2, micro)
         expected = _padded_logits(gpt2, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask)
@@ -395,3 +398,52 @@ def test_gradients_with_activation_checkpointing_equal_the_padded_forward(use_re
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     _assert_same_gradients(_gradients(model, _packed_logits, tensors), expected)
+
+
+# -- 8. the SFT loss -----------------------------------------------------------------------------
+def _sft_batch() -> dict:
+    """Prompt + response rows of different lengths, right-padded; the loss covers the responses only."""
+    prompts, responses = BATCHES["groups"]
+    examples = [
+        {"prompt_ids": prompt, "response_ids": response + [EOS], "budget": 1}
+        for prompt, response in zip(prompts, responses)
+    ]
+    return SFTCollator(pad_token_id=PAD)(examples)
+
+
+def _sft_gradients(model, loss_fn) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return float(loss), gradients
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_packed_sft_loss_and_its_gradients_equal_the_models_own(kind, model_loader):
+    model = _model(kind, model_loader)
+    batch = _sft_batch()
+    assert float(batch["attention_mask"].float().mean()) < 0.8  # padding the packed loss must skip
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "labels")}
+    expected_loss, expected = _sft_gradients(model, lambda: model(**inputs).loss)
+    loss, gradients = _sft_gradients(
+        model, lambda: packed_sequence_nll(model, batch["input_ids"], batch["attention_mask"], batch["labels"], 7)
+    )
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    _assert_same_gradients(gradients, expected)
+
+
+@pytest.mark.parametrize("packed_forward", [True, False])
+def test_the_sft_module_takes_its_loss_on_packed_tokens_when_asked(packed_forward, model_loader, monkeypatch):
+    calls = []
+    original = packing.packed_forward
+    monkeypatch.setattr(packing, "packed_forward", lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    settings = {key: value for key, value in _settings(model_loader).items() if key not in ("num_generations", "sampling")}
+    module = SFTModule(**settings, packed_forward=packed_forward)
+    module.configure_model()
+    batch = _sft_batch()
+    loss = module.lm_loss(batch)
+    expected = module.model(**{key: batch[key] for key in ("input_ids", "attention_mask", "labels")}).loss
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    assert len(calls) == (1 if packed_forward else 0)

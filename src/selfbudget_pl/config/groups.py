@@ -116,6 +116,8 @@ class PolicyModuleSchema(Schema):
     export_dir: Optional[str] = spec(note="null: no export")
     merge_lora_on_export: bool = spec()
     export_shard_gib: float = spec(gt=0)
+    packed_forward: bool = spec()
+    head_chunk_tokens: int = spec(ge=1, note="tokens whose logits exist at once")
 
 
 @dataclass
@@ -145,8 +147,6 @@ class GRPOModuleSchema(PolicyModuleSchema):
     log_entropy: bool = spec()
     prefill_fraction: float = spec(ge=0, le=1)
     prefill_budget_range: list[float] = spec(rule=_pair_in_order)
-    packed_forward: bool = spec()
-    head_chunk_tokens: int = spec(ge=1, note="completion tokens whose logits exist at once")
     mask_truncated_completions: bool = spec()
     sampler_correction: Optional[SamplerCorrectionSchema] = spec(note="null: the defaults (auto)")
 

@@ -250,7 +250,8 @@ def _activations(shape: RunShape, arch: Architecture, settings: PlanSettings, co
         detail = f"{how}; {arch.layers} layers kept"
         keys = (*keys, "model.gradient_checkpointing=true")
     terms = [Term("activations", size, "step", detail, keys)]
-    if shape.grpo:
+    # GRPO always scores through the chunked head; SFT does when its loss runs on packed tokens.
+    if shape.grpo or shape.module.get("packed_forward"):
         chunk = min(int(shape.module.get("head_chunk_tokens", 512)), tokens)
         head = tokens * arch.hidden * compute + 3 * chunk * arch.vocab * DTYPE_BYTES["float32"]
         terms.append(Term("LM head (chunked)", head, "step",

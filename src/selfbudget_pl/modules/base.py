@@ -22,6 +22,8 @@ from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.launcher_env import export_process_group_env
 from selfbudget_pl.models import ModelLoader, export_pretrained, export_streamed
+from selfbudget_pl.modules import packing
+from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.optimization import optimizer_and_schedule
 from selfbudget_pl.modules.validation import ValidationRecord
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, sampling_settings
@@ -47,6 +49,12 @@ class PolicyModule(L.LightningModule):
         export_dir: where ``on_train_end`` writes a ``save_pretrained`` export (None: no export).
         merge_lora_on_export: fold LoRA adapters into the exported weights.
         export_shard_gib: the largest safetensors file of the export (the most host memory it holds).
+        packed_forward: run training forwards on packed tokens, with no padding (and each GRPO group's
+            prompt once: :mod:`selfbudget_pl.modules.packing`; Qwen2, Llama and Qwen3, others run padded).
+            Losses and gradients equal the padded forward's up to float rounding.
+        head_chunk_tokens: tokens whose logits exist at once when scoring (the LM head, temperature,
+            log-softmax, gather and entropy run chunk by chunk, backward too): the head's memory is
+            ``head_chunk_tokens x vocabulary`` floats, not ``tokens x vocabulary``.
     """
 
     def __init__(
@@ -64,6 +72,8 @@ class PolicyModule(L.LightningModule):
         export_dir: Optional[str] = None,
         merge_lora_on_export: bool = True,
         export_shard_gib: float = 2.0,
+        packed_forward: bool = True,
+        head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
         super().__init__()
         self.generate_in_validation = True  # SFT may validate on the loss alone
@@ -79,6 +89,11 @@ class PolicyModule(L.LightningModule):
         self.export_dir = export_dir
         self.merge_lora_on_export = merge_lora_on_export
         self.export_shard_gib = export_shard_gib
+        self.packed_forward = packed_forward
+        if head_chunk_tokens < 1:
+            raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
+        self.head_chunk_tokens = head_chunk_tokens
+        self._told_padded = False
         self.tokenizer = model_loader.load_tokenizer()
         self.model: Optional[torch.nn.Module] = None
         self._rollout_backend: Optional[RolloutBackend] = None
@@ -100,6 +115,14 @@ class PolicyModule(L.LightningModule):
         if trainer is not None and loads_once(trainer.strategy) and trainer.global_rank != 0:
             return self.model_loader.build_empty_model(frozen=frozen)
         return self.model_loader.load_model(frozen=frozen)
+
+    def packable(self, model: torch.nn.Module) -> bool:
+        """Whether ``model`` can run the packed forward (the first time it cannot, a warning says why)."""
+        reason = packing.unsupported_reason(model)
+        if reason is not None and not self._told_padded:
+            log.warning("module.packed_forward: this model runs the padded forward instead (%s)", reason)
+            self._told_padded = True
+        return reason is None
 
     def shard_models(self) -> None:
         """Shard the models this module holds as the strategy says (:func:`selfbudget_pl.strategies.shard_models`)."""

@@ -27,7 +27,6 @@ averaged across ranks (min/max lengths: reduced with min/max).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import defaultdict
@@ -41,10 +40,8 @@ from peft import PeftModel
 
 from selfbudget_pl.config import check_budget_caps
 from selfbudget_pl.data.collate import record_columns
-from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.base import PolicyModule
 from selfbudget_pl.modules.experience import Experience, experience_from_rollouts
-from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.logprobs import completion_logprobs
 from selfbudget_pl.modules.losses import (
     AGGREGATIONS, Aggregation, PolicyLoss, SamplerCorrection, SamplerWeights, group_advantages, policy_loss,
@@ -53,8 +50,6 @@ from selfbudget_pl.modules.losses import (
 from selfbudget_pl.modules.optimization import training_progress
 from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
-
-log = logging.getLogger(__name__)
 
 
 class GRPOModule(PolicyModule):
@@ -84,12 +79,6 @@ class GRPOModule(PolicyModule):
             then trains the model to follow budgets it did not choose, which is what pre-filling at
             inference relies on; 0 (the paper's setting as we read it) trains on own budgets only.
         prefill_budget_range: ``(low, high)`` fractions of b_max that pre-filled budgets span.
-        packed_forward: compute log-probs on packed tokens, each group's prompt once and no padding
-            (:mod:`selfbudget_pl.modules.packing`; Qwen2, Llama and Qwen3, others run padded). The
-            result equals the padded forward's up to float rounding.
-        head_chunk_tokens: completion tokens whose logits exist at once when scoring (the LM head,
-            temperature, log-softmax, gather and entropy run chunk by chunk, backward too): the head's
-            memory is ``head_chunk_tokens x vocabulary`` floats, not ``completion tokens x vocabulary``.
         mask_truncated_completions: leave completions cut off by ``max_new_tokens`` out of the loss
             (TRL's option): their reward says nothing about an answer the model never got to finish.
             They still count in their group's baseline.
@@ -117,8 +106,6 @@ class GRPOModule(PolicyModule):
         log_entropy: bool = True,
         prefill_fraction: float = 0.0,
         prefill_budget_range: tuple[float, float] = (0.5, 1.0),
-        packed_forward: bool = True,
-        head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
         mask_truncated_completions: bool = False,
         sampler_correction: Optional[SamplerCorrection | dict] = None,
         **kwargs: Any,
@@ -156,15 +143,10 @@ class GRPOModule(PolicyModule):
             )
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
-        self.packed_forward = packed_forward
-        if head_chunk_tokens < 1:
-            raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
-        self.head_chunk_tokens = head_chunk_tokens
         self.mask_truncated_completions = mask_truncated_completions
         if not isinstance(sampler_correction, SamplerCorrection):
             sampler_correction = SamplerCorrection(**dict(sampler_correction or {}))
         self.sampler_correction = sampler_correction
-        self._told_padded = False
         self.ref_model: Optional[torch.nn.Module] = None
         # The reference is rebuilt from the base checkpoint (configure_model, on resume too), never saved:
         # checkpoints would otherwise carry a second full copy of the weights that nothing trains.
@@ -369,15 +351,8 @@ class GRPOModule(PolicyModule):
     def completion_logprobs(self, model: torch.nn.Module, micro: Experience) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs and entropies of ``micro``'s completion tokens under ``model``
         (:func:`selfbudget_pl.modules.logprobs.completion_logprobs`, with this module's settings)."""
-        packed = self.packed_forward and self._packable(model)
+        packed = self.packed_forward and self.packable(model)
         return completion_logprobs(model, micro, self.sampling.temperature, self.head_chunk_tokens, packed)
-
-    def _packable(self, model: torch.nn.Module) -> bool:
-        reason = packing.unsupported_reason(model)
-        if reason is not None and not self._told_padded:
-            log.warning("module.packed_forward: this model runs the padded forward instead (%s)", reason)
-            self._told_padded = True
-        return reason is None
 
     @torch.no_grad()
     def score_completions(self, model: torch.nn.Module, experience: Experience) -> torch.Tensor:

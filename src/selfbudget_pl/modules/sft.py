@@ -1,7 +1,9 @@
 """Stage 1 (cold start): supervised fine-tuning on budget-labelled responses.
 
 The loss is next-token cross-entropy on the response only (budget tag, solution and EOS); the prompt
-is masked with -100 by the collator. Validation adds greedy generation, graded, with budget metrics.
+is masked with -100 by the collator. It runs on packed tokens as GRPO's log-probs do
+(``module.packed_forward``), else through the model's own loss. Validation adds greedy generation,
+graded, with budget metrics.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 from selfbudget_pl.modules.base import PolicyModule
+from selfbudget_pl.modules.logprobs import packed_sequence_nll
 
 
 class SFTModule(PolicyModule):
@@ -26,16 +29,20 @@ class SFTModule(PolicyModule):
         self.generate_in_validation = generate_in_validation
         self._step_started = time.perf_counter()
 
-    def _lm_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        ).loss
+    def lm_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The next-token loss on the batch's responses (the prompt is labelled ``-100``)."""
+        input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        # Packing splits each row after its first token, so rows must be right-padded (as SFTCollator pads).
+        right_padded = bool(attention_mask[:, 0].all())
+        if self.packed_forward and right_padded and self.packable(self.model):
+            return packed_sequence_nll(self.model, input_ids, attention_mask, labels, self.head_chunk_tokens)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self._lm_loss(batch)
+        loss = self.lm_loss(batch)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
@@ -46,6 +53,6 @@ class SFTModule(PolicyModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         # batch_size given: Lightning cannot infer it from this batch's dict and warns in every SFT log.
-        self.log("val/loss", self._lm_loss(batch), prog_bar=True, sync_dist=True, batch_size=len(batch["input_ids"]))
+        self.log("val/loss", self.lm_loss(batch), prog_bar=True, sync_dist=True, batch_size=len(batch["input_ids"]))
         if self.generate_in_validation:
             self.validation_generation(batch)
