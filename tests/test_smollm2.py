@@ -151,9 +151,9 @@ def _loss(model: torch.nn.Module, batch: dict) -> float:
 def test_sft_lowers_the_loss_then_a_grpo_step_scores_its_completions_with_the_budget_reward(loader, tmp_path):
     """Stage 1 on budget-formatted toy answers (rendered in the chat template, counted in SmolLM2's tokens),
     then one budget-guided GRPO step from its export: the completions are well-formed and right, the budget
-    reward tells them apart, the loss is finite. (On the two problems it memorised, the SFT model samples
-    the same answer G times, so the rewards do not vary within a group: a test of the update needs a model
-    that is unsure, which 20 steps on 2 problems do not make.)"""
+    reward tells them apart within a group, the loss is finite and the weights move. (The SFT model has
+    memorised its two problems: sampled at the toy's temperature it writes one answer G times, so the step
+    samples hotter, which makes the G answers of a group differ in length and so in reward.)"""
     sft = _small("sft_toy", tmp_path / "sft", "trainer.max_steps=20", "trainer.val_check_interval=20",
                  "module.optimizer.lr=2e-4", "module.warmup_steps=0")
     _, objects = train(sft)
@@ -163,10 +163,14 @@ def test_sft_lowers_the_loss_then_a_grpo_step_scores_its_completions_with_the_bu
     export = tmp_path / "sft" / "export"
     grpo = _small("grpo_toy", tmp_path / "grpo", "trainer.max_steps=1", "trainer.val_check_interval=1",
                   f"model.name_or_path={export}", "module.optimizer.lr=1e-5", "module.warmup_steps=0",
-                  new_tokens=64, generations=8)
-    metrics, _ = train(grpo)
+                  "module.sampling.temperature=1.6", new_tokens=64, generations=8)
+    metrics, trained = train(grpo)
     assert torch.isfinite(torch.tensor(metrics["train/loss"])), metrics
     assert metrics["rollout/budget/accuracy"] > 0 and metrics["rewards/budget_guided/std"] > 0, metrics
+    assert metrics["rewards/frac_zero_std"] < 1, metrics  # some group's G rewards differ: an advantage is not 0
+    start = ModelLoader(name_or_path=str(export)).load_model().state_dict()
+    moved = [name for name, weight in trained["module"].model.state_dict().items() if not torch.equal(weight, start[name])]
+    assert moved, "one GRPO step left every weight where the SFT export had it"
 
 
 def test_selfbudget_eval_reports_avg_at_k_on_the_real_model(smollm2_dir, tmp_path):

@@ -38,9 +38,9 @@ def compose_small(experiment: str, output_dir: Path, *overrides: str, model: str
             cfg.data.data_root = str(SHARED_DATA)
         # The tiny model has 1024 positions: the real models' limits would not fit it.
         if cfg.data.get("max_length"):
-            cfg.data.max_length = 1024
+            cfg.data.max_length = min(cfg.data.max_length, 1024)
         if cfg.data.get("max_prompt_length"):
-            cfg.data.max_prompt_length = 1000
+            cfg.data.max_prompt_length = min(cfg.data.max_prompt_length, 1000)
         for split in ("train", "val", "test"):
             for source in cfg.data.get(split) or []:
                 key = "size" if "size" in source else "limit"
