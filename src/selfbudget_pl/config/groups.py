@@ -343,7 +343,7 @@ class MathGraderSchema(Schema):
 @dataclass
 class HFRolloutSchema(Schema):
     TARGETS = ("selfbudget_pl.rollout.hf.HFRolloutBackend",)
-    INJECTED = ("model", "tokenizer")
+    INJECTED = ("model", "tokenizer", "limits")
 
     batch_size: int = spec(ge=1)
     decoder: str = spec(choices=("auto", "fused", "generate"))
@@ -352,7 +352,7 @@ class HFRolloutSchema(Schema):
 @dataclass
 class VLLMRolloutSchema(Schema):
     TARGETS = ("selfbudget_pl.rollout.vllm.VLLMRolloutBackend",)
-    INJECTED = ("model", "tokenizer")
+    INJECTED = ("model", "tokenizer", "limits")
     OPEN = True  # further keys are vLLM engine arguments
 
     model_path: Optional[str] = spec(note="null: the policy's name_or_path")

@@ -64,6 +64,10 @@ class EngineLimits:
         """Positions one sequence may take: the longest prompt plus the longest completion."""
         return self.max_prompt_tokens + self.max_new_tokens
 
+    def engine_sizes(self, max_model_len: Optional[int], max_num_seqs: Optional[int]) -> tuple[int, int]:
+        """``(max_model_len, max_num_seqs)`` an engine takes: the config's where it sets them, else these limits."""
+        return max_model_len or self.max_model_len, max_num_seqs or self.max_num_seqs
+
 
 def engine_limits(max_prompt_tokens: int, prompt_key: str, calls: Sequence[tuple[int, int]]) -> EngineLimits:
     """The :class:`EngineLimits` of a run whose sampling ``calls`` are, per kind, ``(completions per call,

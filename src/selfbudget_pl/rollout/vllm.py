@@ -127,10 +127,8 @@ class VLLMRolloutBackend(RolloutBackend):
             kv_cache_gb = cpu_kv_cache_gb
         if kv_cache_gb is not None:
             engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
-        if limits is not None:
-            # Sized for the run (what it sends at most), not the model, unless the config says otherwise.
-            max_model_len = max_model_len or limits.max_model_len
-            max_num_seqs = max_num_seqs or limits.max_num_seqs
+        if limits is not None:  # sized for the run (what it sends at most), not the model
+            max_model_len, max_num_seqs = limits.engine_sizes(max_model_len, max_num_seqs)
         if max_num_seqs is not None:
             engine_kwargs.setdefault("max_num_seqs", max_num_seqs)
         self.prompt_key = limits.prompt_key if limits is not None else "the prompt's length"
