@@ -179,7 +179,8 @@ class VLLMRolloutBackend(RolloutBackend):
                 f"rollout=vllm: a prompt of {longest} tokens plus max_new_tokens={sampling.max_new_tokens} is "
                 f"{longest + sampling.max_new_tokens} positions, more than the engine's max_model_len="
                 f"{self.max_model_len}: lower {self.prompt_key} or module.sampling.max_new_tokens "
-                "(module.val_sampling.max_new_tokens in validation), or raise rollout.max_model_len"
+                "(module.val_sampling.max_new_tokens in validation, sampling.max_new_tokens in evaluation), or "
+                "raise rollout.max_model_len"
             )
 
     def mark_stale(self, model: torch.nn.Module, prefix: str = "") -> None:
