@@ -102,8 +102,9 @@ def test_a_vllm_engine_for_evaluation_is_sized_by_its_prompts_batch_and_samples(
     sampling = SamplingSettings(max_new_tokens=6)
     limits = evaluation_limits(cfg, datasets, tokenizer, sampling)
     assert (limits.max_new_tokens, limits.max_num_seqs) == (6, 8 * 3)
-    longest = max(len(ids) for ids in encode_prompts([r["problem"] for r in datasets["synthetic"]], tokenizer,
-                                                     cfg.prompt_template, cfg.get("system_prompt"), cfg.get("chat_template")))
+    prompts = encode_prompts([r["problem"] for r in datasets["synthetic"]], tokenizer, cfg.prompt_template,
+                             cfg.get("system_prompt"), cfg.get("chat_template"))
+    longest = max(len(ids) for ids in prompts)
     prefix = tokenizer.encode(instantiate(cfg.output_format).budget_prefix(3000), add_special_tokens=False)
     assert limits.max_prompt_tokens == longest + len(prefix)  # the longest budget's prefix counts
     assert limits.prompt_key.startswith("the longest prompt with its pre-filled budget (synthetic ")

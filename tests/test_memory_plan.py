@@ -98,7 +98,8 @@ def test_the_plan_and_the_module_take_the_engine_limits_from_the_same_rule(tmp_p
     planned = sampling_engine_limits(shape, arch)
     assert module.engine_limits() == planned
     # The longer of the two completions; the validation batch of 48 is more than a step's 4 prompts x G.
-    assert (planned.max_model_len, planned.max_num_seqs) == (64 + 200, 48) and cfg.data.batch_size * cfg.module.num_generations < 48
+    assert (planned.max_model_len, planned.max_num_seqs) == (64 + 200, 48)
+    assert cfg.data.batch_size * cfg.module.num_generations < 48
     # Without a prompt limit the module measures the data's longest prompt (the plan cannot: no data).
     datamodule.max_prompt_length = None
     longest = max(len(example["prompt_ids"]) for split in datamodule.datasets.values() for example in split)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 from dataclasses import replace
 
-import lightning as L
 import pytest
 import torch
 
@@ -14,7 +13,8 @@ from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
 
-from .test_grpo import EVEN_FIRST_TOKEN, PROMPTS, FirstTokenReward, _loader, _module, _trainer, sharp_loader  # noqa: F401
+from .test_grpo import EVEN_FIRST_TOKEN, PROMPTS, FirstTokenReward, _loader, _module, _trainer
+from .test_grpo import sharp_loader  # noqa: F401  (the fixture)
 
 SAMPLING = dict(temperature=0.7, max_new_tokens=10, seed=3)
 
@@ -30,7 +30,7 @@ def _module_and_backend(loader, decoder: str) -> tuple[GRPOModule, HFRolloutBack
     )
     module.configure_model()
     backend = HFRolloutBackend(module.model, module.tokenizer, decoder=decoder)
-    # One token in 23 ends a completion, so most completions end on a stop token the sampler drew.
+    # One token in 23 ends a completion: some end on a stop token the sampler drew, some at the length limit.
     backend.eos_token_ids = list(range(5, module.model.config.vocab_size, 23))
     return module, backend
 

@@ -61,7 +61,7 @@ class PolicyModule(L.LightningModule):
         max_grad_norm: Optional[float] = 1.0,
         output_format: Optional[OutputFormat] = None,
         grader: Any = None,
-        # (model, tokenizer, limits) -> backend; the three-argument form tells LightningCLI which arguments come later.
+        # (model, tokenizer, limits) -> backend; the three-argument form tells LightningCLI which come later.
         rollout: Optional[Callable[[torch.nn.Module, Any, Optional[EngineLimits]], RolloutBackend]] = None,
         val_sampling: Optional[SamplingSettings | dict] = None,
         export_dir: Optional[str] = None,

@@ -266,7 +266,7 @@ class GRPOModule(PolicyModule):
         ]  # fmt: skip
 
     def prefill_budget(self, cap: int, spread: float) -> int:
-        """The pre-filled budget for a prompt capped at ``cap``, ``spread`` (in [0, 1]) across ``prefill_budget_range``."""
+        """The pre-filled budget for a prompt capped at ``cap``, ``spread`` (in [0, 1]) across the range."""
         low, high = self.prefill_budget_range
         return max(1, round(cap * (low + (high - low) * spread)))
 
@@ -275,7 +275,8 @@ class GRPOModule(PolicyModule):
         caps = [example.get("b_max") or 0 for example in (datamodule.datasets.get("train") or [])]
         if self.prefill_fraction <= 0 or not any(caps):
             return 0
-        return len(encode_prefill(self.tokenizer, self.output_format.budget_prefix(self.prefill_budget(max(caps), 1.0))))
+        prefix = self.output_format.budget_prefix(self.prefill_budget(max(caps), 1.0))
+        return len(encode_prefill(self.tokenizer, prefix))
 
     def sampling_calls(self, datamodule: Any) -> list[tuple[int, int]]:
         """A validation batch's, and a training step's: this rank's prompts x ``num_generations``."""

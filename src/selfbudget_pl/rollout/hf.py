@@ -17,13 +17,16 @@ import logging
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+)  # fmt: skip
 
 from selfbudget_pl import internals
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import (
-    EngineLimits, FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples, seeded,
+    EngineLimits, FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples,
+    seeded,
 )  # fmt: skip
 from selfbudget_pl.weights import is_sharded
 
@@ -37,7 +40,6 @@ class HFRolloutBackend(RolloutBackend):
     Args:
         model: a transformers causal LM, or a peft model wrapping one (sampling uses its adapters).
         tokenizer: the model's tokenizer (pad id, EOS, decoding, stop strings).
-        batch_size: most sequences (prompts x samples) per ``generate`` call; bounds KV-cache memory.
         limits: the run's sampling limits; unused: this sampler sizes its KV cache per call, from the call.
         batch_size: most sequences (prompts x samples) per ``generate`` call; bounds KV-cache memory.
         decoder: ``fused`` (the lean loop; Qwen2/Llama/Qwen3 only), ``generate`` (``model.generate``,
