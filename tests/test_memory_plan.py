@@ -104,6 +104,12 @@ def test_the_plan_and_the_module_take_the_engine_limits_from_the_same_rule(tmp_p
     datamodule.max_prompt_length = None
     longest = max(len(example["prompt_ids"]) for split in datamodule.datasets.values() for example in split)
     assert module.engine_limits().max_prompt_tokens == longest < 64
+    # Pre-filled budgets lengthen prompts: by the longest one, the top of the range for the largest train cap.
+    module.prefill_fraction = 0.5
+    cap = max(example["b_max"] or 0 for example in datamodule.datasets["train"])
+    budget = round(cap * module.prefill_budget_range[1])
+    prefix = module.tokenizer.encode(module.output_format.budget_prefix(budget), add_special_tokens=False)
+    assert cap > 0 and module.engine_limits().max_prompt_tokens == longest + len(prefix)
 
 
 def test_sharding_divides_what_fsdp2_shards_and_the_reference_counts_when_beta_is_positive():
