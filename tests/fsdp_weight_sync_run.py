@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,7 @@ class RecordingLLM:
 
     def __init__(self, **kwargs) -> None:
         self.kwargs = kwargs
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=kwargs["max_model_len"] or 2048))
         self.reloads: list[list[tuple[str, torch.Tensor]]] = []
 
     def collective_rpc(self, method, kwargs) -> None:

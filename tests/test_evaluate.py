@@ -12,12 +12,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.sources import SyntheticSource
 from selfbudget_pl.evaluate import (
     check_budgets,
     check_samples_per_problem,
     evaluate,
     evaluate_model,
+    evaluation_limits,
     load_datasets,
 )
 from selfbudget_pl.eval_report import summary_markdown
@@ -89,6 +91,23 @@ def test_hydra_eval_of_20_problems_writes_every_output(tiny_model_dir, tmp_path)
     for figure in ("budget_vs_length_synthetic.png", "by_difficulty_synthetic.png"):
         assert (tmp_path / figure).read_bytes().startswith(b"\x89PNG")
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_vllm_engine_for_evaluation_is_sized_by_its_prompts_batch_and_samples(tiny_model_dir, tokenizer):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            f"model_path={tiny_model_dir}", "limit=20", "batch_size=8", "sampling.max_new_tokens=6",
+            "samples_per_problem={synthetic: 3}", "budget=[5,3000]"])  # fmt: skip
+    datasets = load_datasets(cfg.datasets, list(cfg.eval_datasets), cfg.get("limit"), cfg.get("data_root"))
+    sampling = SamplingSettings(max_new_tokens=6)
+    limits = evaluation_limits(cfg, datasets, tokenizer, sampling)
+    assert (limits.max_new_tokens, limits.max_num_seqs) == (6, 8 * 3)
+    prompts = encode_prompts([r["problem"] for r in datasets["synthetic"]], tokenizer, cfg.prompt_template,
+                             cfg.get("system_prompt"), cfg.get("chat_template"))
+    longest = max(len(ids) for ids in prompts)
+    prefix = tokenizer.encode(instantiate(cfg.output_format).budget_prefix(3000), add_special_tokens=False)
+    assert limits.max_prompt_tokens == longest + len(prefix)  # the longest budget's prefix counts
+    assert limits.prompt_key.startswith("the longest prompt with its pre-filled budget (synthetic ")
 
 
 def test_prefilled_budgets_appear_verbatim_and_are_reported_per_budget(model, tokenizer, grader, records, tmp_path):

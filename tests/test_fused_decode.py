@@ -62,7 +62,8 @@ def _generate(model, prompts, max_new_tokens: int, eos: list[int]) -> list[list[
 def _fused(model, prompts, max_new_tokens: int, eos: list[int], **sampling) -> list[list[int]]:
     input_ids, mask = pad(prompts, PAD, left=True)
     settings = SamplingSettings(max_new_tokens=max_new_tokens, **{"temperature": 0.0, **sampling})
-    return fused_decode.sample(model, input_ids, mask, settings, eos, PAD)
+    tokens, _ = fused_decode.sample(model, input_ids, mask, settings, eos, PAD)
+    return tokens
 
 
 def _assert_greedy_matches_generate(model, prompts) -> None:

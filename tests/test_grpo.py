@@ -251,14 +251,11 @@ def test_old_logprobs_make_the_first_step_on_policy(sharp_loader, prompt_ids):
     torch.testing.assert_close(loss.loss, on_policy.loss)
 
 
-def test_a_correction_without_the_samplers_log_probs_is_refused_at_the_first_step(sharp_loader, prompt_ids):
-    # auto leaves it off for the HF backend; turned on, its rollouts carry no sampler log-probs to compare.
+def test_auto_leaves_the_correction_off_for_the_hf_sampler(sharp_loader):
+    # It samples with the trainer's own weights and kernels (tests/test_sampler_logprobs.py: forced on, it works).
     auto = _module(sharp_loader)
     auto.configure_model()
     assert auto.active_correction() is None
-    module = _module(sharp_loader, sampler_correction=dict(enabled=True), rollout=None)
-    with pytest.raises(ValueError, match="module.sampler_correction is on but the rollout backend"):
-        _trainer(1, [FirstTokenReward(EVEN_FIRST_TOKEN)]).fit(module, train_dataloaders=_loader(prompt_ids, 2))
 
 
 def test_kl_reference_is_the_frozen_start_or_the_adapters_switched_off(sharp_loader, prompt_ids):

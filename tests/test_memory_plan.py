@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -16,7 +17,9 @@ from omegaconf import open_dict
 
 from selfbudget_pl.config import ConfigError
 from selfbudget_pl.memory.fit import check_plan, format_plan, misfits, plan_from_config
-from selfbudget_pl.memory.plan import GIB
+from selfbudget_pl.config import plain
+from selfbudget_pl.memory.architecture import model_architecture
+from selfbudget_pl.memory.plan import GIB, RunShape, sampling_engine_limits
 from selfbudget_pl.plan import main as plan_main
 from selfbudget_pl.train import CONFIG_DIR, train
 
@@ -57,11 +60,56 @@ def test_seven_b_full_training_fits_8x80_under_fsdp2_and_not_under_ddp():
 
 def test_vllm_default_length_preempts_and_a_small_share_cannot_start():
     plan, memory, settings = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2")
-    assert any("will preempt" in note for note in plan.notes)  # 131,072 positions x 40 sequences
+    assert any("will preempt" in note for note in plan.notes)  # 9,216 positions x 40 sequences in 7.8 GiB
     plan, memory, settings = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2",
                                       "rollout.gpu_memory_utilization=0.2")
     problems = misfits(plan, memory, settings)
     assert any("will not start" in p and "rollout.max_model_len" in p for p in problems), problems
+
+
+def test_vllm_is_planned_at_the_runs_limits_and_an_explicit_value_wins():
+    # grpo_math: 1,024-token prompts + 8,192 new tokens; 8 prompts x G = 5 per rank beside a validation batch of 16.
+    plan, _, _ = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2")
+    kv = next(t for t in plan.device if t.name == "vLLM KV cache")
+    assert "9216 (data.max_prompt_length + max_new_tokens) x 40 (the rank's most completions per call)" in kv.detail
+    plan, _, _ = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2", "data.val_batch_size=64",
+                          "rollout.max_model_len=4096")
+    kv = next(t for t in plan.device if t.name == "vLLM KV cache")
+    assert "4096 (rollout.max_model_len) x 64 (the rank's most completions per call)" in kv.detail
+    plan, _, _ = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2", "+rollout.max_num_seqs=8")
+    assert "x 8 (rollout.max_num_seqs)" in next(t.detail for t in plan.device if t.name == "vLLM KV cache")
+
+
+def test_the_plan_and_the_module_take_the_engine_limits_from_the_same_rule(tmp_path):
+    cfg = compose_small("grpo_toy", tmp_path, "model.name_or_path=null", "module.prefill_fraction=0.0")
+    with open_dict(cfg):
+        cfg.data.max_prompt_length, cfg.data.val_batch_size = 64, 48
+        cfg.module.sampling.max_new_tokens, cfg.module.val_sampling.max_new_tokens = 200, 12
+    output_format = instantiate(cfg.output_format)
+    module = instantiate(cfg.module, model_loader=instantiate(cfg.model, _convert_="object"),
+                         output_format=output_format, rollout=None, _convert_="object")
+    datamodule = instantiate(cfg.data, output_format=output_format, _convert_="object")
+    datamodule.connect(module.tokenizer)
+    datamodule.setup("fit")
+    module._trainer = SimpleNamespace(datamodule=datamodule)  # what engine_limits reads of a Trainer
+    shape = RunShape(**{key: plain(cfg.get(key)) or {}
+                        for key in ("trainer", "strategy", "model", "module", "data", "rollout")})
+    arch = model_architecture(shape.model, None)
+    planned = sampling_engine_limits(shape, arch)
+    assert module.engine_limits() == planned
+    # The longer of the two completions; the validation batch of 48 is more than a step's 4 prompts x G.
+    assert (planned.max_model_len, planned.max_num_seqs) == (64 + 200, 48)
+    assert cfg.data.batch_size * cfg.module.num_generations < 48
+    # Without a prompt limit the module measures the data's longest prompt (the plan cannot: no data).
+    datamodule.max_prompt_length = None
+    longest = max(len(example["prompt_ids"]) for split in datamodule.datasets.values() for example in split)
+    assert module.engine_limits().max_prompt_tokens == longest < 64
+    # Pre-filled budgets lengthen prompts: by the longest one, the top of the range for the largest train cap.
+    module.prefill_fraction = 0.5
+    cap = max(example["b_max"] or 0 for example in datamodule.datasets["train"])
+    budget = round(cap * module.prefill_budget_range[1])
+    prefix = module.tokenizer.encode(module.output_format.budget_prefix(budget), add_special_tokens=False)
+    assert cap > 0 and module.engine_limits().max_prompt_tokens == longest + len(prefix)
 
 
 def test_sharding_divides_what_fsdp2_shards_and_the_reference_counts_when_beta_is_positive():

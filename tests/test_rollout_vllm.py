@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from selfbudget_pl.models import LoraSettings, apply_lora
-from selfbudget_pl.rollout.base import SamplingSettings
+from selfbudget_pl.rollout.base import SamplingSettings, engine_limits
 from selfbudget_pl.rollout.vllm import rollouts_from_outputs, sampling_params_kwargs
 from selfbudget_pl.weights import iter_full_weights
 
@@ -104,6 +104,8 @@ class _FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        # vLLM takes the model config's positions when max_model_len is None (the tiny model's 2,048 here).
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=kwargs["max_model_len"] or 2048))
         self.calls: list[str] = []
         self.requests = None
         self.reloads: list[list[tuple[str, torch.Tensor]]] = []
@@ -210,6 +212,37 @@ def test_a_cpu_engine_gets_a_bounded_kv_cache(fake_vllm, model_loader, tokenizer
     assert _FakeLLM.instances[-1].kwargs["kv_cache_memory_bytes"] == 2**29
     VLLMRolloutBackend(model, tokenizer, kv_cache_gb=2)
     assert _FakeLLM.instances[-1].kwargs["kv_cache_memory_bytes"] == 2 * 2**30
+
+
+def test_the_engine_is_sized_for_the_run_unless_the_config_says_otherwise(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    model = model_loader.load_model()
+    # 4 prompts per step x G = 5 beside a validation batch of 16: 20 at once; 100-token prompts + 300 new tokens.
+    limits = engine_limits(100, "data.max_prompt_length", [(16, 200), (4 * 5, 300)])
+    VLLMRolloutBackend(model, tokenizer, limits=limits)
+    assert {key: _FakeLLM.instances[-1].kwargs[key] for key in ("max_model_len", "max_num_seqs")} == {
+        "max_model_len": 400, "max_num_seqs": 20}
+    VLLMRolloutBackend(model, tokenizer, limits=limits, max_model_len=1024, max_num_seqs=8)  # explicit values win
+    assert {key: _FakeLLM.instances[-1].kwargs[key] for key in ("max_model_len", "max_num_seqs")} == {
+        "max_model_len": 1024, "max_num_seqs": 8}
+    VLLMRolloutBackend(model, tokenizer)  # no limits: vLLM's own defaults (the model config's length)
+    assert _FakeLLM.instances[-1].kwargs["max_model_len"] is None
+    assert "max_num_seqs" not in _FakeLLM.instances[-1].kwargs
+
+
+def test_a_prompt_that_does_not_fit_the_engine_is_refused_naming_the_keys(fake_vllm, model_loader, tokenizer):
+    from selfbudget_pl.rollout.vllm import VLLMRolloutBackend
+
+    limits = engine_limits(10, "data.max_prompt_length", [(4, 6)])
+    backend = VLLMRolloutBackend(model_loader.load_model(), tokenizer, limits=limits)
+    backend.generate([[1] * 10], 1, SamplingSettings(max_new_tokens=6))  # 16 positions: fits exactly
+    keys = r"data\.max_prompt_length or module\.sampling\.max_new_tokens.*rollout\.max_model_len"
+    with pytest.raises(ValueError, match=keys):
+        backend.generate([[1] * 11], 1, SamplingSettings(max_new_tokens=6))
+    with pytest.raises(ValueError, match="17 positions, more than the engine's max_model_len=16"):
+        backend.generate([[1] * 10], 1, SamplingSettings(max_new_tokens=7))
+    assert _FakeLLM.instances[-1].calls == ["generate"]  # refused before the engine saw them
 
 
 def assert_same(loaded: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

@@ -289,7 +289,7 @@ def test_grpo_syncs_once_per_rollout_and_the_engine_ends_on_the_trained_weights(
     module = GRPOModule(
         model_loader=loader, optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), num_generations=4,
         sampling=dict(temperature=1.0, max_new_tokens=6), warmup_steps=0, min_lr_ratio=1.0,
-        num_iterations=2, mini_batch_size=4, micro_batch_size=4, rollout=lambda model, tokenizer: backend,
+        num_iterations=2, mini_batch_size=4, micro_batch_size=4, rollout=lambda model, tokenizer, limits: backend,
     )  # fmt: skip
     rows = [{"prompt_ids": ids, "id": str(index), "answer": "7"} for index, ids in enumerate(prompts[:2])]
     data = torch.utils.data.DataLoader(
@@ -450,7 +450,7 @@ def test_recorded_log_probs_equal_the_trainers_and_a_perturbed_sampler_gets_its_
     sampling = dict(temperature=0.7, max_new_tokens=8, seed=3)
     module = GRPOModule(
         model_loader=loader, optimizer=functools.partial(torch.optim.AdamW), num_generations=4, sampling=sampling,
-        rollout=lambda model, tokenizer: backend,
+        rollout=lambda model, tokenizer, limits: backend,
     )  # fmt: skip
     module.configure_model()
     assert module.active_correction() is not None  # enabled: auto turns it on for vLLM

@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from selfbudget_pl.config import ConfigError, check_eval_config, check_eval_prompts
+from selfbudget_pl.config import ConfigError, check_eval_config, check_eval_prompts, longest_eval_prompt
 from selfbudget_pl.data.collate import COLUMNS
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows
@@ -42,7 +42,7 @@ from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
 from selfbudget_pl.rewards.grader import MathGrader
-from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
+from selfbudget_pl.rollout.base import EngineLimits, RolloutBackend, Rollouts, SamplingSettings, engine_limits
 from selfbudget_pl.rollout.hf import HFRolloutBackend
 from selfbudget_pl.train import CONFIG_DIR
 
@@ -378,6 +378,17 @@ def load_datasets(
     return loaded
 
 
+def evaluation_limits(
+    cfg: DictConfig, datasets: Mapping[str, Any], tokenizer: Any, sampling: SamplingSettings
+) -> EngineLimits:
+    """What evaluation sends its sampler at most: the longest prompt (pre-filled budget included) and one
+    call's completions, ``batch_size`` prompts x the most ``samples_per_problem``."""
+    longest, key = longest_eval_prompt(cfg, datasets, tokenizer)
+    samples = _plain(cfg.get("samples_per_problem", 1))
+    most = max(samples.values(), default=1) if isinstance(samples, Mapping) else int(samples)
+    return engine_limits(longest, key, [(int(cfg.batch_size) * most, sampling.max_new_tokens)])
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate as ``cfg`` (``configs/eval.yaml``) says; return the summary of :func:`evaluate_model`."""
     if cfg.get("num_threads"):
@@ -393,7 +404,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     sampling = SamplingSettings(**OmegaConf.to_container(cfg.sampling, resolve=True))
     check_eval_prompts(cfg, loader_overrides, datasets, tokenizer)  # the data's prompts, still before the weights
     model = loader.load_model(frozen=True).to(cfg.get("device", "cpu"))  # model.frozen_dtype: bf16 for real models
-    backend = instantiate(cfg.rollout, _convert_="all")(model=model, tokenizer=tokenizer)
+    backend = instantiate(cfg.rollout, _convert_="all")(
+        model=model, tokenizer=tokenizer, limits=evaluation_limits(cfg, datasets, tokenizer, sampling)
+    )
     grader = instantiate(cfg.grader)
     try:
         return evaluate_model(

@@ -39,6 +39,7 @@ __all__ = [
     "check_generation",
     "check_train_config",
     "check_training_prompts",
+    "longest_eval_prompt",
     "plain",
 ]
 
@@ -119,13 +120,20 @@ def check_eval_prompts(
 ) -> None:
     """Once the problems are loaded (not the weights): the longest prompt, with the longest pre-filled budget,
     plus ``sampling.max_new_tokens`` must fit the model's positions."""
-    from hydra.utils import instantiate
-
-
     facts = model_facts({**(plain(cfg.get("model")) or {}), **dict(model_overrides or {})})
     new_tokens = plain(cfg.sampling).get("max_new_tokens")
     if facts.max_positions is None or not isinstance(new_tokens, int):
         return
+    longest, key = longest_eval_prompt(cfg, datasets, tokenizer)
+    findings = Findings()
+    check_room(findings, facts, new_tokens, "sampling.max_new_tokens", longest, key)
+    findings.raise_or_warn()
+
+
+def longest_eval_prompt(cfg: DictConfig, datasets: Mapping[str, Any], tokenizer: Any) -> tuple[int, str]:
+    """The longest evaluation prompt in tokens, with the longest pre-filled budget, and which it is."""
+    from hydra.utils import instantiate
+
     longest, where = 0, ""
     for name, records in datasets.items():
         prompts = encode_prompts(
@@ -141,10 +149,7 @@ def check_eval_prompts(
         len(tokenizer.encode(output_format.budget_prefix(budget), add_special_tokens=False)) if budget else 0
         for budget in budgets or [None]
     )  # fmt: skip
-    findings = Findings()
-    key = "the longest prompt" + (" with its pre-filled budget" if prefill else "") + f" ({where})"
-    check_room(findings, facts, new_tokens, "sampling.max_new_tokens", longest + prefill, key)
-    findings.raise_or_warn()
+    return longest + prefill, "the longest prompt" + (" with its pre-filled budget" if prefill else "") + f" ({where})"
 
 
 def check_training_prompts(module: Any, datamodule: Any) -> None:

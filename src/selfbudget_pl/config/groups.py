@@ -55,6 +55,7 @@ class SamplingSchema(Schema):
     max_new_tokens: int = spec(ge=1)
     stop: list[str] = spec()
     seed: Optional[int] = spec()
+    logprobs: bool = spec(note="record the sampler's log-probs (GRPO's sampler correction asks for them itself)")
 
 
 @dataclass
@@ -342,7 +343,7 @@ class MathGraderSchema(Schema):
 @dataclass
 class HFRolloutSchema(Schema):
     TARGETS = ("selfbudget_pl.rollout.hf.HFRolloutBackend",)
-    INJECTED = ("model", "tokenizer")
+    INJECTED = ("model", "tokenizer", "limits")
 
     batch_size: int = spec(ge=1)
     decoder: str = spec(choices=("auto", "fused", "generate"))
@@ -351,7 +352,7 @@ class HFRolloutSchema(Schema):
 @dataclass
 class VLLMRolloutSchema(Schema):
     TARGETS = ("selfbudget_pl.rollout.vllm.VLLMRolloutBackend",)
-    INJECTED = ("model", "tokenizer")
+    INJECTED = ("model", "tokenizer", "limits")
     OPEN = True  # further keys are vLLM engine arguments
 
     model_path: Optional[str] = spec(note="null: the policy's name_or_path")
@@ -359,7 +360,8 @@ class VLLMRolloutSchema(Schema):
     kv_cache_gb: Optional[float] = spec(gt=0, note="null: gpu_memory_utilization on GPUs, cpu_kv_cache_gb on CPU")
     cpu_kv_cache_gb: float = spec(gt=0)
     enable_sleep_mode: bool = spec()
-    max_model_len: Optional[int] = spec(ge=1, note="null: the model config's")
+    max_model_len: Optional[int] = spec(ge=1, note="null: the run's longest prompt + max_new_tokens")
+    max_num_seqs: Optional[int] = spec(ge=1, note="null: the rank's completions per sampling call")
     dtype: str = spec()
     seed: int = spec()
 

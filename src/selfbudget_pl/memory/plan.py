@@ -9,8 +9,8 @@ the final weights are written, never both.
 
 What the run sets is read where it is set: a key absent from the config takes the value the code uses
 when it is absent (e.g. no ``module.micro_batch_tokens``: a micro-batch is ``module.micro_batch_size``
-completions of the longest sequence; no ``rollout.max_num_seqs``: vLLM holds the rank's completions of a
-step at once).
+completions of the longest sequence; no ``rollout.max_num_seqs``: vLLM holds the rank's most completions
+of one call at once, the run's :class:`~selfbudget_pl.rollout.base.EngineLimits` as the module passes them).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 from selfbudget_pl.memory.architecture import Architecture
+from selfbudget_pl.rollout.base import EngineLimits, SamplingSettings, engine_limits
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -285,6 +286,23 @@ def completions_per_step(shape: RunShape) -> int:
     return int(shape.data.get("batch_size", 1)) * int(shape.module.get("num_generations", 5))
 
 
+def sampling_engine_limits(shape: RunShape, arch: Architecture) -> EngineLimits:
+    """The :class:`EngineLimits` the module hands its sampler (:meth:`PolicyModule.engine_limits`), read from the
+    config: prompts up to ``data.max_prompt_length`` (the data is not read here: where it is null, the model's
+    positions less the longest completion), and each kind of call the run makes: a validation batch, and under
+    GRPO a step's completions."""
+    val_new = int((shape.module.get("val_sampling") or {}).get("max_new_tokens", SamplingSettings.max_new_tokens))
+    calls = [(int(shape.data.get("val_batch_size") or shape.data.get("batch_size", 1)), val_new)]
+    if shape.grpo:
+        train_new = int((shape.module.get("sampling") or {}).get("max_new_tokens", 8192))
+        calls.append((completions_per_step(shape), train_new))
+    prompt = shape.data.get("max_prompt_length")
+    if prompt:
+        return engine_limits(int(prompt), "data.max_prompt_length", calls)
+    room = max(arch.max_positions - max(new for _, new in calls), 0)
+    return engine_limits(room, "max_position_embeddings (data.max_prompt_length is null)", calls)
+
+
 def longest_sequence(shape: RunShape, arch: Architecture) -> tuple[int, str]:
     """Prompt plus completion at their limits, within the model's positions."""
     new = int((shape.module.get("sampling") or {}).get("max_new_tokens", 8192))
@@ -315,10 +333,10 @@ def _add_vllm(plan: MemoryPlan, shape: RunShape, arch: Architecture, settings: P
     rollout = shape.rollout
     dtype = _dtype(rollout.get("dtype", "auto"), arch)
     weights = arch.parameters * DTYPE_BYTES[dtype]
-    length = int(rollout.get("max_model_len") or arch.max_positions)
-    length_how = "rollout.max_model_len" if rollout.get("max_model_len") else "max_position_embeddings"
-    sequences = int(rollout.get("max_num_seqs") or completions_per_step(shape))
-    sequences_how = "rollout.max_num_seqs" if rollout.get("max_num_seqs") else "the rank's completions per step"
+    limits = sampling_engine_limits(shape, arch)
+    length, sequences = limits.engine_sizes(rollout.get("max_model_len"), rollout.get("max_num_seqs"))
+    length_how = "rollout.max_model_len" if rollout.get("max_model_len") else f"{limits.prompt_key} + max_new_tokens"
+    sequences_how = "rollout.max_num_seqs" if rollout.get("max_num_seqs") else "the rank's most completions per call"
     per_sequence = length * arch.kv_bytes_per_token(DTYPE_BYTES[dtype])
     need = sequences * per_sequence
     phase = "rollout" if rollout.get("enable_sleep_mode") and on_gpu else "resident"

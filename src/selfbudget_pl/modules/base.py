@@ -26,7 +26,9 @@ from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.optimization import optimizer_and_schedule
 from selfbudget_pl.modules.validation import ValidationRecord
-from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings, sampling_settings
+from selfbudget_pl.rollout.base import (
+    EngineLimits, RolloutBackend, Rollouts, SamplingSettings, engine_limits, sampling_settings,
+)  # fmt: skip
 from selfbudget_pl.rollout.hf import HFRolloutBackend
 from selfbudget_pl.strategies import check_strategy_supports, clip_gradients_by_norm, loads_once, shard_models
 from selfbudget_pl.weights import full_state_dict, is_sharded, iter_full_weights
@@ -44,7 +46,8 @@ class PolicyModule(L.LightningModule):
         max_grad_norm: gradient clipping by global norm (None disables it).
         output_format: the answer format (tags, budget bounds).
         grader: checks final answers against gold (used in validation and rewards).
-        rollout: a partial rollout backend, finished with ``(model=..., tokenizer=...)``.
+        rollout: a partial rollout backend, finished with ``(model=..., tokenizer=..., limits=...)``: the run's
+            :class:`~selfbudget_pl.rollout.base.EngineLimits` (:meth:`engine_limits`).
         val_sampling: sampling settings for validation generation (greedy by default).
         export_dir: where ``on_train_end`` writes a ``save_pretrained`` export (None: no export).
         merge_lora_on_export: fold LoRA adapters into the exported weights.
@@ -66,8 +69,8 @@ class PolicyModule(L.LightningModule):
         max_grad_norm: Optional[float] = 1.0,
         output_format: Optional[OutputFormat] = None,
         grader: Any = None,
-        # (model, tokenizer) -> backend; the two-argument form tells LightningCLI which arguments come later.
-        rollout: Optional[Callable[[torch.nn.Module, Any], RolloutBackend]] = None,
+        # (model, tokenizer, limits) -> backend; the three-argument form tells LightningCLI which come later.
+        rollout: Optional[Callable[[torch.nn.Module, Any, Optional[EngineLimits]], RolloutBackend]] = None,
         val_sampling: Optional[SamplingSettings | dict] = None,
         export_dir: Optional[str] = None,
         merge_lora_on_export: bool = True,
@@ -143,8 +146,32 @@ class PolicyModule(L.LightningModule):
                 # A colocated engine joins the Trainer's process group from the environment, whichever
                 # launcher started this process (vLLM's external launcher reads RANK, LOCAL_RANK, ...).
                 export_process_group_env(self._trainer)
-            self._rollout_backend = self.rollout_factory(model=self.model, tokenizer=self.tokenizer)
+            self._rollout_backend = self.rollout_factory(
+                model=self.model, tokenizer=self.tokenizer, limits=self.engine_limits()
+            )
         return self._rollout_backend
+
+    def engine_limits(self) -> Optional[EngineLimits]:
+        """The most this run sends its sampler (:func:`~selfbudget_pl.rollout.base.engine_limits`): prompts up to
+        ``data.max_prompt_length`` (or, where it is null, the data's longest prompt, measured at setup) plus the
+        longest pre-filled budget, and :meth:`sampling_calls`. None without a datamodule (the engine then takes
+        the model's limits)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return None
+        prompt, key = getattr(datamodule, "max_prompt_length", None), "data.max_prompt_length"
+        if prompt is None:
+            lengths = [len(example["prompt_ids"]) for split in datamodule.datasets.values() for example in split]
+            prompt, key = max(lengths, default=0), "data.max_prompt_length (null: the data's longest prompt)"
+        return engine_limits(prompt + self.longest_prefill_tokens(datamodule), key, self.sampling_calls(datamodule))
+
+    def longest_prefill_tokens(self, datamodule: Any) -> int:
+        """Tokens the longest pre-filled budget adds to a prompt (none here: only GRPO pre-fills)."""
+        return 0
+
+    def sampling_calls(self, datamodule: Any) -> list[tuple[int, int]]:
+        """``(completions, max_new_tokens)`` of each kind of sampling call this run makes: a validation batch."""
+        return [(datamodule.val_batch_size, self.val_sampling.max_new_tokens)]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs: Any):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -49,7 +49,7 @@ from selfbudget_pl.modules.losses import (
 )  # fmt: skip
 from selfbudget_pl.modules.optimization import training_progress
 from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
-from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, sampling_settings
+from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, encode_prefill, sampling_settings
 
 
 class GRPOModule(PolicyModule):
@@ -183,7 +183,7 @@ class GRPOModule(PolicyModule):
             raise ValueError(
                 f"module.sampler_correction is on but the rollout backend ({type(self.rollout_backend).__name__}) "
                 "recorded no log-probs of its sampled tokens, so the trainer/sampler ratio cannot be computed: "
-                "set module.sampler_correction.enabled=false, or use a backend that records them (rollout=vllm)."
+                "set module.sampler_correction.enabled=false, or use a backend that records them (rollout=vllm or hf)."
             )
         advantages = group_advantages(
             rollouts.rewards.to(self.device), self.num_generations, self.scale_rewards, self.advantage_eps
@@ -209,7 +209,8 @@ class GRPOModule(PolicyModule):
 
     def sample_and_reward(self, batch: dict[str, Any]) -> Rollouts:
         """Sample G completions per prompt, then let the rollout hooks (reward, metrics) annotate them."""
-        sampling = self.sampling
+        # The sampler's own log-probs when the correction compares them (the HF sampler records them only then).
+        sampling = replace(self.sampling, logprobs=self.sampling.logprobs or self.active_correction() is not None)
         generator = None
         if self.rollout_seed is not None:
             step_seed = self.rollout_seed + 100_003 * self.global_step + 1_009 * self.global_rank
@@ -240,13 +241,29 @@ class GRPOModule(PolicyModule):
         if self.prefill_fraction <= 0 or b_max is None:
             return [None] * num_prompts
         draws = torch.rand(num_prompts, 2, generator=generator).tolist()
-        low, high = self.prefill_budget_range
         return [
-            self.output_format.budget_prefix(max(1, round(cap * (low + (high - low) * spread))))
-            if cap and pick < self.prefill_fraction
+            self.output_format.budget_prefix(self.prefill_budget(cap, spread)) if cap and pick < self.prefill_fraction
             else None
             for cap, (pick, spread) in zip(b_max, draws)
-        ]
+        ]  # fmt: skip
+
+    def prefill_budget(self, cap: int, spread: float) -> int:
+        """The pre-filled budget for a prompt capped at ``cap``, ``spread`` (in [0, 1]) across the range."""
+        low, high = self.prefill_budget_range
+        return max(1, round(cap * (low + (high - low) * spread)))
+
+    def longest_prefill_tokens(self, datamodule: Any) -> int:
+        """Tokens the longest pre-filled budget adds to a prompt: the top of the range for the largest train cap."""
+        caps = [example.get("b_max") or 0 for example in (datamodule.datasets.get("train") or [])]
+        if self.prefill_fraction <= 0 or not any(caps):
+            return 0
+        prefix = self.output_format.budget_prefix(self.prefill_budget(max(caps), 1.0))
+        return len(encode_prefill(self.tokenizer, prefix))
+
+    def sampling_calls(self, datamodule: Any) -> list[tuple[int, int]]:
+        """A validation batch's, and a training step's: this rank's prompts x ``num_generations``."""
+        return [*super().sampling_calls(datamodule),
+                (datamodule.batch_size * self.num_generations, self.sampling.max_new_tokens)]  # fmt: skip
 
     def make_experience(self, rollouts: Rollouts, advantages: torch.Tensor) -> Experience:
         """The rollouts as training tensors on the module's device (:func:`experience_from_rollouts`)."""

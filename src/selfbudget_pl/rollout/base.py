@@ -21,7 +21,9 @@ from selfbudget_pl.format import ParsedOutput
 
 @dataclass
 class SamplingSettings:
-    """How to sample. ``temperature=0`` means greedy."""
+    """How to sample. ``temperature=0`` means greedy. ``logprobs``: record the sampler's log-prob of each
+    sampled token (:attr:`Rollouts.sampler_logprobs`); a backend whose engine returns them anyway (vLLM)
+    records them always, the HF sampler only when asked (it costs a log-softmax per step)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -29,6 +31,7 @@ class SamplingSettings:
     max_new_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     seed: Optional[int] = None
+    logprobs: bool = False
 
 
 def sampling_settings(value: Optional[SamplingSettings | dict], **defaults: Any) -> SamplingSettings:
@@ -36,6 +39,47 @@ def sampling_settings(value: Optional[SamplingSettings | dict], **defaults: Any)
     if isinstance(value, SamplingSettings):
         return value
     return SamplingSettings(**{**defaults, **dict(value or {})})
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """The most a run sends one rank's sampler, so that an engine with a KV cache of its own (vLLM) is sized
+    for the run rather than for the model (whose position limit, 131,072 for R1-Distill, no cache fits):
+    TRL passes ``max_prompt_length + max_completion_length`` and the batch the same way.
+
+    Args:
+        max_prompt_tokens: the longest prompt, a pre-filled budget included.
+        prompt_key: the setting that bounds prompts, named when one does not fit.
+        max_new_tokens: the longest completion, over every kind of call the run makes.
+        max_num_seqs: the most completions one call samples (a training step's, a validation batch's).
+    """
+
+    max_prompt_tokens: int
+    prompt_key: str
+    max_new_tokens: int
+    max_num_seqs: int
+
+    @property
+    def max_model_len(self) -> int:
+        """Positions one sequence may take: the longest prompt plus the longest completion."""
+        return self.max_prompt_tokens + self.max_new_tokens
+
+    def engine_sizes(self, max_model_len: Optional[int], max_num_seqs: Optional[int]) -> tuple[int, int]:
+        """``(max_model_len, max_num_seqs)`` an engine takes: the config's where it sets them, else these limits."""
+        return max_model_len or self.max_model_len, max_num_seqs or self.max_num_seqs
+
+
+def engine_limits(max_prompt_tokens: int, prompt_key: str, calls: Sequence[tuple[int, int]]) -> EngineLimits:
+    """The :class:`EngineLimits` of a run whose sampling ``calls`` are, per kind, ``(completions per call,
+    max_new_tokens)``: a GRPO step's prompts per rank x ``num_generations``, a validation batch."""
+    if not calls:
+        raise ValueError("engine_limits: a run that samples makes at least one kind of call")
+    return EngineLimits(
+        max_prompt_tokens=max_prompt_tokens,
+        prompt_key=prompt_key,
+        max_new_tokens=max(new_tokens for _, new_tokens in calls),
+        max_num_seqs=max(completions for completions, _ in calls),
+    )
 
 
 # Why a completion ended: the sampler drew a stop token (EOS, or another id in the backend's stop set),

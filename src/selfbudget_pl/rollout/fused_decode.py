@@ -77,13 +77,15 @@ def sample(
     pad_token_id: int,
     stopped: Optional[Callable[[list[int]], bool]] = None,
     stop_check_every: int = 8,
-) -> list[list[int]]:
+) -> tuple[list[list[int]], Optional[list[list[float]]]]:
     """Generate up to ``sampling.max_new_tokens`` tokens after each left-padded prompt row.
 
     Returns one list per row, as ``generate(...)[:, prompt_width:]`` would: after a row's EOS, the rest
     of it is ``pad_token_id``; the loop ends when every row has finished or the ceiling is reached.
     ``stopped(tokens)`` (e.g. "contains a stop string") is asked every ``stop_check_every`` steps about
-    each unfinished row; a row it stops is padded from then on, like one that emitted EOS.
+    each unfinished row; a row it stops is padded from then on, like one that emitted EOS. With
+    ``sampling.logprobs``, also each drawn token's log-prob under the distribution it was drawn from (same
+    shape, 0 where padded), else None.
     """
     weights = _Weights.read(model)
     batch, prompt_width = input_ids.shape
@@ -119,12 +121,16 @@ def sample(
         cache.select(source)
     eos = torch.tensor(list(eos_token_ids), device=device)
     out = torch.full((batch, sampling.max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros(batch, sampling.max_new_tokens, device=device) if sampling.logprobs else None
     rows = torch.arange(batch, device=device)  # the output row of each row still in the batch
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     steps = 0
     for step in range(sampling.max_new_tokens):
-        token = torch.where(done, pad_token_id, _next_token(logits, sampling))
+        drawn, logprob = _next_token(logits, sampling)
+        token = torch.where(done, pad_token_id, drawn)
         out[rows, step] = token
+        if out_logprobs is not None:
+            out_logprobs[rows, step] = logprob.masked_fill(done, 0.0)
         steps = step + 1
         done |= torch.isin(token, eos)
         if stopped is not None and steps % stop_check_every == 0:
@@ -143,7 +149,7 @@ def sample(
         logits = weights.forward(
             token[:, None], position, cos, sin, cache, key_valid[:, None, None, : position + 1]
         )
-    return out[:, :steps].tolist()
+    return out[:, :steps].tolist(), None if out_logprobs is None else out_logprobs[:, :steps].tolist()
 
 
 def _stopped_rows(tokens: torch.Tensor, done: torch.Tensor, stopped: Callable[[list[int]], bool]) -> torch.Tensor:
@@ -151,11 +157,13 @@ def _stopped_rows(tokens: torch.Tensor, done: torch.Tensor, stopped: Callable[[l
     return torch.tensor(flags, dtype=torch.bool, device=done.device)
 
 
-def _next_token(logits: torch.Tensor, sampling: SamplingSettings) -> torch.Tensor:
-    """One token per row, warped in generate's order: temperature, top-k, top-p."""
+def _next_token(logits: torch.Tensor, sampling: SamplingSettings) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One token per row, warped in generate's order: temperature, top-k, top-p; with ``sampling.logprobs``
+    also its log-prob under the warped distribution (greedy: under the unwarped one, as the trainer scores it)."""
     logits = logits.float()
     if sampling.temperature <= 0:
-        return logits.argmax(-1)
+        token = logits.argmax(-1)
+        return token, _logprob_of(logits, token) if sampling.logprobs else None
     logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
@@ -170,7 +178,13 @@ def _next_token(logits: torch.Tensor, sampling: SamplingSettings) -> torch.Tenso
     # which costs more than a small model's whole decode step).
     cdf = logits.softmax(-1).cumsum(-1)
     uniform = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    token = torch.searchsorted(cdf, uniform, right=True).clamp_(max=cdf.shape[-1] - 1).squeeze(-1)
+    return token, _logprob_of(logits, token) if sampling.logprobs else None
+
+
+def _logprob_of(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """``[B]`` log-softmax of ``logits`` at each row's ``token``."""
+    return logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
 
 
 @dataclass

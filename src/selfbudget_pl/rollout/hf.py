@@ -17,12 +17,16 @@ import logging
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+from transformers import (
+    LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+)  # fmt: skip
 
 from selfbudget_pl import internals
 from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import (
-    FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples, seeded,
+    EngineLimits, FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples,
+    seeded,
 )  # fmt: skip
 from selfbudget_pl.weights import is_sharded
 
@@ -36,12 +40,23 @@ class HFRolloutBackend(RolloutBackend):
     Args:
         model: a transformers causal LM, or a peft model wrapping one (sampling uses its adapters).
         tokenizer: the model's tokenizer (pad id, EOS, decoding, stop strings).
+        limits: the run's sampling limits; unused: this sampler sizes its KV cache per call, from the call.
         batch_size: most sequences (prompts x samples) per ``generate`` call; bounds KV-cache memory.
         decoder: ``fused`` (the lean loop; Qwen2/Llama/Qwen3 only), ``generate`` (``model.generate``,
             any model), or ``auto``: fused where the model allows it, else generate.
+
+    Sampled tokens' log-probs are recorded when a call asks (``SamplingSettings.logprobs``), from the
+    distribution each token was drawn from, as vLLM records them.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int = 64, decoder: str = "auto") -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        limits: Optional[EngineLimits] = None,
+        batch_size: int = 64,
+        decoder: str = "auto",
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"rollout.batch_size={batch_size} must be >= 1")
         if decoder not in DECODERS:
@@ -75,22 +90,29 @@ class HFRolloutBackend(RolloutBackend):
             self._warned_root = True
         synced = is_sharded(self.model) and _world_size() > 1
 
-        def sample() -> list[list[int]]:
+        def sample() -> tuple[list[list[int]], list[list[float]]]:
             generated: list[list[int]] = []
+            logprobs: list[list[float]] = []
             for start in range(0, len(contexts), self.batch_size):
                 batch = contexts[start : start + self.batch_size]
-                generated.extend(self._generate_batch(batch, sampling, synced))
-            return generated
+                rows, row_logprobs = self._generate_batch(batch, sampling, synced)
+                generated.extend(rows)
+                logprobs.extend(row_logprobs or [])
+            return generated, logprobs
 
         with _inference(root), seeded(sampling.seed, _device_of(self.model)):
-            generated = _through_forward(units, sample)
+            generated, logprobs = _through_forward(units, sample)
 
         samples = [self._cut(row, sampling.stop) for row in generated]
-        return rollouts_from_samples(contexts, samples, num_samples, self.tokenizer)
+        # Each completion's log-probs up to its end: its tokens, and the stop token when it drew one.
+        recorded = [row[: len(ids) + (stop is not None)] for row, (ids, _, stop) in zip(logprobs, samples)]
+        return rollouts_from_samples(contexts, samples, num_samples, self.tokenizer, recorded or None)
 
     def _generate_batch(
         self, contexts: list[list[int]], sampling: SamplingSettings, synced: bool = False
-    ) -> list[list[int]]:
+    ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+        """The sampled rows after each context (padded after their end), and with ``sampling.logprobs`` each
+        token's log-prob under the distribution it was drawn from."""
         device = _device_of(self.model)
         input_ids, attention_mask = pad(contexts, self.pad_token_id, left=True)
         if self._fused():
@@ -100,16 +122,18 @@ class HFRolloutBackend(RolloutBackend):
                 self.eos_token_ids, self.pad_token_id, stopped=stopped,
             )  # fmt: skip
         width = input_ids.shape[1]
+        recorder = _LogprobRecorder() if sampling.logprobs else None
         output = self.model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention_mask.to(device),
-            **self._generate_kwargs(sampling),
+            **self._generate_kwargs(sampling, recorder),
             # Sharded layers all-gather in every step: a rank whose rows have all finished must keep
             # stepping until every rank has. transformers turns this on only where it finds the private
             # marks torch (2.x) leaves on FSDP-managed modules; said here, it does not depend on them.
             **({"synced_gpus": True} if synced else {}),
         )
-        return output[:, width:].tolist()
+        generated = output[:, width:]
+        return generated.tolist(), None if recorder is None else recorder.logprobs(generated).tolist()
 
     def _fused(self) -> bool:
         """Whether this call uses the fused loop (asked per call: the model may be wrapped after init)."""
@@ -128,7 +152,12 @@ class HFRolloutBackend(RolloutBackend):
             self._told_fallback = True
         return False
 
-    def _generate_kwargs(self, sampling: SamplingSettings) -> dict[str, Any]:
+    def _generate_kwargs(
+        self, sampling: SamplingSettings, recorder: Optional["_LogprobRecorder"] = None
+    ) -> dict[str, Any]:
+        """``generate``'s arguments; with a ``recorder``, the warpers are passed as logits processors with it
+        last (generate puts its own warpers after any processor it is given, where the recorder would see
+        the logits before temperature)."""
         kwargs: dict[str, Any] = {
             "max_new_tokens": sampling.max_new_tokens,
             "pad_token_id": self.pad_token_id,
@@ -151,6 +180,11 @@ class HFRolloutBackend(RolloutBackend):
             )
         else:
             kwargs.update(do_sample=False)
+        if recorder is not None:
+            warpers = _warpers(sampling) if sampling.temperature > 0 else []
+            kwargs["logits_processor"] = LogitsProcessorList([*warpers, recorder])
+            if sampling.temperature > 0:
+                kwargs.update(temperature=1.0, top_p=1.0, top_k=0)  # generate's own warpers off: ours run instead
         return kwargs
 
     def _cut(self, row: list[int], stop: Sequence[str]) -> tuple[list[int], FinishReason, Optional[int]]:
@@ -183,6 +217,43 @@ class HFRolloutBackend(RolloutBackend):
             else:
                 low = middle + 1
         return low
+
+
+class _LogprobRecorder(LogitsProcessor):
+    """The last of ``generate``'s logits processors: it keeps each step's log-softmax of the warped scores (the
+    distribution the next token is drawn from) until the next step shows which token was drawn, so one
+    ``[B, V]`` tensor is held, not one per step."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []  # [B] per step: the drawn token's log-prob
+        self.pending: Optional[torch.Tensor] = None  # [B, V]: the last step's, its token not yet seen
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.pending = scores.float().log_softmax(-1)
+        return scores
+
+    def logprobs(self, generated: torch.Tensor) -> torch.Tensor:
+        """``[B, n]`` log-probs of the ``n`` generated columns (the last one's read from the pending step)."""
+        width = generated.shape[1]
+        steps = list(self.steps)
+        if self.pending is not None and len(steps) < width:
+            steps.append(self.pending.gather(-1, generated[:, len(steps), None]).squeeze(-1))
+        # A step generate ran and then undid (a deferred stop check) is recorded but not in the output.
+        return torch.stack(steps, dim=1)[:, :width] if steps else torch.zeros(generated.shape)
+
+
+def _warpers(sampling: SamplingSettings) -> list[LogitsProcessor]:
+    """generate's sampling warpers, in its order (temperature, top-k, top-p), for ``sampling``."""
+    warpers: list[LogitsProcessor] = []
+    if sampling.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+    if sampling.top_k:
+        warpers.append(TopKLogitsWarper(top_k=sampling.top_k))
+    if sampling.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=sampling.top_p))
+    return warpers
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from selfbudget_pl.rollout.base import (
-    RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples, seeded,
+    EngineLimits, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples, seeded,
 )  # fmt: skip
 from selfbudget_pl.weights import iter_full_weights
 
@@ -59,6 +59,8 @@ class VLLMRolloutBackend(RolloutBackend):
     Args:
         model: the policy being trained (its ``name_or_path`` is the checkpoint vLLM starts from).
         tokenizer: the policy's tokenizer (EOS ids and decoding, so texts match the HF backend's).
+        limits: the run's sampling limits (:class:`~selfbudget_pl.rollout.base.EngineLimits`), which size the
+            engine where ``max_model_len`` and ``max_num_seqs`` are None; None: vLLM's own defaults.
         model_path: checkpoint directory or hub id for vLLM; defaults to ``model.name_or_path``.
         gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache); the rest is
             left to training.
@@ -69,14 +71,18 @@ class VLLMRolloutBackend(RolloutBackend):
         enable_sleep_mode: release vLLM's GPU memory between rollouts, so the optimizer step has the whole GPU,
             in TRL's order: empty torch's cache, wake the weights, sync, wake the KV cache, generate, sleep at
             level 2 (weights and KV cache discarded: the next generate reloads the policy's weights anyway).
-        max_model_len: prompt + completion ceiling; defaults to the model config's.
+        max_model_len: prompt + completion ceiling; None: ``limits.max_model_len`` (the longest prompt plus the
+            longest completion), else the model config's. A call whose prompt and ``max_new_tokens`` do not
+            fit is refused, naming the keys.
+        max_num_seqs: most sequences the engine schedules at once; None: ``limits.max_num_seqs`` (the
+            completions of one call), else vLLM's default.
         dtype: vLLM weights dtype; ``auto``: bfloat16 on GPUs whatever the checkpoint's (a float32 export
             would double the engine's memory), the policy's own on CPU. The weight sync sends this dtype.
         seed: engine seed (+ rank under DDP/FSDP). Requests carry no seed of their own (vLLM would then sample
             their rows one by one in Python each step); a call with ``SamplingSettings.seed`` reseeds the
             in-process engine's random stream for its duration instead, so a resumed run draws what an
             uninterrupted one would.
-        engine_kwargs: anything else ``vllm.LLM`` accepts (e.g. ``enforce_eager``, ``max_num_seqs``).
+        engine_kwargs: anything else ``vllm.LLM`` accepts (e.g. ``enforce_eager``).
 
     Every completion comes with vLLM's log-prob of each sampled token, after temperature (``logprobs_mode``
     ``processed_logprobs``), which GRPO's sampler correction compares with the trainer's own.
@@ -88,12 +94,14 @@ class VLLMRolloutBackend(RolloutBackend):
         self,
         model: torch.nn.Module,
         tokenizer: Any,
+        limits: Optional[EngineLimits] = None,
         model_path: Optional[str] = None,
         gpu_memory_utilization: float = 0.3,
         kv_cache_gb: Optional[float] = None,
         cpu_kv_cache_gb: float = 1.0,
         enable_sleep_mode: bool = False,
         max_model_len: Optional[int] = None,
+        max_num_seqs: Optional[int] = None,
         dtype: str = "auto",
         seed: int = 0,
         **engine_kwargs: Any,
@@ -119,6 +127,11 @@ class VLLMRolloutBackend(RolloutBackend):
             kv_cache_gb = cpu_kv_cache_gb
         if kv_cache_gb is not None:
             engine_kwargs.setdefault("kv_cache_memory_bytes", int(kv_cache_gb * 2**30))
+        if limits is not None:  # sized for the run (what it sends at most), not the model
+            max_model_len, max_num_seqs = limits.engine_sizes(max_model_len, max_num_seqs)
+        if max_num_seqs is not None:
+            engine_kwargs.setdefault("max_num_seqs", max_num_seqs)
+        self.prompt_key = limits.prompt_key if limits is not None else "the prompt's length"
         # The log-probs of the distribution each token was drawn from (temperature applied), as the trainer scores them.
         engine_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         self.weights_dtype = engine_dtype(dtype, on_cpu, model)
@@ -133,6 +146,7 @@ class VLLMRolloutBackend(RolloutBackend):
             seed=seed,
             **engine_kwargs,
         )
+        self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len  # what the engine took
         self._sampling_params = vllm.SamplingParams
         self._asleep: set[str] = set()  # the parts of the engine asleep: "weights", "kv_cache"
         self._stale: Optional[tuple[torch.nn.Module, str]] = None
@@ -143,6 +157,7 @@ class VLLMRolloutBackend(RolloutBackend):
         """One completion per context (see :meth:`RolloutBackend.sample`), one vLLM request each, drawn from
         the engine's random stream reseeded with ``sampling.seed`` (when given) for this call. Loads the
         policy's weights first if an optimizer step has changed them since the last sync."""
+        self._check_fits(contexts, sampling)
         if self._stale is not None:
             self.sync_weights(*self._stale)
         self._wake("weights")
@@ -154,6 +169,19 @@ class VLLMRolloutBackend(RolloutBackend):
             )
         self._sleep()
         return rollouts_from_outputs(outputs, contexts, num_samples, self.tokenizer, self.eos_token_ids)
+
+    def _check_fits(self, contexts: list[list[int]], sampling: SamplingSettings) -> None:
+        """Refuse a call whose longest context plus ``max_new_tokens`` exceeds the engine's ``max_model_len``:
+        vLLM would reject the prompt, or end its completions early as if ``max_new_tokens`` had cut them."""
+        longest = max((len(context) for context in contexts), default=0)
+        if longest + sampling.max_new_tokens > self.max_model_len:
+            raise ValueError(
+                f"rollout=vllm: a prompt of {longest} tokens plus max_new_tokens={sampling.max_new_tokens} is "
+                f"{longest + sampling.max_new_tokens} positions, more than the engine's max_model_len="
+                f"{self.max_model_len}: lower {self.prompt_key} or module.sampling.max_new_tokens "
+                "(module.val_sampling.max_new_tokens in validation, sampling.max_new_tokens in evaluation), or "
+                "raise rollout.max_model_len"
+            )
 
     def mark_stale(self, model: torch.nn.Module, prefix: str = "") -> None:
         """The policy's weights changed (an optimizer step): sync them before the next generate, not now."""
