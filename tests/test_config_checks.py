@@ -187,7 +187,8 @@ def test_surprising_values_are_a_warning_logged_once(caplog):
 
 
 def test_max_new_tokens_past_the_tiny_models_positions_names_both_keys():
-    message = error_of(compose_cfg("experiment=grpo_toy", "model.name_or_path=null", "module.sampling.max_new_tokens=100000"))
+    message = error_of(compose_cfg("experiment=grpo_toy", "model.name_or_path=null", "data.max_prompt_length=null",
+                                   "module.sampling.max_new_tokens=100000"))
     assert "module.sampling.max_new_tokens=100000: leaves no room for the prompt within the model's " \
            "max_position_embeddings=1024 (model.tiny.max_position_embeddings)" in message
     message = error_of(compose_cfg("experiment=grpo_toy", "model.name_or_path=null", "data.max_prompt_length=1000",
@@ -195,7 +196,7 @@ def test_max_new_tokens_past_the_tiny_models_positions_names_both_keys():
     assert "module.sampling.max_new_tokens=100: with data.max_prompt_length=1000 that is 1100 tokens, more than " \
            "the model's max_position_embeddings=1024" in message
     message = error_of(compose_cfg("experiment=sft_toy", "model.tiny.max_position_embeddings=256",
-                                   "module.val_sampling.max_new_tokens=300"))
+                                   "data.max_prompt_length=null", "module.val_sampling.max_new_tokens=300"))
     assert "module.val_sampling.max_new_tokens=300: leaves no room for the prompt within the model's max_position_embeddings=256" in message
 
 
@@ -203,7 +204,8 @@ def test_training_prompts_are_checked_after_tokenising_before_the_weights_load(t
     """data.max_prompt_length=null: the longest prompt is known only once the data is tokenised."""
     from selfbudget_pl.train import train
 
-    cfg = compose_cfg("experiment=grpo_toy", "model.name_or_path=null", "module.sampling.max_new_tokens=1020",
+    cfg = compose_cfg("experiment=grpo_toy", "model.name_or_path=null", "data.max_prompt_length=null",
+                      "module.sampling.max_new_tokens=1020",
                       "module.val_sampling.max_new_tokens=20", "+trainer.fast_dev_run=true", "num_threads=1",
                       "data.train.0.size=64", "data.train.0.k_min=6", "data.train.0.operand_max=99")
     with open_dict(cfg):
