@@ -61,7 +61,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sampled = parser.add_argument_group("labelling from the model's own samples (--samples K)")
     sampled.add_argument("--samples", type=int, default=0, help="K answers per problem (0: reference solutions)")
     sampled.add_argument("--choose", default="shortest", choices=("shortest", "random"), help="which correct one")
-    sampled.add_argument("--temperature", type=float, default=0.6)
+    sampled.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (the paper's 0.6)")
+    sampled.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (the paper's 0.95)")
     sampled.add_argument("--max-new-tokens", type=int, default=grpo_max_new_tokens(),
                          help="sample length ceiling (default: GRPO's, configs/module/grpo.yaml "
                               "sampling.max_new_tokens: a longer correct answer is lost and its problem uncapped)")
@@ -161,7 +162,9 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
         model = loader.load_skeleton()
     else:
         model = loader.load_model().to(args.device)
-    sampling = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = SamplingSettings(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
     with instantiate(config_file("grader", args.grader)) as grader:
         return label_from_samples(
             records, rollout(model=model, tokenizer=tokenizer), tokenizer, grader, samples=args.samples,

@@ -83,11 +83,13 @@ class AnswerFiveBackend(RolloutBackend):
     """Answers every prompt with ``\\boxed{5}`` and keeps the prompts it was given (decoded)."""
 
     prompts: list[str] = []
+    sampling = None
 
     def __init__(self, model, tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def sample(self, contexts, num_samples, sampling) -> Rollouts:
+        AnswerFiveBackend.sampling = sampling
         AnswerFiveBackend.prompts += [self.tokenizer.decode(ids) for ids in contexts[::num_samples]]
         size = len(contexts)
         return Rollouts(prompt_ids=contexts, completion_ids=[[1]] * size, completions=["\\boxed{5}"] * size,
@@ -132,6 +134,8 @@ def test_script_samples_through_the_configured_backend_template_and_grader(tmp_p
     code = script["main"](["--jsonl", str(problems), "--schema", "gsm8k", "--samples", "2", "--model", str(tiny_model_dir),
                            "--data", "gsm8k", "--rollout", str(rollout), "--grader", str(grader), "--output", str(out)])
     assert code == 0
+    # sampled as the paper samples, unless told otherwise
+    assert (AnswerFiveBackend.sampling.temperature, AnswerFiveBackend.sampling.top_p) == (0.6, 0.95)
     # prompts rendered with the data config's training template
     template = OmegaConf.load(REPO_ROOT / "configs" / "data" / "gsm8k.yaml").prompt_template
     assert AnswerFiveBackend.prompts == [build_prompt(f"{i}+1?", tokenizer, template) for i in range(6)]
