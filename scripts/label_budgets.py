@@ -9,7 +9,8 @@ sampled through the ``--rollout`` backend config (``hf``, or ``vllm`` on GPUs) a
 ``--grader`` config; one correct finished sample per problem is kept (``--choose``). Every problem is
 written: one without a correct sample gets ``b_max: null`` (no cap) and no target (``response`` and
 ``budget`` null), so it stays in the RL data and out of SFT. The run prints its counts: problems,
-solved, labelled, without a cap, and the rest by cause.
+solved, labelled, without a cap, and the rest by cause; a run whose file holds no solved problem ends with an
+error (exit status 1) after writing it.
 
 Without ``--samples``, rows whose answer cannot be extracted, or whose rendered reference would not parse
 back to the gold answer, are dropped and counted.
@@ -118,6 +119,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         statistics.fmean(budgets) if budgets else 0.0,
         statistics.median(budgets) if budgets else 0, max(budgets, default=0),
     )
+    if args.samples and labelled and not any(record.get("b_max") is not None for record in labelled):
+        # Nothing to cold-start on and no cap for GRPO: a file of uncapped rows is no stage-1 data, and a
+        # pipeline that reads the exit status must not go on to train on it.
+        sys.exit(
+            f"label_budgets: no problem of {rows} in {args.output} was solved ({result.summary(dropped)}): no "
+            "cold-start target and no cap; sample more (--samples), longer (--max-new-tokens), or check the "
+            "prompt (--data) and the grader on a few completions"
+        )
     return 0
 
 
