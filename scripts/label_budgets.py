@@ -54,7 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--schema", default="auto", choices=SCHEMAS, help="schema of --jsonl rows")
     parser.add_argument("--limit", type=int, default=None, help="label only the first LIMIT rows")
     parser.add_argument("--data-root", default=None, help="directory relative source paths are resolved against")
-    parser.add_argument("--model", default=None, help="hub id or folder whose tokenizer counts tokens (default: tiny)")
+    parser.add_argument("--model", default=None, help="hub id, folder, or model config name (configs/model, e.g. "
+                        "smollm2_135m) whose tokenizer counts tokens and, with --samples, samples (default: tiny)")
     parser.add_argument("--round-to", type=int, default=1, help="round budgets up to a multiple of this")
     parser.add_argument("--on-bad-row", default="drop", choices=("drop", "error"),
                         help="a bad input row: drop it (counted, listed at the end) or stop with its file:line")
@@ -91,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from omegaconf import OmegaConf
 
         source = instantiate(OmegaConf.load(args.source_config))
-    loader = ModelLoader(name_or_path=args.model, dtype=args.dtype)
+    loader = ModelLoader(name_or_path=model_name_or_path(args.model), dtype=args.dtype)
     tokenizer = loader.load_tokenizer()
     dropped = DroppedRows()
     records = source.load(on_bad_row=args.on_bad_row, dropped=dropped, root=args.data_root)
@@ -136,6 +137,20 @@ def grpo_max_new_tokens() -> int:
     from omegaconf import OmegaConf
 
     return int(OmegaConf.load(CONFIG_DIR / "module" / "grpo.yaml").sampling.max_new_tokens)
+
+
+def model_name_or_path(model: Optional[str], config_dir: Path = CONFIG_DIR) -> Optional[str]:
+    """``--model`` as ModelLoader takes it: the ``name_or_path`` of a model config (``smollm2_135m``: the
+    folder converted from its package, converted on first use), as training's ``model=NAME`` resolves it;
+    else the hub id or folder itself. A folder of that name wins over the config."""
+    path = config_dir / "model" / f"{model}.yaml"
+    if model is None or Path(model).exists() or not path.is_file():
+        return model
+    from omegaconf import OmegaConf
+
+    import selfbudget_pl.config  # noqa: F401  (registers the ${packaged_checkpoint:...} resolver)
+
+    return OmegaConf.load(path).name_or_path
 
 
 def read_labelled(path: str, ids: set[str]) -> list[Any]:

