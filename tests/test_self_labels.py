@@ -103,6 +103,12 @@ class AnswerFiveBackend(RolloutBackend):
     ("The answer is 7, not \\boxed{}; \\boxed{8} in the end", "8"),
     ("the answer is 3 ... so the answer is -2.5.", "-2.5"),
     ("I cannot tell.", None),
+    # the first operand of a calculation is no answer (SmolLM2: "The answer is 20 * 15 = 250.", gold 20)
+    ("2.  The answer is 20 * 15 = 250.\n\nSo, 15 is the answer.", None),
+    ("the answer is 2 x $8.50 = $17", None),
+    ("The answer is 12-3=9", None),
+    ("The answer is 3.5 cups.", "3.5"),
+    ("The answer is 1,000, in dollars.", "1000"),
 ])
 def test_the_stated_answer_of_a_free_form_solution(text, stated):
     assert stated_answer(text) == stated
