@@ -437,7 +437,10 @@ def test_labelling_through_vllm_builds_the_engine_without_an_hf_copy(sharp_dir, 
     )
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, capture_output=True, text=True,
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-4000:]
+    # The random model solves nothing, and a run that solves nothing exits 1 with its counts, by design:
+    # what matters here is that it got that far, every problem sampled on the engine and none on HF.
+    assert "loaded the HF model" not in result.stderr, result.stderr[-4000:]
+    assert result.returncode == 1 and "no problem of 3" in result.stderr, result.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["problem"] for row in rows] == [f"{i}+1?" for i in range(3)]
 
