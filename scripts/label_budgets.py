@@ -175,10 +175,14 @@ def config_file(group: str, name: str) -> Any:
 def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer, records, dropped):
     from hydra.utils import instantiate
 
-    from selfbudget_pl.labelling import label_from_samples
+    from selfbudget_pl.labelling import label_from_samples, labelling_limits
     from selfbudget_pl.rollout.base import SamplingSettings
 
     data = config_file("data", args.data)
+    prompts = dict(
+        prompt_template=data.get("prompt_template") or "{problem}", system_prompt=data.get("system_prompt"),
+        chat_template=data.get("chat_template"),
+    )
     rollout_config = config_file("rollout", args.rollout)
     rollout = instantiate(rollout_config)  # a partial: finished with the model
     if str(rollout_config.get("_target_", "")).endswith("VLLMRolloutBackend"):
@@ -189,13 +193,13 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
     sampling = SamplingSettings(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
     )
+    limits = labelling_limits(records, tokenizer, sampling, args.samples, args.batch_size, **prompts)
     with instantiate(config_file("grader", args.grader)) as grader:
         return label_from_samples(
-            records, rollout(model=model, tokenizer=tokenizer), tokenizer, grader, samples=args.samples,
-            choose=args.choose, sampling=sampling, prompt_template=data.get("prompt_template") or "{problem}",
-            system_prompt=data.get("system_prompt"), chat_template=data.get("chat_template"), round_to=args.round_to,
+            records, rollout(model=model, tokenizer=tokenizer, limits=limits), tokenizer, grader,
+            samples=args.samples, choose=args.choose, sampling=sampling, round_to=args.round_to,
             batch_size=args.batch_size, seed=args.seed, dropped=dropped,
-            on_batch=lambda batch: write_jsonl(batch, args.output, append=True),
+            on_batch=lambda batch: write_jsonl(batch, args.output, append=True), **prompts,
         )  # fmt: skip
 
 

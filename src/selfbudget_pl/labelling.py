@@ -22,7 +22,7 @@ from selfbudget_pl.data.budget_labels import label_record
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows, MathRecord
 from selfbudget_pl.format import OutputFormat
-from selfbudget_pl.rollout.base import RolloutBackend, SamplingSettings
+from selfbudget_pl.rollout.base import EngineLimits, RolloutBackend, SamplingSettings, engine_limits
 
 CHOICES = ("shortest", "random")
 SCOPE = "self_label"
@@ -44,6 +44,31 @@ class SelfLabels:
         line = ", ".join(f"{key} {self.counts[key]}" for key in ("problems", "solved", "labelled", "no_cap"))
         causes = dropped.by_reason(SCOPE) if dropped is not None else {}
         return line + (f"; not labelled: {', '.join(f'{k} {v}' for k, v in sorted(causes.items()))}" if causes else "")
+
+
+def labelling_limits(
+    records: Sequence[MathRecord],
+    tokenizer: Any,
+    sampling: SamplingSettings,
+    samples: int,
+    batch_size: int,
+    prompt_template: str = "{problem}",
+    system_prompt: Optional[str] = None,
+    chat_template: Optional[bool] = None,
+) -> Optional[EngineLimits]:
+    """What :func:`label_from_samples` sends its sampler at most, so that an engine with a KV cache of its
+    own (vLLM) is sized for this run rather than for the model's position limit: the longest problem's
+    prompt plus ``max_new_tokens``, and one batch's ``samples`` completions per problem. None when there is
+    nothing to label."""
+    if not records:
+        return None
+    prompts = encode_prompts([r["problem"] for r in records], tokenizer, prompt_template, system_prompt, chat_template)
+    longest = max(range(len(records)), key=lambda index: len(prompts[index]))
+    return engine_limits(
+        len(prompts[longest]),
+        f"the longest problem's prompt (id {records[longest]['id']}; leave it out with --limit or a smaller file)",
+        [(min(batch_size, len(records)) * samples, sampling.max_new_tokens)],
+    )
 
 
 def label_from_samples(

@@ -147,6 +147,7 @@ class VLLMRolloutBackend(RolloutBackend):
             **engine_kwargs,
         )
         self.max_model_len: int = self.llm.llm_engine.model_config.max_model_len  # what the engine took
+        log.info("vLLM engine sized for max_model_len=%d, max_num_seqs=%s", self.max_model_len, max_num_seqs)
         self._sampling_params = vllm.SamplingParams
         self._asleep: set[str] = set()  # the parts of the engine asleep: "weights", "kv_cache"
         self._stale: Optional[tuple[torch.nn.Module, str]] = None
