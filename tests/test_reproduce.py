@@ -106,3 +106,19 @@ def test_separate_runs_combine_into_one_table_over_seeds(tmp_path, capsys):
     assert table in capsys.readouterr().out
     with pytest.raises(ValueError, match="seed 0 appears in two runs"):
         combine_figures([_figures("0", 36.0, 0.9)] * 2, ["a", "b"])
+
+
+def test_runs_of_different_sft_models_combine_under_their_labels(tmp_path, capsys):
+    import runpy
+
+    for run, length in (("a", 36.0), ("b", 44.0)):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "figures.json").write_text(json.dumps(_figures("0", length, 0.9)))
+    script = runpy.run_path(str(Path(CONFIG_DIR).parent / "scripts" / "combine_reproductions.py"), run_name="combine")
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert script["main"]([*runs, "--labels", "sft0", "sft1"]) == 0
+    table = capsys.readouterr().out
+    assert "| seed sft0/0 | seed sft1/0 |" in table
+    assert "| GRPO mean length / SFT mean length | <= 0.5 | 0.450 | 0.550 **✗** | 0.500 ± 0.071 | 0.550 (sft1/0) | **no** |" in table
+    with pytest.raises(SystemExit, match="1 labels for 2 runs"):
+        script["main"]([*runs, "--labels", "sft0"])

@@ -205,12 +205,18 @@ def over_seeds(checks: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     return summary
 
 
-def combine_figures(figures: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """Several runs' ``figures.json`` as one: their GRPO seeds side by side (a seed that two runs share
-    is an error: they would be the same run) and the targets over all of them."""
+def combine_figures(
+    figures: Sequence[dict[str, Any]], names: Sequence[str], labels: Optional[Sequence[str]] = None
+) -> dict[str, Any]:
+    """Several runs' ``figures.json`` as one: their GRPO seeds side by side and the targets over all of them.
+    Without ``labels`` a seed that two runs share is an error (they would be the same run); with one label
+    per run (e.g. runs from different SFT models) each seed is named ``<label>/<seed>``."""
+    if labels is not None and len(labels) != len(figures):
+        raise ValueError(f"{len(labels)} labels for {len(figures)} runs: give one label per run")
     checks: dict[str, list[dict[str, Any]]] = {}
-    for run, name in zip(figures, names):
+    for index, (run, name) in enumerate(zip(figures, names)):
         for seed, rows in run["checks"].items():
+            seed = seed if labels is None else f"{labels[index]}/{seed}"
             if seed in checks:
                 raise ValueError(f"{name}: GRPO seed {seed} appears in two runs")
             checks[seed] = rows
