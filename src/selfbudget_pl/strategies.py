@@ -72,6 +72,7 @@ def fsdp_strategy(
     sharding_strategy: str = "FULL_SHARD",
     state_dict_type: str = "sharded",
     cpu_offload: bool = False,
+    load_from_rank_zero: bool = True,
     **kwargs: Any,
 ) -> Strategy:
     """Lightning FSDP, one FSDP unit per decoder layer of ``model``.
@@ -84,6 +85,9 @@ def fsdp_strategy(
         sharding_strategy: FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD.
         state_dict_type: ``sharded`` (each rank writes its shard: fast resume at any scale) or ``full``.
         cpu_offload: keep parameters and gradients on CPU between uses.
+        load_from_rank_zero: only rank 0 reads the checkpoint into host memory; the other ranks build the
+            model on the meta device and FSDP fills each unit from rank 0 as it wraps it (:class:`FSDP1Strategy`).
+        kwargs: passed to Lightning's ``FSDPStrategy`` (and from there to ``FullyShardedDataParallel``).
     """
     from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -92,7 +96,8 @@ def fsdp_strategy(
     precision = None
     if mixed_precision:
         precision = MixedPrecision(**{key: _DTYPES[value] for key, value in mixed_precision.items() if value})
-    return FSDPStrategy(
+    return FSDP1Strategy(
+        load_from_rank_zero=load_from_rank_zero,
         auto_wrap_policy=ModuleWrapPolicy(layers),
         activation_checkpointing_policy=set(layers) if activation_checkpointing else None,
         mixed_precision=precision,
@@ -101,6 +106,42 @@ def fsdp_strategy(
         cpu_offload=cpu_offload,
         **kwargs,
     )
+
+
+class FSDP1Strategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy``, optionally loading once: with ``load_from_rank_zero`` the ranks but 0
+    hold the model on the meta device (``PolicyModule.load_model``, through :func:`loads_once`), and as FSDP
+    wraps each unit it gives their modules empty storage on this rank's device (:func:`materialize_empty`)
+    and broadcasts rank 0's parameters and buffers into it (``sync_module_states``), before sharding.
+    Buffers outside the state dict (rotary frequencies) are broadcast too: FSDP sends every buffer of the
+    unit. GRPO's reference model would load the same way (``load_model(frozen=True)``, inside the same
+    wrapped module), but GRPO is refused under FSDP1 (:func:`check_strategy_supports`)."""
+
+    def __init__(self, load_from_rank_zero: bool, **kwargs: Any) -> None:
+        if load_from_rank_zero:
+            kwargs.update(sync_module_states=True, param_init_fn=self.materialize_empty)
+        super().__init__(**kwargs)
+        self.load_from_rank_zero = load_from_rank_zero
+
+    def materialize_empty(self, module: torch.nn.Module) -> None:
+        """FSDP's ``param_init_fn``: :func:`materialize_empty` on the device FSDP wraps on (``device_id``)."""
+        materialize_empty(module, self.root_device)
+
+
+def materialize_empty(module: torch.nn.Module, device: torch.device) -> None:
+    """Give ``module``'s own meta-device parameters and buffers (not its children's) uninitialised storage on
+    ``device``, for FSDP's ``sync_module_states`` to overwrite with rank 0's values.
+
+    Parameters are swapped in place rather than replaced (as ``to_empty`` does): a weight two modules share
+    (``lm_head`` tied to ``embed_tokens``) stays one parameter, as on rank 0, so FSDP flattens the unit
+    alike on every rank."""
+    for param in module.parameters(recurse=False):
+        if param.is_meta:
+            empty = torch.nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+            torch.utils.swap_tensors(param, empty)
+    for name, buffer in module.named_buffers(recurse=False):
+        if buffer.is_meta:
+            setattr(module, name, torch.empty_like(buffer, device=device))
 
 
 def decoder_layer_classes(
@@ -200,10 +241,16 @@ def fill_from_rank_zero(model: torch.nn.Module, full: dict[str, torch.Tensor], m
 
 
 def loads_once(strategy: Any) -> bool:
-    """Whether only rank 0 reads the checkpoint under ``strategy`` (``fsdp2`` with ``load_from_rank_zero``
-    on more than one rank): the others build an empty model and receive their shards when it is sharded."""
-    plan = getattr(strategy, "parallelize", None)
-    return isinstance(plan, FullyShardPlan) and plan.load_from_rank_zero and strategy.world_size > 1
+    """Whether only rank 0 reads the checkpoint under ``strategy`` (``fsdp`` or ``fsdp2`` with
+    ``load_from_rank_zero``, on more than one rank): the others build an empty model and receive their
+    weights from rank 0 when it is sharded (:class:`FSDP1Strategy`, :func:`fill_from_rank_zero`)."""
+    if isinstance(strategy, FSDP1Strategy):
+        once = strategy.load_from_rank_zero
+    elif isinstance(strategy, FSDP2Strategy):
+        once = strategy.parallelize.load_from_rank_zero
+    else:
+        return False
+    return once and strategy.world_size > 1
 
 
 def fsdp2_strategy(
