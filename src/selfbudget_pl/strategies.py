@@ -86,7 +86,12 @@ def fsdp_strategy(
         state_dict_type: ``sharded`` (each rank writes its shard: fast resume at any scale) or ``full``.
         cpu_offload: keep parameters and gradients on CPU between uses.
         load_from_rank_zero: only rank 0 reads the checkpoint into host memory; the other ranks build the
-            model on the meta device and FSDP fills each unit from rank 0 as it wraps it (:class:`FSDP1Strategy`).
+            model on the meta device (``PolicyModule.load_model``, through :func:`loads_once`) and FSDP fills
+            each unit as it wraps it: empty storage on the rank's device (:func:`materialize_empty`), then
+            rank 0's parameters and buffers broadcast into it (``sync_module_states``: every buffer of the
+            unit, rotary frequencies outside the state dict included), before sharding. GRPO's reference
+            model would load the same way (``load_model(frozen=True)``, inside the same wrapped module), but
+            GRPO is refused under FSDP1 (:func:`check_strategy_supports`).
         kwargs: passed to Lightning's ``FSDPStrategy`` (and from there to ``FullyShardedDataParallel``).
     """
     from torch.distributed.fsdp import MixedPrecision
@@ -96,8 +101,7 @@ def fsdp_strategy(
     precision = None
     if mixed_precision:
         precision = MixedPrecision(**{key: _DTYPES[value] for key, value in mixed_precision.items() if value})
-    return FSDP1Strategy(
-        load_from_rank_zero=load_from_rank_zero,
+    strategy = FSDPStrategy(
         auto_wrap_policy=ModuleWrapPolicy(layers),
         activation_checkpointing_policy=set(layers) if activation_checkpointing else None,
         mixed_precision=precision,
@@ -106,26 +110,13 @@ def fsdp_strategy(
         cpu_offload=cpu_offload,
         **kwargs,
     )
-
-
-class FSDP1Strategy(FSDPStrategy):
-    """Lightning's ``FSDPStrategy``, optionally loading once: with ``load_from_rank_zero`` the ranks but 0
-    hold the model on the meta device (``PolicyModule.load_model``, through :func:`loads_once`), and as FSDP
-    wraps each unit it gives their modules empty storage on this rank's device (:func:`materialize_empty`)
-    and broadcasts rank 0's parameters and buffers into it (``sync_module_states``), before sharding.
-    Buffers outside the state dict (rotary frequencies) are broadcast too: FSDP sends every buffer of the
-    unit. GRPO's reference model would load the same way (``load_model(frozen=True)``, inside the same
-    wrapped module), but GRPO is refused under FSDP1 (:func:`check_strategy_supports`)."""
-
-    def __init__(self, load_from_rank_zero: bool, **kwargs: Any) -> None:
-        if load_from_rank_zero:
-            kwargs.update(sync_module_states=True, param_init_fn=self.materialize_empty)
-        super().__init__(**kwargs)
-        self.load_from_rank_zero = load_from_rank_zero
-
-    def materialize_empty(self, module: torch.nn.Module) -> None:
-        """FSDP's ``param_init_fn``: :func:`materialize_empty` on the device FSDP wraps on (``device_id``)."""
-        materialize_empty(module, self.root_device)
+    if load_from_rank_zero:
+        # Added after construction: the init function needs the strategy, whose device Lightning sets later.
+        # Lightning's own class, not a subclass: its GPU-only check matches the type exactly.
+        strategy.kwargs.update(
+            sync_module_states=True, param_init_fn=lambda module: materialize_empty(module, strategy.root_device)
+        )
+    return strategy
 
 
 def materialize_empty(module: torch.nn.Module, device: torch.device) -> None:
@@ -243,9 +234,10 @@ def fill_from_rank_zero(model: torch.nn.Module, full: dict[str, torch.Tensor], m
 def loads_once(strategy: Any) -> bool:
     """Whether only rank 0 reads the checkpoint under ``strategy`` (``fsdp`` or ``fsdp2`` with
     ``load_from_rank_zero``, on more than one rank): the others build an empty model and receive their
-    weights from rank 0 when it is sharded (:class:`FSDP1Strategy`, :func:`fill_from_rank_zero`)."""
-    if isinstance(strategy, FSDP1Strategy):
-        once = strategy.load_from_rank_zero
+    weights from rank 0 when it is sharded (:func:`fsdp_strategy`, :func:`fill_from_rank_zero`)."""
+    if isinstance(strategy, FSDPStrategy):
+        # FSDP1 can fill meta-device modules from rank 0 when it both materialises them and syncs them.
+        once = bool(strategy.kwargs.get("sync_module_states")) and strategy.kwargs.get("param_init_fn") is not None
     elif isinstance(strategy, FSDP2Strategy):
         once = strategy.parallelize.load_from_rank_zero
     else:
