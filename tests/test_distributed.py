@@ -138,6 +138,28 @@ def test_fsdp_strategy_wraps_the_models_decoder_layers(model_loader):
     assert strategy._state_dict_type == "sharded" and not strategy.cpu_offload.offload_params
 
 
+def test_fsdp_loads_once_unless_told_not_to(model_loader):
+    from selfbudget_pl.strategies import loads_once
+
+    once = make_strategy("fsdp", model=model_loader)
+    every = make_strategy("fsdp", model=model_loader, load_from_rank_zero=False)
+    assert once.kwargs["sync_module_states"] and callable(once.kwargs["param_init_fn"])
+    assert "sync_module_states" not in every.kwargs and "param_init_fn" not in every.kwargs
+    assert not loads_once(once)  # one process (no cluster environment yet): no other rank to spare a load
+
+
+def test_fsdp1_loads_once_on_rank_zero(tmp_path, tiny_cache):
+    """strategy=fsdp's default: rank 1 builds the model on the meta device and never reads the checkpoint;
+    after wrapping, each rank's weights and buffers are the checkpoint's and lm_head is still embed_tokens."""
+    torchrun("fsdp1_load_once_run", str(tmp_path))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank0["loads"] == 1 and not rank0["was_meta"]
+    assert rank1["loads"] == 0 and rank1["was_meta"]
+    for report in (rank0, rank1):
+        assert report["weights_equal_checkpoint"] and report["buffers_equal_checkpoint"], report
+        assert report["tied"] and report["tied_in_checkpoint"], report
+
+
 def test_fsdp_yaml_builds_the_strategy_and_lightning_refuses_it_on_cpu(tmp_path, model_loader):
     import lightning as L
     from lightning.pytorch.strategies import FSDPStrategy
@@ -381,20 +403,41 @@ def test_fsdp_activation_checkpointing_recomputes_sft_layers_without_a_kv_cache(
     assert plain.model.config.use_cache is True  # without checkpointing the default stays
 
 
+def prepare_load_once_checkpoint(output_dir: Path) -> dict:
+    """Save tests/fsdp_load_once_run.py's checkpoint in ``output_dir``; return what one process loading it takes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for mode in ("prepare", "single"):
+        done = subprocess.run([sys.executable, "-m", "tests.fsdp_load_once_run", str(output_dir), mode],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((output_dir / "single.rank0.json").read_text())
+
+
 @pytest.mark.slow
 def test_fsdp2_loads_once_on_rank_zero_and_exports_streamed(tmp_path):
     """Rank 1 never holds the whole model: its peak while loading and sharding stays well below what one
     process needs to load the model, and the weights it ends with are the checkpoint's."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for mode in ("prepare", "single"):
-        done = subprocess.run([sys.executable, "-m", "tests.fsdp_load_once_run", str(tmp_path), mode], cwd=REPO_ROOT,
-                              env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-4000:]
+    single = prepare_load_once_checkpoint(tmp_path)
     torchrun("fsdp_load_once_run", str(tmp_path), "once")
-    single = json.loads((tmp_path / "single.rank0.json").read_text())
     rank0, rank1 = (json.loads((tmp_path / f"once.rank{rank}.json").read_text()) for rank in (0, 1))
     assert rank1["was_meta"] and rank0["sharded"] and rank1["sharded"]
     assert rank0["gathered_equals_checkpoint"] and rank0["export_equals_checkpoint"]
     assert rank1["buffers_finite"]
     assert rank1["load_mib"] < 0.6 * single["load_mib"], (rank1, single)  # its shard: half the float32 model
     assert rank0["export_mib"] < 0.5 * single["model_mib"], rank0  # one shard at a time, not two whole copies
+
+
+@pytest.mark.slow
+def test_fsdp1_load_once_keeps_rank_one_below_a_whole_model(tmp_path, monkeypatch):
+    """Under FSDP1 too, rank 1 never holds the whole model: FSDP fills one unit at a time from rank 0."""
+    single = prepare_load_once_checkpoint(tmp_path)
+    # This model's units (~13 MiB) fall under glibc's dynamic mmap threshold (up to 32 MiB), so the buffers
+    # each unit frees would stay in the heap and count in the peak; a real model's units are always mmapped.
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    torchrun("fsdp1_load_once_run", str(tmp_path), str(tmp_path / "checkpoint"))
+    rank0, rank1 = (json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1))
+    assert rank1["loads"] == 0 and rank1["was_meta"]
+    for report in (rank0, rank1):
+        assert report["weights_equal_checkpoint"] and report["buffers_equal_checkpoint"], report
+        assert report["tied"] == report["tied_in_checkpoint"], report
+    assert rank1["load_mib"] < 0.6 * single["load_mib"], (rank1, single)  # its shard: half the float32 model

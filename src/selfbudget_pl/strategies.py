@@ -72,6 +72,7 @@ def fsdp_strategy(
     sharding_strategy: str = "FULL_SHARD",
     state_dict_type: str = "sharded",
     cpu_offload: bool = False,
+    load_from_rank_zero: bool = True,
     **kwargs: Any,
 ) -> Strategy:
     """Lightning FSDP, one FSDP unit per decoder layer of ``model``.
@@ -84,6 +85,14 @@ def fsdp_strategy(
         sharding_strategy: FULL_SHARD | SHARD_GRAD_OP | NO_SHARD | HYBRID_SHARD.
         state_dict_type: ``sharded`` (each rank writes its shard: fast resume at any scale) or ``full``.
         cpu_offload: keep parameters and gradients on CPU between uses.
+        load_from_rank_zero: only rank 0 reads the checkpoint into host memory; the other ranks build the
+            model on the meta device (``PolicyModule.load_model``, through :func:`loads_once`) and FSDP fills
+            each unit as it wraps it: empty storage on the rank's device (:func:`materialize_empty`), then
+            rank 0's parameters and buffers broadcast into it (``sync_module_states``: every buffer of the
+            unit, rotary frequencies outside the state dict included), before sharding. GRPO's reference
+            model would load the same way (``load_model(frozen=True)``, inside the same wrapped module), but
+            GRPO is refused under FSDP1 (:func:`check_strategy_supports`).
+        kwargs: passed to Lightning's ``FSDPStrategy`` (and from there to ``FullyShardedDataParallel``).
     """
     from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -92,7 +101,7 @@ def fsdp_strategy(
     precision = None
     if mixed_precision:
         precision = MixedPrecision(**{key: _DTYPES[value] for key, value in mixed_precision.items() if value})
-    return FSDPStrategy(
+    strategy = FSDPStrategy(
         auto_wrap_policy=ModuleWrapPolicy(layers),
         activation_checkpointing_policy=set(layers) if activation_checkpointing else None,
         mixed_precision=precision,
@@ -101,6 +110,29 @@ def fsdp_strategy(
         cpu_offload=cpu_offload,
         **kwargs,
     )
+    if load_from_rank_zero:
+        # Added after construction: the init function needs the strategy, whose device Lightning sets later.
+        # Lightning's own class, not a subclass: its GPU-only check matches the type exactly.
+        strategy.kwargs.update(
+            sync_module_states=True, param_init_fn=lambda module: materialize_empty(module, strategy.root_device)
+        )
+    return strategy
+
+
+def materialize_empty(module: torch.nn.Module, device: torch.device) -> None:
+    """Give ``module``'s own meta-device parameters and buffers (not its children's) uninitialised storage on
+    ``device``, for FSDP's ``sync_module_states`` to overwrite with rank 0's values.
+
+    Parameters are swapped in place rather than replaced (as ``to_empty`` does): a weight two modules share
+    (``lm_head`` tied to ``embed_tokens``) stays one parameter, as on rank 0, so FSDP flattens the unit
+    alike on every rank."""
+    for param in module.parameters(recurse=False):
+        if param.is_meta:
+            empty = torch.nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+            torch.utils.swap_tensors(param, empty)
+    for name, buffer in module.named_buffers(recurse=False):
+        if buffer.is_meta:
+            setattr(module, name, torch.empty_like(buffer, device=device))
 
 
 def decoder_layer_classes(
@@ -200,10 +232,17 @@ def fill_from_rank_zero(model: torch.nn.Module, full: dict[str, torch.Tensor], m
 
 
 def loads_once(strategy: Any) -> bool:
-    """Whether only rank 0 reads the checkpoint under ``strategy`` (``fsdp2`` with ``load_from_rank_zero``
-    on more than one rank): the others build an empty model and receive their shards when it is sharded."""
-    plan = getattr(strategy, "parallelize", None)
-    return isinstance(plan, FullyShardPlan) and plan.load_from_rank_zero and strategy.world_size > 1
+    """Whether only rank 0 reads the checkpoint under ``strategy`` (``fsdp`` or ``fsdp2`` with
+    ``load_from_rank_zero``, on more than one rank): the others build an empty model and receive their
+    weights from rank 0 when it is sharded (:func:`fsdp_strategy`, :func:`fill_from_rank_zero`)."""
+    if isinstance(strategy, FSDPStrategy):
+        # FSDP1 can fill meta-device modules from rank 0 when it both materialises them and syncs them.
+        once = bool(strategy.kwargs.get("sync_module_states")) and strategy.kwargs.get("param_init_fn") is not None
+    elif isinstance(strategy, FSDP2Strategy):
+        once = strategy.parallelize.load_from_rank_zero
+    else:
+        return False
+    return once and strategy.world_size > 1
 
 
 def fsdp2_strategy(

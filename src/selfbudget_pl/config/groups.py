@@ -516,6 +516,7 @@ class FSDPSchema(Schema):
     sharding_strategy: str = spec(choices=("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2"))
     state_dict_type: str = spec(choices=("sharded", "full"))
     cpu_offload: bool = spec()
+    load_from_rank_zero: bool = spec()
 
 
 @dataclass

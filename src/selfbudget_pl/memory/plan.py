@@ -382,9 +382,10 @@ def _host_terms(shape: RunShape, arch: Architecture, trained_dtype: str, frozen_
     rank, or rank 0 alone under ``strategy.load_from_rank_zero``) and the export (streamed in shards of
     ``module.export_shard_gib``; LoRA kept unmerged: rank 0 gathers the state dict and loads a fresh model)."""
     base_dtype = frozen_dtype if shape.lora else trained_dtype
-    once = shape.strategy_name == "fsdp2" and shape.strategy.get("load_from_rank_zero", True) and ranks_per_host > 1
+    once = (shape.strategy_name in ("fsdp", "fsdp2") and shape.strategy.get("load_from_rank_zero", True)
+            and ranks_per_host > 1)
     loaders, who = (1, "rank 0 only") if once else (ranks_per_host, f"{ranks_per_host} ranks")
-    load_keys = () if once else ("strategy=fsdp2 (strategy.load_from_rank_zero=true)",)
+    load_keys = () if once else ("strategy=fsdp or fsdp2 (strategy.load_from_rank_zero=true)",)
     terms = [Term("loading: the model", loaders * arch.parameters * DTYPE_BYTES[base_dtype], "load",
                   f"{who} x {_count(arch.parameters)} x {base_dtype}", ("model.lora.enabled=true", *load_keys))]
     if shape.grpo and float(shape.module.get("beta", 0.0) or 0.0) > 0 and not shape.lora:
