@@ -113,6 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dropped.log_summary(log)
     if args.samples:
         print(f"label_budgets: {result.summary(dropped)}", file=sys.stderr)
+        print(accuracy_table(labelled), file=sys.stderr)
     budgets = [record["budget"] for record in labelled if record.get("budget") is not None]
     log.info(
         "wrote %d rows to %s; budget mean %.1f, median %.0f, max %d",
@@ -129,6 +130,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "prompt (--data) and the grader on a few completions"
         )
     return 0
+
+
+def accuracy_table(records: Sequence[Any]) -> str:
+    """The base model's sample accuracy per difficulty, one line each, then over all."""
+    from selfbudget_pl.labelling import accuracy_by_difficulty
+
+    table = accuracy_by_difficulty(records)
+    lines = [
+        f"label_budgets: difficulty {'unknown' if difficulty is None else f'{difficulty:g}'}: "
+        f"{right} of {total} samples correct ({right / max(total, 1):.1%})"
+        for difficulty, (right, total) in sorted(table.items(), key=lambda item: (item[0] is None, item[0] or 0.0))
+    ]
+    right, total = (sum(counts[i] for counts in table.values()) for i in (0, 1))
+    return "\n".join([*lines, f"label_budgets: all: {right} of {total} samples correct ({right / max(total, 1):.1%})"])
 
 
 def grpo_max_new_tokens() -> int:

@@ -16,7 +16,7 @@ from selfbudget_pl.format import count_solution_tokens
 from selfbudget_pl.data.prompts import build_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows
 from selfbudget_pl.data.sources import JsonlSource
-from selfbudget_pl.labelling import label_from_samples
+from selfbudget_pl.labelling import accuracy_by_difficulty, label_from_samples
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts
@@ -74,9 +74,15 @@ def test_keeps_the_shortest_correct_finished_sample(tokenizer):
     assert "response" not in by_id["e"] and by_id["e"]["b_max"] == count_solution_tokens(fmt.solution_text(breaks_format), tokenizer)
     assert dropped.by_reason("self_label") == {"no_correct_sample": 1, "only_truncated_correct": 1, "target_does_not_parse": 1}
     assert result.summary(dropped) == (
-        "problems 5, solved 3, labelled 2, no_cap 2; "
+        "problems 5, solved 3, labelled 2, no_cap 2, samples correct 4 of 8; "
         "not labelled: no_correct_sample 1, only_truncated_correct 1, target_does_not_parse 1"
     )
+    # the base model's accuracy: correct finished samples per problem, then per difficulty
+    assert [(r["samples_correct"], r["samples"]) for r in result.records] == [(2, 3), (0, 2), (0, 1), (1, 1), (1, 1)]
+    assert accuracy_by_difficulty(result.records) == {2.0: (3, 7), 1.0: (1, 1)}
+    assert accuracy_by_difficulty([*result.records, {"id": "old", "difficulty": float("nan"), "samples": 2,
+                                                     "samples_correct": 1}, {"id": "older", "difficulty": 3.0}]) == {
+        2.0: (3, 7), 1.0: (1, 1), None: (1, 2)}  # fmt: skip
 
 
 class AnswerFiveBackend(RolloutBackend):
@@ -148,7 +154,9 @@ def test_script_samples_through_the_configured_backend_template_and_grader(tmp_p
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["b_max"] is not None for row in rows] == [False] * 4 + [True] + [False]  # only 4+1 = 5
     assert rows[0]["response"] is None and rows[0]["budget"] is None and rows[4]["budget"] == rows[4]["b_max"]
-    assert "problems 6, solved 1, labelled 1, no_cap 5; not labelled: no_correct_sample 5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "problems 6, solved 1, labelled 1, no_cap 5, samples correct 2 of 12; not labelled: no_correct_sample 5" in err
+    assert "label_budgets: difficulty 0: 2 of 12 samples correct (16.7%)\nlabel_budgets: all: 2 of 12" in err
     # the GRPO data reads the caps, the SFT data only the labelled problem
     from selfbudget_pl.data.datamodule import BudgetMathDataModule
 
@@ -186,7 +194,7 @@ def test_script_samples_with_the_tiny_model(tmp_path, tiny_model_dir):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(row["b_max"], row["response"]) for row in rows] == [(None, None)] * 3
     assert "no problem of 3 in" in result.stderr
-    assert "was solved (problems 3, solved 0, labelled 0, no_cap 3; not labelled: no_correct_sample 3)" in result.stderr
+    assert "was solved (problems 3, solved 0, labelled 0, no_cap 3, samples correct 0 of 6; not labelled: no_correct_sample 3)" in result.stderr
 
 
 class KilledOnSecondBatch(AnswerFiveBackend):

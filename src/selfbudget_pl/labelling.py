@@ -7,15 +7,18 @@ random), and it becomes the record's cold-start target, labelled with its own to
 ``b_max``.
 Correctness is the grader's verdict, never string equality with the gold answer (``\\frac12`` for
 ``1/2`` is correct). A problem with no correct sample keeps ``b_max = None`` (no cap) and no target:
-the paper leaves it out of SFT and in the RL set.
+the paper leaves it out of SFT and in the RL set. Every record also carries how many of its samples were
+correct (``samples_correct`` of ``samples``), so the same run measures the base model's accuracy, per
+difficulty where the data has one (:func:`accuracy_by_difficulty`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from selfbudget_pl.data.answers import boxed_solution, stated_answer
 from selfbudget_pl.data.budget_labels import label_record
@@ -40,10 +43,26 @@ class SelfLabels:
     counts: Counter = field(default_factory=Counter)
 
     def summary(self, dropped: Optional[DroppedRows] = None) -> str:
-        """``problems N, solved S, labelled L, no cap U`` plus the dropped rows per cause."""
+        """``problems N, solved S, labelled L, no cap U, samples correct C of K`` plus the dropped rows per cause."""
         line = ", ".join(f"{key} {self.counts[key]}" for key in ("problems", "solved", "labelled", "no_cap"))
+        line += f", samples correct {self.counts['samples_correct']} of {self.counts['samples']}"
         causes = dropped.by_reason(SCOPE) if dropped is not None else {}
         return line + (f"; not labelled: {', '.join(f'{k} {v}' for k, v in sorted(causes.items()))}" if causes else "")
+
+
+def accuracy_by_difficulty(records: Sequence[Mapping[str, Any]]) -> dict[Optional[float], tuple[int, int]]:
+    """The base model's correct finished samples and samples per difficulty (None: records without one),
+    over the records that carry the counts (a label file from before they were written has none)."""
+    table: dict[Optional[float], list[int]] = {}
+    for record in records:
+        if record.get("samples") is None:
+            continue
+        difficulty = record.get("difficulty")
+        known = difficulty is not None and not math.isnan(difficulty)
+        counts = table.setdefault(float(difficulty) if known else None, [0, 0])
+        counts[0] += record["samples_correct"]
+        counts[1] += record["samples"]
+    return {difficulty: (right, total) for difficulty, (right, total) in table.items()}
 
 
 def labelling_limits(
@@ -112,7 +131,7 @@ def label_from_samples(
         answers = [stated_answer(text) for text in rollouts.completions]
         golds = [batch[group]["answer"] for group in rollouts.group_index]
         verdicts = grader.grade_batch(answers, golds)
-        for index, record in enumerate(batch):
+        for index, problem in enumerate(batch):
             result.counts["problems"] += 1
             mine = [i for i, group in enumerate(rollouts.group_index) if group == index]
             # An empty completion holds no solution to learn from, whatever a lenient grader said of it.
@@ -122,6 +141,9 @@ def label_from_samples(
             correct = [
                 boxed_solution(texts[i], answers[i]) for i in mine if verdicts[i] and not rollouts.truncated[i] and texts[i]
             ]
+            record: MathRecord = {**problem, "samples_correct": len(correct), "samples": len(mine)}
+            result.counts["samples_correct"] += len(correct)
+            result.counts["samples"] += len(mine)
             if not correct:
                 reason = "only_truncated_correct" if any(verdicts[i] for i in mine) else "no_correct_sample"
                 result.records.append(_uncapped(record, dropped, reason, result.counts))

@@ -30,6 +30,8 @@ class MathRecord(_RequiredFields, total=False):
     response: str
     budget: int
     b_max: Optional[int]
+    samples_correct: int  # of the base model's ``samples`` answers, how many were correct and finished
+    samples: int
 
 
 class DataError(ValueError):
