@@ -104,3 +104,20 @@ def test_too_small_problem_space_is_an_error_not_a_hang():
     other = next(split for split in ("train", "val", "test") if split != owner)
     with pytest.raises(ValueError, match="too few problems"):
         SyntheticSource(size=1, split=other, operand_min=1, operand_max=1, k_min=2, k_max=2).load()
+
+
+def test_story_wording_states_the_same_sums_as_word_problems():
+    symbols = SyntheticSource(size=200, seed=5, k_min=2, k_max=5).load()
+    stories = SyntheticSource(size=200, seed=5, k_min=2, k_max=5, wording="story").load()
+    story = re.compile(r"(\w+) has (\d+) (\w+)\.((?: (?:Then )?\1 (?:gets|finds|buys|is given|wins) \d+ more \3\.)+) "
+                       r"How many \3 does \1 have now\?")  # fmt: skip
+    for plain, worded in zip(symbols, stories, strict=True):
+        # the same problems, answers, references and difficulties, in the same order: only the wording differs
+        assert {k: v for k, v in worded.items() if k != "problem"} == {k: v for k, v in plain.items() if k != "problem"}
+        match = story.fullmatch(worded["problem"])
+        assert match, worded["problem"]
+        operands = [int(match.group(2)), *map(int, re.findall(r" (\d+) more", match.group(4)))]
+        assert "+".join(map(str, operands)) == plain["problem"]
+    assert len({record["problem"].split()[0] for record in stories}) > 3  # names vary
+    with pytest.raises(ValueError, match="wording='prose' is not one of"):
+        SyntheticSource(wording="prose")

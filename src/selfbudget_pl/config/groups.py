@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from selfbudget_pl.config.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
+from selfbudget_pl.data.synthetic import WORDINGS
 from selfbudget_pl.rewards.budget import COST_BASES, PEAKS, SCHEDULES, SHAPES, BudgetGuidedReward, constant_violations
 
 # -- shared pieces -----------------------------------------------------------------------------------
@@ -444,6 +445,7 @@ class SyntheticSourceSchema(Schema):
     checks_min: int = spec(ge=0)
     checks_max: int = spec(ge=0)
     heldout_fraction: float = spec(ge=0, lt=1)
+    wording: str = spec(choices=WORDINGS)
     name: str = spec()
 
     @classmethod

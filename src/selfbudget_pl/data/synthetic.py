@@ -7,7 +7,11 @@ a model fine-tuned on these solutions has length variance that RL can remove. Th
 1..9, k 2..6, 0-2 checks) are what a ~0.3M-parameter model learns in minutes on a CPU; wider operand
 ranges or larger k make the harder variant.
 
-Splits cannot share problems: every problem string is assigned to train, val or test by a stable
+``wording="story"`` states the same sum as a word problem (``Mia has 3 shells. Mia finds 5 more shells. ...
+How many shells does Mia have now?``), the task a pretrained chat model half-solves in prose; the reference
+reasoning and the answer are the same.
+
+Splits cannot share problems: every problem's operands are assigned to train, val or test by a stable
 hash, and each split only draws problems assigned to it (from its own seeded stream).
 """
 
@@ -20,7 +24,11 @@ from typing import Any
 from selfbudget_pl.data.records import MathRecord
 
 SPLITS = ("train", "val", "test")
+WORDINGS = ("symbols", "story")
 _MAX_DRAWS_PER_ROW = 10_000
+_NAMES = ("Tom", "Mia", "Sam", "Ana", "Leo", "Zoe", "Ben", "Eva", "Max", "Ivy")
+_ITEMS = ("apples", "marbles", "stickers", "books", "coins", "pencils", "cards", "shells", "stamps", "beads")
+_GAINS = ("gets", "finds", "buys", "is given", "wins")
 
 
 def split_of(problem: str, heldout_fraction: float) -> str:
@@ -46,6 +54,16 @@ def sum_reasoning(operands: list[int], rng: random.Random, checks_min: int, chec
     return "".join(steps)
 
 
+def sum_story(operands: list[int], rng: random.Random) -> str:
+    """The sum as a word problem: one person, one kind of item, a gain per operand after the first."""
+    name, items = rng.choice(_NAMES), rng.choice(_ITEMS)
+    sentences = [f"{name} has {operands[0]} {items}."]
+    for step, operand in enumerate(operands[1:]):
+        sentences.append(f"{'Then ' if step else ''}{name} {rng.choice(_GAINS)} {operand} more {items}.")
+    sentences.append(f"How many {items} does {name} have now?")
+    return " ".join(sentences)
+
+
 class SyntheticSource:
     """Generates ``size`` sum problems for one split. Every knob of the task is an argument.
 
@@ -57,6 +75,7 @@ class SyntheticSource:
         k_min/k_max: number of operands, drawn uniformly; it is the row's difficulty.
         checks_min/checks_max: redundant checks after each step, drawn uniformly per step.
         heldout_fraction: share of all problems reserved for val, and the same share for test.
+        wording: ``symbols`` (``3+5+7``) or ``story`` (a word problem of the same sum).
         name: prefix of ids and of the ``source`` field.
     """
 
@@ -72,10 +91,13 @@ class SyntheticSource:
         checks_min: int = 0,
         checks_max: int = 2,
         heldout_fraction: float = 0.1,
+        wording: str = "symbols",
         name: str = "synthetic",
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"SyntheticSource.split={split!r} is not one of {SPLITS}")
+        if wording not in WORDINGS:
+            raise ValueError(f"SyntheticSource.wording={wording!r} is not one of {WORDINGS}")
         if not 0 <= operand_min <= operand_max:
             raise ValueError(f"need 0 <= operand_min <= operand_max, got {operand_min}..{operand_max}")
         if not 2 <= k_min <= k_max:
@@ -91,6 +113,7 @@ class SyntheticSource:
         self.k_min, self.k_max = k_min, k_max
         self.checks_min, self.checks_max = checks_min, checks_max
         self.heldout_fraction = heldout_fraction
+        self.wording = wording
         self.name = name
 
     def __repr__(self) -> str:
@@ -100,14 +123,17 @@ class SyntheticSource:
         """Generate the rows (deterministic for given arguments). Options for file sources are ignored."""
         # A string seed is hashed deterministically by `random`, so each split has its own stream.
         rng = random.Random(f"{self.seed}:{self.split}")
+        # Stories draw from a stream of their own: either wording gives the same sums in the same order.
+        story_rng = random.Random(f"{self.seed}:{self.split}:story")
         records: list[MathRecord] = []
         for index in range(self.size):
             operands = self._draw_operands(rng)
             reasoning = sum_reasoning(operands, rng, self.checks_min, self.checks_max)
+            problem = sum_story(operands, story_rng) if self.wording == "story" else "+".join(map(str, operands))
             records.append(
                 MathRecord(
                     id=f"{self.name}/{self.split}/{index}",
-                    problem="+".join(map(str, operands)),
+                    problem=problem,
                     answer=str(sum(operands)),
                     solution=reasoning,
                     difficulty=float(len(operands)),
