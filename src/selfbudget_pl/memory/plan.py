@@ -253,7 +253,7 @@ def _compute_copies(shape: RunShape, arch: Architecture, trained_dtype: str, com
         # autocast keeps each cast weight until the step's autocast region ends
         size, detail = arch.parameters * compute, f"{_count(arch.parameters)} x {compute} B ({precision})"
         terms = [Term("autocast weight copies", size, "step", detail, ("strategy=fsdp2",))]
-        if not shape.vllm:  # the training model samples inside that region too (its head is cast there)
+        if not shape.vllm and _samples(shape):  # the training model samples inside that region too
             terms.append(Term("autocast weight copies (sampling)", size, "rollout", detail, ("rollout=vllm",)))
         return terms
     return []
@@ -371,13 +371,9 @@ def _sampler(shape: RunShape, arch: Architecture, compute: int, on_gpu: bool) ->
     """The training model's own sampler (rollout=hf): its KV cache and last-token logits, for the largest of
     the run's calls (validation samples unless ``trainer.limit_val_batches=0``; SFT's only there, when it
     generates)."""
-    if shape.vllm:
+    if shape.vllm or not _samples(shape):
         return []
-    validation = float(shape.trainer.get("limit_val_batches", 1.0)) != 0 and (
-        shape.grpo or bool(shape.module.get("generate_in_validation", True)))
-    calls = sampling_calls(shape, validation)
-    if not calls:
-        return []
+    calls = sampling_calls(shape, _validation_samples(shape))
     prompt = int(shape.data.get("max_prompt_length") or arch.max_positions)
     sizes = []
     for sequences, new in calls:
@@ -388,6 +384,16 @@ def _sampler(shape: RunShape, arch: Architecture, compute: int, on_gpu: bool) ->
     size, detail = max(sizes)
     return [Term("sampler KV cache", size, "rollout", detail,
                  ("rollout.batch_size", "module.sampling.max_new_tokens", "module.val_sampling.max_new_tokens"))]
+
+
+def _validation_samples(shape: RunShape) -> bool:
+    return float(shape.trainer.get("limit_val_batches", 1.0)) != 0 and (
+        shape.grpo or bool(shape.module.get("generate_in_validation", True)))
+
+
+def _samples(shape: RunShape) -> bool:
+    """Whether the run samples at all: GRPO every step, SFT in validation."""
+    return shape.grpo or _validation_samples(shape)
 
 
 def _add_vllm(plan: MemoryPlan, shape: RunShape, arch: Architecture, settings: PlanSettings, on_gpu: bool,
