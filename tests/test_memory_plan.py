@@ -122,6 +122,53 @@ def test_sharding_divides_what_fsdp2_shards_and_the_reference_counts_when_beta_i
     assert "reference model" not in [t.name for t in alone.device]
 
 
+SHAPE_SFT = ["experiment=sft_toy", "model=qwen2.5_0.5b_shape", "model.name_or_path=null", "model.tiny.hidden_size=896",
+             "model.tiny.intermediate_size=4864", "trainer=cpu", "trainer.precision=bf16-mixed"]
+
+
+def test_a_checkpoint_is_planned_on_the_rank_that_serializes_it():
+    plan, _, _ = plan_for(*SHAPE_SFT)
+    weights = term(plan, "trained weights")
+    # On CPU the file's bytes (weights and both AdamW moments) are held beside the resident state.
+    assert term(plan, "checkpoint (one file)") == pytest.approx(3 * weights)
+    assert plan.device_peak >= plan.phase_bytes(plan.device, "resident") + 3 * weights
+    assert [t.phase for t in plan.host if t.name == "checkpoint (one file)"] == ["checkpoint"]
+    plan, _, _ = plan_for(*SHAPE_SFT, "+callbacks.model_checkpoint.save_weights_only=true")
+    assert term(plan, "checkpoint (one file)") == pytest.approx(weights)
+    plan, _, _ = plan_for(*SHAPE_SFT, "callbacks.model_checkpoint=null")
+    assert not [t for t in plan.device + plan.host if t.phase == "checkpoint"]
+    # On a GPU the file is built in host memory; sharded checkpoints hold one tensor per rank there.
+    plan, _, _ = plan_for(*PAPER_7B, "trainer=ddp", "strategy=ddp")
+    assert not [t for t in plan.device if t.phase == "checkpoint"]
+    host = next(t for t in plan.host if t.phase == "checkpoint")
+    assert host.bytes == pytest.approx(3 * 7_615_616_512 * 4)
+    plan, _, _ = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2")
+    host = next(t for t in plan.host if t.phase == "checkpoint")
+    assert host.name == "checkpoint (sharded)" and host.bytes == pytest.approx(152_064 * 3_584 * 4)  # 8 x 1/8 head
+    plan, _, _ = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2", "strategy.save_distributed_checkpoint=false")
+    assert next(t for t in plan.host if t.phase == "checkpoint").bytes == pytest.approx(2 * 3 * 7_615_616_512 * 4)
+
+
+def test_adams_update_holds_sqrt_v_per_tensor_on_cpu_and_for_every_parameter_with_foreach():
+    plan, _, _ = plan_for(*SHAPE_SFT)
+    assert term(plan, "optimizer update") == pytest.approx(2 * 151_936 * 896 * 4)  # the tied embedding, twice
+    plan, _, _ = plan_for(*SHAPE_SFT, "+module.optimizer.fused=true")
+    assert "optimizer update" not in [t.name for t in plan.device]
+    plan, _, _ = plan_for(*PAPER_7B, "trainer=fsdp2", "strategy=fsdp2")
+    assert term(plan, "optimizer update") == pytest.approx(term(plan, "trained weights"))  # foreach: every shard
+    plan, _, _ = plan_for(*SHAPE_SFT, "model.lora.enabled=true")
+    assert term(plan, "optimizer update") <= 2 * term(plan, "trained weights")  # the adapters bound it
+
+
+def test_sft_samples_only_in_validation_with_its_own_length():
+    plan, _, _ = plan_for(*SHAPE_SFT, "data.max_prompt_length=64", "module.val_sampling.max_new_tokens=32")
+    assert "x 96 tokens" in next(t.detail for t in plan.device if t.name == "sampler KV cache")
+    # It samples inside the precision plugin's autocast: the cast weights are there as in a step.
+    assert term(plan, "autocast weight copies (sampling)") == term(plan, "autocast weight copies")
+    plan, _, _ = plan_for(*SHAPE_SFT, "trainer.limit_val_batches=0")
+    assert not [t for t in plan.device if t.phase == "rollout"]
+
+
 def test_planning_command_prints_the_table_and_exits_naming_the_keys(capsys):
     with pytest.raises(SystemExit) as stopped:
         plan_main(["--devices-memory", "80", *PAPER_7B[:-1], "trainer=ddp", "strategy=ddp"])

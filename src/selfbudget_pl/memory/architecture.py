@@ -60,6 +60,11 @@ class Architecture:
         return sum(rank * (fan_in + fan_out) for name, fan_in, fan_out in self.linear_shapes
                    if name.rsplit(".", 1)[-1] in wanted)  # fmt: skip
 
+    @property
+    def largest_matrix(self) -> int:
+        """Elements of the largest weight: the embedding or a Linear (an untied head)."""
+        return max([self.vocab * self.hidden, *(fan_in * fan_out for _, fan_in, fan_out in self.linear_shapes)])
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """Keys and values of one token across every layer."""
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from selfbudget_pl.config import plain
 from selfbudget_pl.config.schema import ConfigError
 from selfbudget_pl.memory.architecture import ModelConfigUnavailable, model_architecture
-from selfbudget_pl.memory.plan import GIB, MemoryPlan, PlanSettings, RunShape, Term, plan_memory
+from selfbudget_pl.memory.plan import (DEVICE_MOMENTS, GIB, HOST_MOMENTS, MemoryPlan, PlanSettings, RunShape, Term,
+                                       plan_memory)
 
 MEMINFO = Path("/proc/meminfo")
 
@@ -23,7 +24,8 @@ def plan_from_config(cfg: DictConfig, settings: PlanSettings, probe: bool = True
     """The plan of the composed train config ``cfg`` and the bytes per device it is checked against (None:
     unknown). ``probe``: look at this machine for device counts and memory (at launch); the planning
     command plans for the devices the config names and the memory the user gives."""
-    shape = RunShape(**{key: plain(cfg.get(key)) or {} for key in ("trainer", "strategy", "model", "module", "data", "rollout")})
+    shape = RunShape(**{key: plain(cfg.get(key)) or {} for key in (
+        "trainer", "strategy", "model", "module", "data", "rollout", "callbacks")})
     on_gpu = str(shape.trainer.get("accelerator", "cpu")).lower() in ("gpu", "cuda") or (
         str(shape.trainer.get("accelerator")) == "auto" and torch.cuda.is_available())
     ranks_per_host = _devices(shape.trainer.get("devices", 1), on_gpu, probe)
@@ -48,13 +50,15 @@ def format_plan(plan: MemoryPlan, device_memory: Optional[float], settings: Plan
     lines += [_row(term) for term in plan.device]
     usable = _usable(plan, device_memory, settings)
     against = f" of {usable / GIB:.2f} usable" if usable is not None else " (device memory unknown: not checked)"
-    lines.append(f"{'  peak: resident + max(step, rollout)':<54} {plan.device_peak / GIB:>8.2f}{against}")
+    peak = f"  peak: resident + max({', '.join(DEVICE_MOMENTS)})"
+    lines.append(f"{peak:<54} {plan.device_peak / GIB:>8.2f}{against}")
     if plan.vllm_share is not None:
         lines.append(f"{'  of which vLLM takes (its share)':<54} {plan.vllm_share / GIB:>8.2f}")
     lines.append(f"{'per host':<44} {'phase':<9} {'GiB':>8}  how")
     lines += [_row(term) for term in plan.host]
     host = f" of {host_bytes / GIB:.2f}" if host_bytes is not None else ""
-    lines.append(f"{'  peak: resident + max(load, export)':<54} {plan.host_peak / GIB:>8.2f}{host}")
+    peak = f"  peak: resident + max({', '.join(HOST_MOMENTS)})"
+    lines.append(f"{peak:<54} {plan.host_peak / GIB:>8.2f}{host}")
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
 
@@ -65,7 +69,7 @@ def misfits(plan: MemoryPlan, device_memory: Optional[float], settings: PlanSett
     problems = []
     usable = _usable(plan, device_memory, settings)
     if usable is not None and plan.device_peak > usable:
-        biggest = _biggest(plan.peak_terms(plan.device, ("step", "rollout")))
+        biggest = _biggest(plan.peak_terms(plan.device, DEVICE_MOMENTS))
         problems.append(
             f"{plan.device_peak / GIB:.2f} GiB per device does not fit the {usable / GIB:.2f} GiB usable of "
             f"{device_memory / GIB:.2f} GiB ({_memory_source(settings, plan)}); the biggest term is "
@@ -78,7 +82,7 @@ def misfits(plan: MemoryPlan, device_memory: Optional[float], settings: PlanSett
             "rollout.max_model_len, or raise rollout.gpu_memory_utilization"
         )
     if host_bytes is not None and plan.host_peak > host_bytes:
-        biggest = _biggest(plan.peak_terms(plan.host, ("load", "export")))
+        biggest = _biggest(plan.peak_terms(plan.host, HOST_MOMENTS))
         problems.append(
             f"{plan.host_peak / GIB:.2f} GiB per host does not fit its {host_bytes / GIB:.2f} GiB; the biggest "
             f"term is {_describe(biggest)}"

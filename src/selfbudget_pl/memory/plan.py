@@ -3,9 +3,11 @@ shrink it, computed from the composed config and the model's sizes (:class:`~.ar
 
 A device holds ``resident`` terms for the whole run (weights, gradients, optimizer state, the reference
 model, vLLM's share) and, at different moments, the ``step`` terms (a training micro-batch's activations,
-the head, gathered FSDP units) and the ``rollout`` terms (the sampler's KV cache): its peak is the resident
-sum plus the larger of the two. A host holds ``load`` terms while the model loads and ``export`` terms while
-the final weights are written, never both.
+the head, gathered FSDP units), the ``optimizer`` terms (the update's temporaries), the ``rollout`` terms
+(the sampler's KV cache) and, on CPU, the ``checkpoint`` terms (a resume checkpoint being written): its
+peak is the resident sum plus the largest of these. A host holds ``load`` terms while the model loads,
+``export`` terms while the final weights are written and ``checkpoint`` terms while a resume checkpoint
+is, one at a time.
 
 What the run sets is read where it is set: a key absent from the config takes the value the code uses
 when it is absent (e.g. no ``module.micro_batch_tokens``: a micro-batch is ``module.micro_batch_size``
@@ -26,6 +28,8 @@ GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HALF_PRECISIONS = ("bf16-mixed", "bf16-true", "16-mixed", "16-true", "bf16", "16", "half")
 MIXED_PRECISIONS = ("bf16-mixed", "16-mixed")
+DEVICE_MOMENTS = ("step", "optimizer", "rollout", "checkpoint")  # a device holds one of these at a time
+HOST_MOMENTS = ("load", "export", "checkpoint")
 
 
 @dataclass
@@ -69,7 +73,7 @@ class Term:
 
     name: str
     bytes: float
-    phase: str  # device: resident | step | rollout; host: load | export | resident
+    phase: str  # device: resident or one of DEVICE_MOMENTS; host: resident or one of HOST_MOMENTS
     detail: str
     keys: tuple[str, ...] = ()
 
@@ -93,20 +97,18 @@ class MemoryPlan:
 
     @property
     def device_peak(self) -> float:
-        """Resident terms plus the larger of a training step and a rollout."""
-        return self.phase_bytes(self.device, "resident") + max(
-            self.phase_bytes(self.device, "step"), self.phase_bytes(self.device, "rollout")
-        )
+        """Resident terms plus the largest of a training step, an optimizer update, a rollout, a checkpoint."""
+        return self.phase_bytes(self.device, "resident") + max(self.phase_bytes(self.device, phase)
+                                                               for phase in DEVICE_MOMENTS)  # fmt: skip
 
     @property
     def host_peak(self) -> float:
-        """Host-resident terms plus the larger of loading and export."""
-        return self.phase_bytes(self.host, "resident") + max(
-            self.phase_bytes(self.host, "load"), self.phase_bytes(self.host, "export")
-        )
+        """Host-resident terms plus the largest of loading, export and a checkpoint."""
+        return self.phase_bytes(self.host, "resident") + max(self.phase_bytes(self.host, phase)
+                                                             for phase in HOST_MOMENTS)  # fmt: skip
 
-    def peak_terms(self, terms: list[Term], transient: tuple[str, str]) -> list[Term]:
-        """The terms that make up a peak: resident ones and the larger transient phase."""
+    def peak_terms(self, terms: list[Term], transient: tuple[str, ...]) -> list[Term]:
+        """The terms that make up a peak: resident ones and the largest transient phase."""
         larger = max(transient, key=lambda phase: self.phase_bytes(terms, phase))
         return [term for term in terms if term.phase in ("resident", larger)]
 
@@ -121,6 +123,7 @@ class RunShape:
     module: Mapping[str, Any]
     data: Mapping[str, Any]
     rollout: Mapping[str, Any]
+    callbacks: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def grpo(self) -> bool:
@@ -150,11 +153,14 @@ def plan_memory(shape: RunShape, arch: Architecture, settings: PlanSettings, wor
     device = _trained_state(shape, arch, settings, trained_dtype, frozen_dtype, shards, world_size)
     device += _compute_copies(shape, arch, trained_dtype, compute, shards)
     device += _activations(shape, arch, settings, compute)
+    device += _optimizer_update(shape, arch, trained_dtype, shards, on_gpu)
     device += _sampler(shape, arch, compute, on_gpu)
+    checkpoint_device, checkpoint_host = _checkpoint(shape, arch, trained_dtype, frozen_dtype, shards, ranks_per_host,
+                                                     on_gpu)  # fmt: skip
     plan = MemoryPlan(
         summary=_summary(shape, arch, world_size, ranks_per_host, compute, trained_dtype),
-        world_size=world_size, ranks_per_host=ranks_per_host, on_gpu=on_gpu, device=device,
-        host=_host_terms(shape, arch, trained_dtype, frozen_dtype, ranks_per_host),
+        world_size=world_size, ranks_per_host=ranks_per_host, on_gpu=on_gpu, device=device + checkpoint_device,
+        host=_host_terms(shape, arch, trained_dtype, frozen_dtype, ranks_per_host) + checkpoint_host,
     )  # fmt: skip
     if shape.vllm:
         _add_vllm(plan, shape, arch, settings, on_gpu, device_memory)
@@ -168,9 +174,7 @@ _SHARD_KEYS = ("strategy=fsdp2", "trainer.devices")
 
 def _trained_state(shape: RunShape, arch: Architecture, settings: PlanSettings, trained_dtype: str,
                    frozen_dtype: str, shards: dict[str, int], world_size: int) -> list[Term]:
-    lora = shape.model.get("lora") or {}
-    trainable = arch.lora_parameters(int(lora.get("r", 8)), list(lora.get("target_modules") or [])) if shape.lora \
-        else arch.parameters
+    trainable = _trainable_parameters(shape, arch)
     params, grads, states = shards["params"], shards["grads"], shards["optimizer"]
     by = lambda count: f" / {count} ranks" if count > 1 else ""  # noqa: E731
     terms = []
@@ -186,16 +190,32 @@ def _trained_state(shape: RunShape, arch: Architecture, settings: PlanSettings, 
     terms.append(Term("gradients", copies * trainable * DTYPE_BYTES[trained_dtype] / grads, "resident",
                       f"{_count(trainable)} x {trained_dtype}{by(grads)}" + (" x 2 (DDP buckets)" if ddp else ""),
                       (*_SHARD_KEYS, "model.lora.enabled=true")))
-    optimizer = str((shape.module.get("optimizer") or {}).get("_target_", "torch.optim.AdamW"))
-    moments = 2 if "Adam" in optimizer.rsplit(".", 1)[-1] else 1
+    optimizer = _optimizer_name(shape)
+    moments = _moments(shape)
     terms.append(Term("optimizer state", moments * trainable * DTYPE_BYTES[trained_dtype] / states, "resident",
-                      f"{moments} x {_count(trainable)} x {trained_dtype}{by(states)} ({optimizer.rsplit('.', 1)[-1]})",
+                      f"{moments} x {_count(trainable)} x {trained_dtype}{by(states)} ({optimizer})",
                       (*_SHARD_KEYS, "model.lora.enabled=true")))
     if shape.grpo and float(shape.module.get("beta", 0.0) or 0.0) > 0 and not shape.lora:
         terms.append(Term("reference model", arch.parameters * DTYPE_BYTES[frozen_dtype] / params, "resident",
                           f"{_count(arch.parameters)} x {frozen_dtype}{by(params)} (beta > 0)",
                           ("module.beta=0", "model.frozen_dtype=bfloat16", *_SHARD_KEYS)))
     return terms
+
+
+def _trainable_parameters(shape: RunShape, arch: Architecture) -> int:
+    lora = shape.model.get("lora") or {}
+    if shape.lora:
+        return arch.lora_parameters(int(lora.get("r", 8)), list(lora.get("target_modules") or []))
+    return arch.parameters
+
+
+def _optimizer_name(shape: RunShape) -> str:
+    return str((shape.module.get("optimizer") or {}).get("_target_", "torch.optim.AdamW")).rsplit(".", 1)[-1]
+
+
+def _moments(shape: RunShape) -> int:
+    """Tensors of optimizer state per parameter: Adam's two moments, else one (momentum)."""
+    return 2 if "Adam" in _optimizer_name(shape) else 1
 
 
 def _shard_counts(shape: RunShape, world_size: int, ranks_per_host: int) -> dict[str, int]:
@@ -231,8 +251,11 @@ def _compute_copies(shape: RunShape, arch: Architecture, trained_dtype: str, com
     precision = str(shape.trainer.get("precision", "32-true"))
     if precision in MIXED_PRECISIONS and DTYPE_BYTES[trained_dtype] > compute and not shape.lora:
         # autocast keeps each cast weight until the step's autocast region ends
-        return [Term("autocast weight copies", arch.parameters * compute, "step",
-                     f"{_count(arch.parameters)} x {compute} B ({precision})", ("strategy=fsdp2",))]
+        size, detail = arch.parameters * compute, f"{_count(arch.parameters)} x {compute} B ({precision})"
+        terms = [Term("autocast weight copies", size, "step", detail, ("strategy=fsdp2",))]
+        if not shape.vllm and _samples(shape):  # the training model samples inside that region too
+            terms.append(Term("autocast weight copies (sampling)", size, "rollout", detail, ("rollout=vllm",)))
+        return terms
     return []
 
 
@@ -264,6 +287,27 @@ def _activations(shape: RunShape, arch: Architecture, settings: PlanSettings, co
     return terms
 
 
+def _optimizer_update(shape: RunShape, arch: Architecture, trained_dtype: str, shards: dict[str, int],
+                      on_gpu: bool) -> list[Term]:
+    """Adam's update divides by sqrt(v) out of place: torch's foreach kernels (its default on GPU) build sqrt(v)
+    of every parameter at once; its per-tensor loop (on CPU) builds sqrt(v) and the quotient, one tensor at a
+    time. Fused kernels, and the momentum of other optimizers, update in place."""
+    optimizer = shape.module.get("optimizer") or {}
+    if _moments(shape) < 2 or optimizer.get("fused"):
+        return []
+    trainable = _trainable_parameters(shape, arch)
+    dtype_bytes = DTYPE_BYTES[trained_dtype] / shards["optimizer"]
+    foreach = optimizer.get("foreach")
+    if on_gpu if foreach is None else foreach:
+        return [Term("optimizer update", trainable * dtype_bytes, "optimizer",
+                     f"sqrt(v) of {_count(trainable)} x {trained_dtype}, all at once (foreach)",
+                     ("+module.optimizer.fused=true", "module.optimizer.foreach=false", *_SHARD_KEYS))]
+    largest = min(arch.largest_matrix, trainable)  # LoRA: its adapters, all of them together, bound it
+    return [Term("optimizer update", 2 * largest * dtype_bytes, "optimizer",
+                 f"sqrt(v) and the quotient of the largest tensor ({_count(largest)} x {trained_dtype}), per tensor",
+                 ("+module.optimizer.fused=true", *_SHARD_KEYS))]
+
+
 def micro_batch_tokens(shape: RunShape, arch: Architecture) -> tuple[int, str, tuple[str, ...]]:
     """Tokens in the largest forward/backward, how that was counted, and the keys that bound it."""
     if shape.grpo:
@@ -291,16 +335,25 @@ def sampling_engine_limits(shape: RunShape, arch: Architecture) -> EngineLimits:
     config: prompts up to ``data.max_prompt_length`` (the data is not read here: where it is null, the model's
     positions less the longest completion), and each kind of call the run makes: a validation batch, and under
     GRPO a step's completions."""
-    val_new = int((shape.module.get("val_sampling") or {}).get("max_new_tokens", SamplingSettings.max_new_tokens))
-    calls = [(int(shape.data.get("val_batch_size") or shape.data.get("batch_size", 1)), val_new)]
-    if shape.grpo:
-        train_new = int((shape.module.get("sampling") or {}).get("max_new_tokens", 8192))
-        calls.append((completions_per_step(shape), train_new))
+    calls = sampling_calls(shape, validation=True)
     prompt = shape.data.get("max_prompt_length")
     if prompt:
         return engine_limits(int(prompt), "data.max_prompt_length", calls)
     room = max(arch.max_positions - max(new for _, new in calls), 0)
     return engine_limits(room, "max_position_embeddings (data.max_prompt_length is null)", calls)
+
+
+def sampling_calls(shape: RunShape, validation: bool) -> list[tuple[int, int]]:
+    """``(completions, max_new_tokens)`` of each kind of sampling call (:meth:`PolicyModule.sampling_calls`):
+    a validation batch when ``validation``, and under GRPO a step's completions."""
+    calls = []
+    if validation:
+        val_new = int((shape.module.get("val_sampling") or {}).get("max_new_tokens", SamplingSettings.max_new_tokens))
+        calls.append((int(shape.data.get("val_batch_size") or shape.data.get("batch_size", 1)), val_new))
+    if shape.grpo:
+        train_new = int((shape.module.get("sampling") or {}).get("max_new_tokens", 8192))
+        calls.append((completions_per_step(shape), train_new))
+    return calls
 
 
 def longest_sequence(shape: RunShape, arch: Architecture) -> tuple[int, str]:
@@ -315,16 +368,32 @@ def longest_sequence(shape: RunShape, arch: Architecture) -> tuple[int, str]:
 # -- sampling ------------------------------------------------------------------------------------------------
 
 def _sampler(shape: RunShape, arch: Architecture, compute: int, on_gpu: bool) -> list[Term]:
-    """The training model's own sampler (rollout=hf): its KV cache and last-token logits."""
-    if shape.vllm:
+    """The training model's own sampler (rollout=hf): its KV cache and last-token logits, for the largest of
+    the run's calls (validation samples unless ``trainer.limit_val_batches=0``; SFT's only there, when it
+    generates)."""
+    if shape.vllm or not _samples(shape):
         return []
-    length, _ = longest_sequence(shape, arch)
-    sequences = completions_per_step(shape) if shape.grpo else int(shape.data.get("val_batch_size")
-                                                                      or shape.data.get("batch_size", 1))
-    sequences = min(sequences, int(shape.rollout.get("batch_size", 64)))
-    size = sequences * (length * arch.kv_bytes_per_token(compute) + 2 * arch.vocab * DTYPE_BYTES["float32"])
-    return [Term("sampler KV cache", size, "rollout", f"{sequences} sequences x {length} tokens",
-                 ("rollout.batch_size", "module.sampling.max_new_tokens"))]
+    calls = sampling_calls(shape, _validation_samples(shape))
+    prompt = int(shape.data.get("max_prompt_length") or arch.max_positions)
+    sizes = []
+    for sequences, new in calls:
+        sequences = min(sequences, int(shape.rollout.get("batch_size", 64)))
+        length = min(prompt + new, arch.max_positions)
+        size = sequences * (length * arch.kv_bytes_per_token(compute) + 2 * arch.vocab * DTYPE_BYTES["float32"])
+        sizes.append((size, f"{sequences} sequences x {length} tokens"))
+    size, detail = max(sizes)
+    return [Term("sampler KV cache", size, "rollout", detail,
+                 ("rollout.batch_size", "module.sampling.max_new_tokens", "module.val_sampling.max_new_tokens"))]
+
+
+def _validation_samples(shape: RunShape) -> bool:
+    return float(shape.trainer.get("limit_val_batches", 1.0)) != 0 and (
+        shape.grpo or bool(shape.module.get("generate_in_validation", True)))
+
+
+def _samples(shape: RunShape) -> bool:
+    """Whether the run samples at all: GRPO every step, SFT in validation."""
+    return shape.grpo or _validation_samples(shape)
 
 
 def _add_vllm(plan: MemoryPlan, shape: RunShape, arch: Architecture, settings: PlanSettings, on_gpu: bool,
@@ -372,6 +441,41 @@ def _add_vllm(plan: MemoryPlan, shape: RunShape, arch: Architecture, settings: P
         plan.host.append(Term("vLLM sleeping weights (pinned)", plan.ranks_per_host * weights, "resident",
                               f"{plan.ranks_per_host} ranks x {_count(arch.parameters)} x {dtype}",
                               ("rollout.enable_sleep_mode=false",)))
+
+
+# -- resume checkpoints --------------------------------------------------------------------------------------
+
+def _checkpoint(shape: RunShape, arch: Architecture, trained_dtype: str, frozen_dtype: str, shards: dict[str, int],
+                ranks_per_host: int, on_gpu: bool) -> tuple[list[Term], list[Term]]:
+    """A resume checkpoint (a ``*Checkpoint`` callback), per device and per host. A single file: rank 0
+    serializes the weights and the optimizer state into memory before writing it (Lightning's atomic save),
+    under FSDP after gathering them there. Sharded (FSDP's default here): each rank writes tensor by tensor
+    from where they lie, a GPU's through host memory. On CPU the host's memory is the device's."""
+    saver = next((entry for entry in shape.callbacks.values() if isinstance(entry, Mapping)
+                  and str(entry.get("_target_", "")).endswith("Checkpoint")), None)  # fmt: skip
+    if saver is None:
+        return [], []
+    keys: tuple[str, ...] = ("+callbacks.model_checkpoint.save_weights_only=true", "callbacks.model_checkpoint=null")
+    fsdp = shape.strategy_name in ("fsdp", "fsdp2")
+    if (shape.strategy_name == "fsdp" and shape.strategy.get("state_dict_type", "sharded") == "sharded") or (
+            shape.strategy_name == "fsdp2" and shape.strategy.get("save_distributed_checkpoint", True)):
+        tensor = arch.largest_matrix * DTYPE_BYTES[trained_dtype] / shards["params"]
+        host = Term("checkpoint (sharded)", ranks_per_host * tensor, "checkpoint",
+                    f"{ranks_per_host} ranks x the largest tensor's shard in host memory", ())
+        return [], [host] if on_gpu else []
+    trainable = _trainable_parameters(shape, arch)
+    weights = arch.parameters * DTYPE_BYTES[trained_dtype]
+    if shape.lora:
+        weights = arch.parameters * DTYPE_BYTES[frozen_dtype] + trainable * DTYPE_BYTES[trained_dtype]
+    state = 0 if saver.get("save_weights_only") else _moments(shape) * trainable * DTYPE_BYTES[trained_dtype]
+    copies = 2 if fsdp else 1
+    detail = "rank 0: weights" + ("" if saver.get("save_weights_only") else " + optimizer state") + " serialized"
+    if fsdp:
+        detail += ", and gathered before"
+        keys += ("strategy.state_dict_type=sharded" if shape.strategy_name == "fsdp"
+                 else "strategy.save_distributed_checkpoint=true",)  # fmt: skip
+    term = Term("checkpoint (one file)", copies * (weights + state), "checkpoint", detail, keys)
+    return ([] if on_gpu else [term]), [term]
 
 
 # -- per host ------------------------------------------------------------------------------------------------
