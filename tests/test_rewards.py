@@ -561,10 +561,10 @@ def test_constants_that_leave_an_exit_are_refused(overrides, message):
 def test_plateau_scores_every_length_in_its_band_the_same_and_falls_from_its_edges():
     """Within the band the group's ranking comes from the cost alone; beyond it the fall keeps its slope."""
     flat = BudgetGuidedReward(peak="fixed", delta=0.05, shape="linear", alpha_start=0.2, alpha_schedule="constant",
-                              plateau=0.04, budget_cost=0.3, correct_floor=0.1, cost_on="spent", budget_penalty=-0.3,
+                              band=0.04, budget_cost=0.3, correct_floor=0.1, cost_on="spent", budget_penalty=-0.3,
                               format_penalty=-1.5)  # fmt: skip
     sharp = BudgetGuidedReward(**{**{k: v for k, v in vars(flat).items() if k not in ("output_format", "grader", "__name__")},
-                                  "plateau": 0.0})  # fmt: skip
+                                  "band": 0.0})  # fmt: skip
     band = [flat.score(True, 100, length, True) for length in (91, 93, 95, 97, 99)]
     assert band == [1.0] * 5 and sharp.score(True, 100, 91, True) < 1.0
     # outside the band: the sharp form's fall, shifted out by the band's half-width
@@ -574,5 +574,5 @@ def test_plateau_scores_every_length_in_its_band_the_same_and_falls_from_its_edg
     # two budgets whose answers both land in their bands: only the cost tells them apart
     assert flat.score(True, 60, 59, True, b_max=120) - flat.score(True, 66, 63, True, b_max=120) == pytest.approx(0.3 * 6 / 120)
     assert sharp.score(True, 60, 59, True, b_max=120) < sharp.score(True, 66, 63, True, b_max=120)  # landing 2 tokens off wins
-    with pytest.raises(ValueError, match="`plateau` must be >= 0"):
-        BudgetGuidedReward(plateau=-0.1)
+    with pytest.raises(ValueError, match="`band` must be >= 0"):
+        BudgetGuidedReward(band=-0.1)

@@ -263,7 +263,7 @@ class BudgetGuidedRewardSchema(Schema):
     alpha_end: float = spec(gt=0)
     alpha_schedule: str = spec(choices=SCHEDULES)
     shape: str = spec(choices=SHAPES)
-    plateau: float = spec(ge=0, note="half the band around the peak, as a fraction of b, scoring the range's maximum")
+    band: float = spec(ge=0, note="half the band around the peak, as a fraction of b, scoring the range's maximum")
     budget_cost: float = spec(ge=0, note="a correct answer with its own capped budget loses budget_cost * n / b_max")
     correct_max: float = spec()
     correct_min: float = spec()

@@ -6,13 +6,13 @@
     peak  = b (1 - delta) if correct else b (1 + delta)                 # peak="fixed" (ablation)
     R = r_f                                                             if not well-formed or unfinished
     R = cos(d, alpha b, s_max, s_min) + (r_b if b > b_max else 0) - c min(n, b_max) / b_max [correct]
-    d = max(0, |l - peak| - plateau b)                                  # plateau 0 in the paper
+    d = max(0, |l - peak| - band b)                                     # band 0 in the paper
     n = b (cost_on="budget") or max(b, l) (cost_on="spent")
 
 with ``[s_min, s_max]`` the correct range ``[s_c_min, s_c_max]`` or the wrong one ``[s_w_min, s_w_max]``.
 ``shape="linear"`` replaces the cosine by a straight fall from ``s_max`` at the peak to ``s_min`` at the
-width (a cosine is flat at its peak, so small forecast errors cost almost nothing). ``plateau`` widens the
-peak to a band of ``2 plateau b`` where every length scores ``s_max``: within a group, lengths that all land
+width (a cosine is flat at its peak, so small forecast errors cost almost nothing). ``band`` widens the
+peak to a band of ``2 band b`` where every length scores ``s_max``: within a group, lengths that all land
 in it then differ only by what their budgets cost, so the cost ranks the budgets instead of the noise of
 landing a token or two either side of the peak. ``budget_cost`` (c,
 0 in the paper) charges a correct answer for the budget it states, relative to its cap: compression
@@ -153,7 +153,7 @@ class BudgetGuidedReward:
             annealed over training progress (``linear`` | ``cosine`` | ``constant`` at ``alpha_start``).
         shape: fall-off from the peak to the range's minimum at the width: ``cosine`` (the paper) or
             ``linear`` (steepest at the peak, so every token of forecast error costs).
-        plateau: ``>= 0``, half the width of the band around the peak, as a fraction of ``b``, where every
+        band: ``>= 0``, half the width of the band around the peak, as a fraction of ``b``, where every
             length scores the range's maximum; the fall-off starts at its edges (0: the paper).
         budget_cost: ``c >= 0``; a correct answer with its own budget and a finite cap loses
             ``c * min(n, b_max) / b_max`` (0: the paper's reward; ``n`` as ``cost_on`` says).
@@ -185,7 +185,7 @@ class BudgetGuidedReward:
         alpha_end: float = 0.1,
         alpha_schedule: str = "linear",
         shape: str = "cosine",
-        plateau: float = 0.0,
+        band: float = 0.0,
         budget_cost: float = 0.0,
         correct_max: float = 1.0,
         correct_min: float = 0.5,
@@ -207,8 +207,8 @@ class BudgetGuidedReward:
             )
         if not 0 <= delta < 1:
             raise ValueError(f"BudgetGuidedReward: `delta` must be in [0, 1), got {delta}.")
-        if plateau < 0:
-            raise ValueError(f"BudgetGuidedReward: `plateau` must be >= 0 (a fraction of the budget), got {plateau}.")
+        if band < 0:
+            raise ValueError(f"BudgetGuidedReward: `band` must be >= 0 (a fraction of the budget), got {band}.")
         if budget_cost < 0:
             raise ValueError(f"BudgetGuidedReward: `budget_cost` must be >= 0, got {budget_cost}.")
         floor = correct_min if correct_floor is None else correct_floor
@@ -232,7 +232,7 @@ class BudgetGuidedReward:
         self.alpha_end = float(alpha_end)
         self.alpha_schedule = alpha_schedule
         self.shape = shape
-        self.plateau = float(plateau)
+        self.band = float(band)
         self.budget_cost = float(budget_cost)
         self.correct_max, self.correct_min = float(correct_max), float(correct_min)
         self.wrong_max, self.wrong_min = float(wrong_max), float(wrong_min)
@@ -259,7 +259,7 @@ class BudgetGuidedReward:
         if not well_formed or not finished or budget is None:
             return self.format_penalty
         high, low = (self.correct_max, self.correct_min) if correct else (self.wrong_max, self.wrong_min)
-        distance = max(0.0, abs(length - self.best_length(budget, correct, progress)) - self.plateau * budget)
+        distance = max(0.0, abs(length - self.best_length(budget, correct, progress)) - self.band * budget)
         width = self.alpha(progress) * budget
         reward = FALLOFFS[self.shape](distance, width, high, low)
         if correct and self.correct_floor is not None and distance > width:
