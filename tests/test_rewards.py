@@ -378,14 +378,17 @@ def test_annotate_requires_the_answer_column():
         annotate(rollouts, FORMAT, MathGrader(workers=0), CharTokenizer())
 
 
-@pytest.mark.parametrize("name, peak, shape, cost, floor, cost_on", [
-    ("selfbudgeter", "alpha", "cosine", 0.0, None, "budget"), ("selfbudgeter_fixed", "fixed", "cosine", 0.0, None, "budget"),
-    ("selfbudgeter_forecast", "fixed", "linear", 0.3, None, "budget"), ("selfbudgeter_honest", "fixed", "linear", 0.3, 0.1, "spent"),
+@pytest.mark.parametrize("name, peak, shape, cost, floor, cost_on, band", [
+    ("selfbudgeter", "alpha", "cosine", 0.0, None, "budget", 0.0), ("selfbudgeter_fixed", "fixed", "cosine", 0.0, None, "budget", 0.0),
+    ("selfbudgeter_forecast", "fixed", "linear", 0.3, None, "budget", 0.0), ("selfbudgeter_honest", "fixed", "linear", 0.3, 0.1, "spent", 0.04),
 ])  # fmt: skip
-def test_named_reward_forms_compose(name, peak, shape, cost, floor, cost_on):
+def test_named_reward_forms_compose(name, peak, shape, cost, floor, cost_on, band):
     reward = budget_form(name)
-    assert (reward.peak, reward.shape, reward.budget_cost, reward.correct_floor, reward.cost_on) == (
-        peak, shape, cost, floor, cost_on)  # fmt: skip
+    assert (reward.peak, reward.shape, reward.budget_cost, reward.correct_floor, reward.cost_on, reward.band) == (
+        peak, shape, cost, floor, cost_on, band)  # fmt: skip
+    # the band stays inside the ±10% the evaluation counts: every length in [low b, high b] has b within 10% of it
+    low, high = 1 - reward.delta - reward.band, 1 - reward.delta + reward.band
+    assert reward.peak != "fixed" or (1 / low - 1 <= 0.1 and 1 - 1 / high <= 0.1)
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
