@@ -221,7 +221,10 @@ def test_token_bounded_micro_batches_give_the_unsplit_steps_gradients(sharp_load
     module.model.zero_grad(set_to_none=True)
     module.micro_batch_loss(experience, normaliser)[0].loss.backward()
     for name, parameter in module.model.named_parameters():
-        torch.testing.assert_close(split[name], parameter.grad, atol=1e-6, rtol=1e-4, msg=name)
+        # The same float32 terms summed in another order (the tied embedding's gradient gathers every token):
+        # equal to within rounding at the tensor's own scale, far below a wrong normaliser's error.
+        scale = float(parameter.grad.abs().max())
+        torch.testing.assert_close(split[name], parameter.grad, atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
 def test_several_iterations_and_mini_batches_step_per_mini_batch_with_old_logprobs(sharp_loader, prompt_ids):
