@@ -254,3 +254,19 @@ def test_report_prints_the_collapse_detector():
     assert header.endswith("| budget < 0.5 × length % |")
     assert own.endswith("| 19.0 |")  # own budgets: the share that sits below half the length written
     assert prefilled.endswith("| – |")  # pre-filled budgets are the user's, never counted
+
+
+def test_the_base_model_is_read_with_the_free_form_output_format(tiny_model_dir, tmp_path):
+    from selfbudget_pl.data.answers import FreeFormOutput
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            f"model_path={tiny_model_dir}", f"paths.output_dir={tmp_path}", "limit=4", "batch_size=4",
+            "sampling.max_new_tokens=6", "grader.workers=0", "progress=false", "output_format=free_form",
+        ])  # fmt: skip
+    assert isinstance(instantiate(cfg.output_format), FreeFormOutput)
+    summary = evaluate(cfg)
+    # The untrained tiny model writes no budget tag: read free-form, no completion fails on its format.
+    rows = _rows(tmp_path / "completions.jsonl")
+    assert all(row["budget"] is None and row["format_error"] in ("none", "no_answer") for row in rows)
+    assert summary["rows"][0]["n"] == 4

@@ -11,13 +11,14 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from selfbudget_pl.data.answers import stated_answer
+from selfbudget_pl.data.answers import FreeFormOutput, stated_answer
 from selfbudget_pl.format import count_solution_tokens
 from selfbudget_pl.data.prompts import build_prompt
 from selfbudget_pl.data.records import DataError, DroppedRows
 from selfbudget_pl.data.sources import JsonlSource
 from selfbudget_pl.labelling import accuracy_by_difficulty, label_from_samples
-from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.evaluate import evaluate_model
+from selfbudget_pl.format import FormatError, OutputFormat
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import RolloutBackend, Rollouts
 
@@ -103,18 +104,25 @@ class AnswerFiveBackend(RolloutBackend):
 
 
 @pytest.mark.parametrize("text, stated", [
-    ("17 + 25 = 42\n\nThe answer is \\boxed{}.", None),
+    # SmolLM2 computes, then leaves the box the prompt asked for empty: the result it wrote is its answer
+    ("17 + 25 = 42\n\nThe answer is \\boxed{}.", "42"),
     ("So she has 1,234 left.\n\nThe answer is: 1,234.", "1234"),
     ("We add them.\n#### 42", "42"),
     ("The answer is 7, not \\boxed{}; \\boxed{8} in the end", "8"),
     ("the answer is 3 ... so the answer is -2.5.", "-2.5"),
     ("I cannot tell.", None),
-    # the first operand of a calculation is no answer (SmolLM2: "The answer is 20 * 15 = 250.", gold 20)
-    ("2.  The answer is 20 * 15 = 250.\n\nSo, 15 is the answer.", None),
-    ("the answer is 2 x $8.50 = $17", None),
-    ("The answer is 12-3=9", None),
+    # the first operand of a calculation is no answer (SmolLM2: "The answer is 20 * 15 = 250.", gold 20): the
+    # last number written is
+    ("2.  The answer is 20 * 15 = 250.\n\nSo, 15 is the answer.", "15"),
+    ("the answer is 2 x $8.50 = $17", "17"),
+    ("The answer is 12-3=9", "9"),
     ("The answer is 3.5 cups.", "3.5"),
     ("The answer is 1,000, in dollars.", "1000"),
+    # prose without "the answer is": the last number, never digits inside a word or a hyphenated one
+    ("3 + 5 = 8 in base-10.", "8"),
+    ("Tom has now 13 apples.", "13"),
+    ("It is 1,000,000 and then -3.", "-3"),
+    ("Use version v3 of SmolLM2", None),
 ])
 def test_the_stated_answer_of_a_free_form_solution(text, stated):
     assert stated_answer(text) == stated
@@ -122,7 +130,8 @@ def test_the_stated_answer_of_a_free_form_solution(text, stated):
 
 def test_a_prose_answer_is_graded_and_its_target_ends_in_the_box(tokenizer):
     records = [{"id": "a", "problem": "17+25", "answer": "42", "solution": None, "difficulty": 2.0, "source": "t"}]
-    prose, empty_box = "17 + 25 = 42. The answer is 42.", "17 + 25 = 42\nThe answer is \\boxed{}."
+    # SmolLM2's empty box after a wrong sum reads as that sum (32), so only the prose answer is right
+    prose, empty_box = "17 + 25 = 42. The answer is 42.", "17 + 25 = 32\nThe answer is \\boxed{}."
     with MathGrader(workers=0) as grader:
         result = label_from_samples(records, ScriptedBackend([[empty_box, prose]]), tokenizer, grader, samples=2)
     (record,) = result.records
@@ -280,3 +289,31 @@ def test_the_engine_is_sized_for_the_longest_problem_and_one_batch(tiny_model_di
     assert limits.max_num_seqs == 2 * 4  # one batch of 2 problems x 4 samples, not all 3 problems
     assert labelling_limits(records[:1], tokenizer, sampling, samples=4, batch_size=2).max_num_seqs == 4
     assert labelling_limits([], tokenizer, sampling, samples=4, batch_size=2) is None
+
+
+@pytest.mark.parametrize("text, error, answer", [
+    ("3 + 5 = 8.", FormatError.NONE, "8"),
+    ("Tom has 13 apples now. The answer is \\boxed{13}", FormatError.NONE, "13"),
+    ("<budget>40</budget><solution>6+1=7;\\boxed{7}</solution>", FormatError.NONE, "7"),  # a trained model's too
+    ("I cannot tell.", FormatError.NO_ANSWER, None),
+    ("   ", FormatError.EMPTY, None),
+    (b"2 + 2 = 4", FormatError.NONE, "4"),
+    ("1 + 1 = 2. " * 30_000, FormatError.TOO_LONG, None),
+])
+def test_a_base_models_free_form_completion_parses_to_the_answer_it_states(text, error, answer):
+    parsed = FreeFormOutput().parse(text)
+    assert (parsed.error, parsed.answer, parsed.budget, parsed.solution) == (error, answer, None, None)
+
+
+def test_evaluating_a_base_model_with_the_free_form_output_grades_its_prose(tokenizer):
+    records = [{"id": str(i), "problem": f"{i}+1", "answer": str(i + 1), "difficulty": 2.0} for i in range(3)]
+    texts = [["1 + 0 = 1."], ["Adding them, 1 + 1 = 3."], ["2 + 1 = 3, the sum."]]
+    with MathGrader(workers=0) as grader:
+        as_trained = evaluate_model(None, records, tokenizer, grader=grader, backend=ScriptedBackend(list(texts)),
+                                    progress=False, tensorboard=False)  # fmt: skip
+        as_base = evaluate_model(None, records, tokenizer, grader=grader, backend=ScriptedBackend(list(texts)),
+                                 output_format=FreeFormOutput(), progress=False, tensorboard=False)  # fmt: skip
+    # Without a budget tag the SelfBudgeter format reads nothing; the free-form reader reads each last number.
+    assert as_trained["rows"][0]["accuracy"] == 0.0
+    assert as_base["rows"][0]["accuracy"] == pytest.approx(2 / 3)
+    assert as_base["rows"][0]["format_error_rate"] == 0.0

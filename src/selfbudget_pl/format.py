@@ -118,17 +118,21 @@ class OutputFormat:
         """The part of a rendered response whose token count is the budget label."""
         return f"{self.solution_open}{reasoning}{self.solution_close}"
 
+    def screen(self, text: object) -> tuple[str, Optional[ParsedOutput]]:
+        """``text`` as a string, and why it cannot be parsed at all (not text, empty, too long) or None."""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        if not isinstance(text, str) or not text.strip():
+            return "", ParsedOutput(FormatError.EMPTY)
+        if len(text) > self.max_chars:
+            return text, ParsedOutput(FormatError.TOO_LONG)
+        return text, None
+
     def parse(self, text: object) -> ParsedOutput:
         """Parse any completion; never raises."""
-        if not isinstance(text, str):
-            if isinstance(text, bytes):
-                text = text.decode("utf-8", errors="replace")
-            else:
-                return ParsedOutput(FormatError.EMPTY)
-        if not text.strip():
-            return ParsedOutput(FormatError.EMPTY)
-        if len(text) > self.max_chars:
-            return ParsedOutput(FormatError.TOO_LONG)
+        text, rejected = self.screen(text)
+        if rejected is not None:
+            return rejected
 
         open_at = text.find(self.budget_open)
         if open_at < 0:

@@ -1,8 +1,8 @@
 """Cold-start labels and budget caps from the model's own correct answers (the paper's stage-1 data).
 
 For each problem the base model samples ``k`` plain answers (no budget format yet) to the prompt it will
-be trained on; the finished ones whose stated answer (a box, ``#### x`` or "the answer is x":
-:func:`~selfbudget_pl.data.answers.stated_answer`) the grader accepts are kept, one is chosen (shortest or
+be trained on; the finished ones whose stated answer (a box, ``#### x``, "the answer is x", else the last
+number written: :func:`~selfbudget_pl.data.answers.stated_answer`) the grader accepts are kept, one is chosen (shortest or
 random), and it becomes the record's cold-start target, labelled with its own token length as budget and
 ``b_max``.
 Correctness is the grader's verdict, never string equality with the gold answer (``\\frac12`` for

@@ -215,7 +215,7 @@ class ModelLoaderSchema(Schema):
 
 @dataclass
 class OutputFormatSchema(Schema):
-    TARGETS = ("selfbudget_pl.format.OutputFormat",)
+    TARGETS = ("selfbudget_pl.format.OutputFormat", "selfbudget_pl.data.answers.FreeFormOutput")
 
     budget_open: str = spec(rule=_not_blank)
     budget_close: str = spec(rule=_not_blank)
