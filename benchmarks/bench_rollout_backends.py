@@ -35,7 +35,8 @@ QWEN25_05B = dict(
 CELLS = {  # (batch, new tokens) per model; the 0.5B grid is cut to what 2 shared cores finish in minutes
     "tiny": [(8, 128), (8, 512), (64, 128), (64, 512)],
     "qwen2.5-0.5b": [(8, 128)],
-    "smollm2-135m": [(8, 128), (32, 128)],  # a real checkpoint (model=smollm2_135m), converted on first use
+    # a real checkpoint (model=smollm2_135m), converted on first use
+    "smollm2-135m": [(8, 128), (32, 128), (64, 128), (8, 512), (32, 512), (64, 512)],
 }
 PROMPT_TOKENS = 64
 
@@ -80,9 +81,10 @@ def run_backend(backend: str, name: str, root: Path, threads: int, cells: list[t
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{threads - 1}")
         import vllm
 
+        # 2 GiB of KV cache: SmolLM2's largest cell (64 rows of 576 tokens) needs 1.6 GiB.
         llm = vllm.LLM(
             model=str(path), dtype="float32", skip_tokenizer_init=True, enforce_eager=True, seed=0,
-            max_model_len=PROMPT_TOKENS + max(n for _, n in cells), kv_cache_memory_bytes=2**30,
+            max_model_len=PROMPT_TOKENS + max(n for _, n in cells), kv_cache_memory_bytes=2**31,
             max_num_seqs=max(b for b, _ in cells),
         )  # fmt: skip
 
@@ -109,7 +111,7 @@ def run_backend(backend: str, name: str, root: Path, threads: int, cells: list[t
         def decode(rows: list[list[int]], new_tokens: int) -> int:
             sampling = SamplingSettings(temperature=1.0, max_new_tokens=new_tokens, seed=0)
             with torch.inference_mode():
-                generated = hf._generate_batch(rows, sampling)  # the backend's decode call, without decoding text
+                generated, _ = hf._generate_batch(rows, sampling)  # the backend's decode call, without decoding text
             return sum(len(row) for row in generated)
 
     decode(prompts(vocab, 2), 8)  # warm-up
