@@ -2,9 +2,9 @@
 
 For each problem the base model samples ``k`` plain answers (no budget format yet) to the prompt it will
 be trained on; the finished ones whose stated answer (a box, ``#### x``, "the answer is x", else the last
-number written: :func:`~selfbudget_pl.data.answers.stated_answer`) the grader accepts are kept, one is chosen (shortest or
-random), and it becomes the record's cold-start target, labelled with its own token length as budget and
-``b_max``.
+number written: :func:`~selfbudget_pl.data.answers.stated_answer`) the grader accepts are kept, one is
+chosen (shortest or random), and it becomes the record's cold-start target, labelled with its own token
+length as budget and ``b_max``.
 Correctness is the grader's verdict, never string equality with the gold answer (``\\frac12`` for
 ``1/2`` is correct). A problem with no correct sample keeps ``b_max = None`` (no cap) and no target:
 the paper leaves it out of SFT and in the RL set. Every record also carries how many of its samples were

@@ -76,7 +76,7 @@ def stated_answer(text: str) -> Optional[str]:
     said = [match.group(1) for match in _ANSWER_IS.finditer(text)] or _NUMBER.findall(text)
     if not said:
         return None
-    answer = said[-1].rstrip(",")
+    answer = said[-1]
     return answer.replace(",", "") if _THOUSANDS.fullmatch(answer) else answer
 
 
