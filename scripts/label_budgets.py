@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from selfbudget_pl.data.budget_labels import label_records, labelled_ids, write_jsonl
+from selfbudget_pl.data.budget_labels import label_records, write_jsonl
 from selfbudget_pl.data.records import DroppedRows
 from selfbudget_pl.data.rows import SCHEMAS
 from selfbudget_pl.data.sources import JsonlSource
@@ -97,15 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dropped = DroppedRows()
     records = source.load(on_bad_row=args.on_bad_row, dropped=dropped, root=args.data_root)
     if args.samples:
-        # Resumable: each batch is appended as soon as it is labelled; a rerun skips the problems written.
-        if args.restart:
-            Path(args.output).unlink(missing_ok=True)
-        done = labelled_ids(args.output)
-        if done:
-            log.info("resuming: %d problems already labelled in %s (--restart relabels them)", len(done), args.output)
-        todo = [record for record in records if record["id"] not in done]
-        result = label_with_samples(args, loader, tokenizer, todo, dropped)
-        labelled = [*read_labelled(args.output, done), *result.records]
+        labelled, result = label_with_samples(args, loader, tokenizer, records, dropped)
         rows = len(labelled)
     else:
         labelled = label_records(records, tokenizer, OutputFormat(), args.round_to, dropped)
@@ -121,14 +113,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         statistics.fmean(budgets) if budgets else 0.0,
         statistics.median(budgets) if budgets else 0, max(budgets, default=0),
     )
-    if args.samples and labelled and not any(record.get("b_max") is not None for record in labelled):
-        # Nothing to cold-start on and no cap for GRPO: a file of uncapped rows is no stage-1 data, and a
-        # pipeline that reads the exit status must not go on to train on it.
-        sys.exit(
-            f"label_budgets: no problem of {rows} in {args.output} was solved ({result.summary(dropped)}): no "
-            "cold-start target and no cap; sample more (--samples), longer (--max-new-tokens), or check the "
-            "prompt (--data) and the grader on a few completions"
-        )
+    if args.samples:
+        from selfbudget_pl.labelling import require_solved
+
+        try:
+            # A pipeline that reads the exit status must not go on to train on a file of uncapped rows.
+            require_solved(labelled, args.output, result.summary(dropped))
+        except ValueError as error:
+            sys.exit(f"label_budgets: {error}")
     return 0
 
 
@@ -168,14 +160,6 @@ def model_name_or_path(model: Optional[str], config_dir: Path = CONFIG_DIR) -> O
     return OmegaConf.load(path).name_or_path
 
 
-def read_labelled(path: str, ids: set[str]) -> list[Any]:
-    """The rows a previous run wrote for ``ids`` (for the summary: the file holds them already)."""
-    if not ids:
-        return []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [row for row in map(json.loads, filter(str.strip, lines)) if str(row["id"]) in ids]
-
-
 def config_file(group: str, name: str) -> Any:
     """A config of ``group`` by name (``configs/<group>/<name>.yaml``) or path."""
     from omegaconf import OmegaConf
@@ -190,7 +174,7 @@ def config_file(group: str, name: str) -> Any:
 def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer, records, dropped):
     from hydra.utils import instantiate
 
-    from selfbudget_pl.labelling import label_from_samples, labelling_limits
+    from selfbudget_pl.labelling import label_to_file, labelling_limits
     from selfbudget_pl.rollout.base import SamplingSettings
 
     data = config_file("data", args.data)
@@ -208,15 +192,15 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
     sampling = SamplingSettings(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
     )
+    # Resumable: a rerun labels only the problems not yet in --output (--restart: all of them again).
     limits = labelling_limits(records, tokenizer, sampling, args.samples, args.batch_size, **prompts)
     with instantiate(config_file("grader", args.grader)) as grader:
-        return label_from_samples(
-            records, rollout(model=model, tokenizer=tokenizer, limits=limits), tokenizer, grader,
+        return label_to_file(
+            records, args.output, restart=args.restart,
+            backend=rollout(model=model, tokenizer=tokenizer, limits=limits), tokenizer=tokenizer, grader=grader,
             samples=args.samples, choose=args.choose, sampling=sampling, round_to=args.round_to,
-            batch_size=args.batch_size, seed=args.seed, dropped=dropped,
-            on_batch=lambda batch: write_jsonl(batch, args.output, append=True), **prompts,
+            batch_size=args.batch_size, seed=args.seed, dropped=dropped, **prompts,
         )  # fmt: skip
-
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

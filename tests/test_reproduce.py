@@ -32,7 +32,7 @@ def _config(tmp_path, **overrides):
         cfg.paths.output_dir = str(tmp_path)
         cfg.sft = ["experiment=sft_toy", *SHRINK]
         cfg.grpo = ["experiment=grpo_toy", *grpo]
-        cfg.control = ["experiment=grpo_toy", "reward=correctness", *grpo]
+        cfg.comparisons = {"control": ["experiment=grpo_toy", "reward=correctness", *grpo]}
     return cfg
 
 
@@ -66,7 +66,7 @@ def test_pipeline_writes_report_with_every_stage(tmp_path, tiny_cache, capsys):
     assert json.loads((tmp_path / "figures.json").read_text())["timings_s"].keys() >= {"sft", "grpo_seed0", "sweep_grpo_seed1"}
 
     # Stage 2 again from that SFT export: stage 1 is skipped, the SFT figures are the same.
-    again = reproduce(_config(tmp_path / "again", sft_model=tmp_path / "sft" / "export", control="null"))
+    again = reproduce(_config(tmp_path / "again", sft_model=tmp_path / "sft" / "export", comparisons="{}"))
     assert "sft" not in again["timings_s"] and not (tmp_path / "again" / "sft").exists()
     assert again["results"]["sft"]["mean_tokens"] == figures["results"]["sft"]["mean_tokens"]
     assert again["results"]["grpo"]["0"] == figures["results"]["grpo"]["0"]
@@ -122,3 +122,46 @@ def test_runs_of_different_sft_models_combine_under_their_labels(tmp_path, capsy
     assert "| GRPO mean length / SFT mean length | <= 0.5 | 0.450 | 0.550 **✗** | 0.500 ± 0.071 | 0.550 (sft1/0) | **no** |" in table
     with pytest.raises(SystemExit, match="1 labels for 2 runs"):
         script["main"]([*runs, "--labels", "sft0"])
+
+
+def test_a_label_run_that_solves_nothing_stops_before_stage_one(tmp_path, tiny_cache):
+    cfg = _config(tmp_path)
+    with open_dict(cfg):
+        # The untrained tiny model (sft_toy's starting point) solves none of these.
+        cfg.label = {"source": {"_target_": "selfbudget_pl.data.synthetic.SyntheticSource", "split": "train", "size": 4},
+                     "samples": 2, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8, "batch_size": 4, "seed": 0}  # fmt: skip
+    with pytest.raises(ValueError, match=r"no problem of 4 in .*labels.jsonl was solved \(problems 4, solved 0, .*samples correct 0 of 8"):
+        reproduce(cfg)
+    assert len((tmp_path / "labels.jsonl").read_text().splitlines()) == 4  # written, and resumable
+    assert not (tmp_path / "sft").exists()
+
+
+def test_targets_against_the_base_model_need_its_evaluation(tmp_path):
+    with pytest.raises(ValueError, match="targets.reference=base .* set `base`"):
+        reproduce(_config(tmp_path, **{"targets.reference": "base"}))
+
+
+def test_targets_against_the_base_model_at_twenty_percent():
+    results = {
+        "base": {"accuracy": 0.50, "mean_tokens": 100.0},
+        "sft": {"accuracy": 0.46, "format_error_rate": 0.02, "mean_tokens": 70.0},
+        "grpo": {"0": {"accuracy": 0.49, "mean_tokens": 45.0, "within_10": 0.1, "within_20": 0.75,
+                       "spearman_budget_difficulty": 0.6}},
+        "sweep": {"0": [{"within_10": 0.9, "within_20": 0.7}, {"within_10": 0.9, "within_20": 0.55}]},
+    }  # fmt: skip
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        targets = compose("reproduce", overrides=["preset=smollm2_sums"]).targets
+    checks = {row["target"]: (row["measured"], row["met"]) for row in check_targets(results, "0", targets)}
+    assert checks == {
+        "SFT accuracy change vs base (points)": (-4.0, False),
+        "SFT well-formed answers": (0.98, True),
+        "GRPO mean length / base mean length": (0.45, True),  # against the base model, not SFT's 70
+        "GRPO accuracy change vs base (points)": (-1.0, True),
+        "GRPO own budget within ±20% of length": (0.75, True),
+        "GRPO Spearman(budget, difficulty)": (0.6, True),
+        "pre-filled budgets: worst fraction within ±20%": (0.55, False),
+    }
+    with open_dict(targets):
+        targets.tolerance = 0.15
+    with pytest.raises(ValueError, match="targets.tolerance=0.15"):
+        check_targets(results, "0", targets)

@@ -184,3 +184,47 @@ def test_selfbudget_eval_reports_avg_at_k_on_the_real_model(smollm2_dir, tmp_pat
     assert (row["n"], row["k"], len(completions)) == (2, 2, 4)
     assert row["accuracy"] == pytest.approx(sum(c["correct"] for c in completions) / 4)
     assert 0 < row["mean_tokens"] <= 24
+
+
+def test_the_smollm2_preset_labels_evaluates_the_base_model_and_compares_reward_forms(smollm2_dir, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from selfbudget_pl.reproduce import reproduce
+
+    from .test_train import CONFIG_DIR
+
+    short = ["trainer.max_steps=1", "trainer.val_check_interval=1", "module.sampling.max_new_tokens=32", "data.batch_size=2"]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("reproduce", overrides=[
+            "preset=smollm2_sums", "label.source.size=8", "label.samples=2", "evaluation.size=4",
+            "evaluation.batch_size=4", "evaluation.max_new_tokens=48", "evaluation.examples=2", "sweep.size=2",
+            "sweep.budgets=[30,45]", "grpo_seeds=[0]",
+        ])  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.sft = ["experiment=sft_smollm2_sums", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+        cfg.grpo = ["experiment=grpo_smollm2_sums", *short]
+        cfg.comparisons.paper_form = ["experiment=grpo_smollm2_sums", "reward=selfbudgeter", *short]
+    figures = reproduce(cfg)
+
+    # Labels: the base model's own correct answers, sampled in its chat template, each the budget and cap of
+    # its problem; unsolved problems stay in the file uncapped (GRPO's data), out of SFT.
+    rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    solved = [row for row in rows if row["b_max"] is not None]
+    assert len(rows) == 8 and 0 < len(solved) < 8 and figures["results"]["labels"]["solved"] == len(solved)
+    for row in solved:
+        assert row["response"].startswith(f"<budget>{row['budget']}</budget><solution>") and row["budget"] == row["b_max"]
+    assert all(row["response"] is None for row in rows if row["b_max"] is None)
+    # The base model is evaluated on its prose (free-form reading), and compression is measured against it.
+    base = [json.loads(line) for line in (tmp_path / "eval_base" / "completions.jsonl").read_text().splitlines()]
+    assert len(base) == 4 and all(row["budget"] is None for row in base) and any(row["prediction"] for row in base)
+    assert figures["results"]["base"]["n"] == 4
+    for stage in ("eval_base", "eval_sft", "eval_grpo_seed0", "sweep_grpo_seed0"):  # asked as training asks
+        settings = json.loads((tmp_path / stage / "summary.json").read_text())["settings"]
+        assert settings["prompt_template"] == "Calculate {problem}." and settings["chat_template"] is None, stage
+    assert set(figures["results"]["comparisons"]) == {"paper_form"} and (tmp_path / "paper_form" / "export").is_dir()
+    targets = [row["target"] for row in figures["checks"]["0"]]
+    assert "GRPO mean length / base mean length" in targets and "GRPO own budget within ±20% of length" in targets
+    report = (tmp_path / "report.md").read_text()
+    assert "# SelfBudgeter on SmolLM2-135M-Instruct" in report and "### paper_form" in report
+    assert report.count("| base | GRPO |") == 2 and "sample accuracy by difficulty: 2:" in report

@@ -14,19 +14,23 @@ difficulty where the data has one (:func:`accuracy_by_difficulty`).
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from selfbudget_pl.data.answers import boxed_solution, stated_answer
-from selfbudget_pl.data.budget_labels import label_record
+from selfbudget_pl.data.budget_labels import label_record, labelled_ids, write_jsonl
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows, MathRecord
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.rollout.base import EngineLimits, RolloutBackend, SamplingSettings, engine_limits
 
+log = logging.getLogger(__name__)
 CHOICES = ("shortest", "random")
 SCOPE = "self_label"
 
@@ -165,6 +169,41 @@ def label_from_samples(
         if on_batch is not None:
             on_batch(result.records[start:])
     return result
+
+
+def label_to_file(
+    records: Sequence[MathRecord], path: str | Path, *, restart: bool = False, **label_kwargs: Any
+) -> tuple[list[MathRecord], SelfLabels]:
+    """:func:`label_from_samples` into the JSONL file ``path``, resumable: each batch is appended as soon as
+    it is labelled and a rerun labels only the problems not yet written (``restart``: all of them again).
+    Returns every row the file now holds for ``records`` and this run's labels (its counts)."""
+    path = Path(path)
+    if restart:
+        path.unlink(missing_ok=True)
+    done = labelled_ids(path)
+    if done:
+        log.info("resuming: %d problems already labelled in %s (restart relabels them)", len(done), path)
+    todo = [record for record in records if str(record["id"]) not in done]
+    result = label_from_samples(todo, on_batch=lambda batch: write_jsonl(batch, path, append=True), **label_kwargs)
+    return [*_written(path, done), *result.records], result
+
+
+def require_solved(records: Sequence[Mapping[str, Any]], path: str | Path, summary: str) -> None:
+    """Stop a pipeline before stage 1 when no problem was solved: an all-uncapped file holds no cold-start
+    target and no cap for GRPO."""
+    if records and not any(record.get("b_max") is not None for record in records):
+        raise ValueError(
+            f"no problem of {len(records)} in {path} was solved ({summary}): no cold-start target and no cap; "
+            "sample more (samples), longer (max_new_tokens), or check the prompt and the grader on a few completions"
+        )
+
+
+def _written(path: Path, ids: set[str]) -> list[MathRecord]:
+    """The rows a previous run wrote for ``ids`` (the file holds them already)."""
+    if not ids:
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [row for row in map(json.loads, filter(str.strip, lines)) if str(row["id"]) in ids]
 
 
 def _uncapped(record: MathRecord, dropped: DroppedRows, reason: str, counts: Counter) -> MathRecord:
