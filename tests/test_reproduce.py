@@ -165,3 +165,11 @@ def test_targets_against_the_base_model_at_twenty_percent():
         targets.tolerance = 0.15
     with pytest.raises(ValueError, match="targets.tolerance=0.15"):
         check_targets(results, "0", targets)
+
+
+def test_a_comparison_named_like_a_stage_is_refused(tmp_path):
+    cfg = _config(tmp_path)
+    with open_dict(cfg):
+        cfg.comparisons = {"grpo_seed0": ["experiment=grpo_toy"]}
+    with pytest.raises(ValueError, match=r"comparisons: \['grpo_seed0'\] name a stage"):
+        reproduce(cfg)

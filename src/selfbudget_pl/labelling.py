@@ -168,6 +168,8 @@ def label_from_samples(
             result.records.append(labelled)
         if on_batch is not None:
             on_batch(result.records[start:])
+        log.info("labelled %d of %d problems: %d solved, samples correct %d of %d", result.counts["problems"],
+                 len(records), result.counts["solved"], result.counts["samples_correct"], result.counts["samples"])  # fmt: skip
     return result
 
 

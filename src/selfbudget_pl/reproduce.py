@@ -1,5 +1,6 @@
-"""The SelfBudgeter effect end to end on CPU: SFT -> evaluate -> budget-guided GRPO -> evaluate ->
-pre-filled budget sweep (-> optional correctness-only control run) -> ``report.md``.
+"""The SelfBudgeter effect end to end on CPU: (label the base model's own answers -> evaluate the base
+model ->) SFT -> evaluate -> budget-guided GRPO -> evaluate -> pre-filled budget sweep (-> comparison GRPO
+runs, e.g. another reward form) -> ``report.md``.
 
 ``selfbudget-reproduce`` (or ``python -m selfbudget_pl.reproduce``) runs it on the tiny model and the
 synthetic task; every stage is an ordinary ``train.yaml`` composition (``configs/reproduce.yaml`` lists
@@ -9,6 +10,8 @@ the overrides per stage), so anything in a stage can be changed from the shell, 
 ``grpo_seeds=[0,1,2]`` runs stage 2 once per seed (``seed=N module.rollout_seed=N``) from the same SFT
 model and reports each target per seed, with mean, standard deviation and the worst seed;
 ``sft_model=<an SFT export>`` skips stage 1 and starts every GRPO run from that export.
+``preset=smollm2_sums`` (``configs/preset/``) is the paper's whole pipeline on a real chat model, with the
+label stage (``label``), the base model's evaluation (``base``) and targets measured against it.
 """
 
 from __future__ import annotations
