@@ -173,3 +173,18 @@ def test_a_comparison_named_like_a_stage_is_refused(tmp_path):
         cfg.comparisons = {"grpo_seed0": ["experiment=grpo_toy"]}
     with pytest.raises(ValueError, match=r"comparisons: \['grpo_seed0'\] name a stage"):
         reproduce(cfg)
+
+
+def test_side_by_side_shows_distinct_problems_both_right_first(tmp_path):
+    from selfbudget_pl.reproduce import side_by_side
+
+    answers = {"a": ("1+1", True, True), "b": ("1+1", True, True), "c": ("2+2", False, True), "d": ("3+3", True, True)}
+    for model, index in (("base", 1), ("grpo", 2)):
+        (tmp_path / model).mkdir()
+        rows = [{"id": key, "answer": "x", "correct": answer[index], "text": f"{model} {answer[0]}", "response_tokens": 9}
+                for key, answer in answers.items()]  # fmt: skip
+        (tmp_path / model / "completions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = side_by_side(tmp_path / "base", tmp_path / "grpo", {k: v[0] for k, v in answers.items()}, 3)
+    shown = [line for line in lines if line.startswith("**")]
+    assert shown == ["**1+1** (gold x)", "**3+3** (gold x)", "**2+2** (gold x)"]
+    assert "| 9 tokens, right: base 1+1 | 9 tokens, right: grpo 1+1 |" in lines

@@ -375,14 +375,18 @@ def report_markdown(figures: dict[str, Any], out: Path, cfg: DictConfig, problem
 
 
 def side_by_side(base_dir: Path, grpo_dir: Path, problems: dict[str, str], count: int) -> list[str]:
-    """The first ``count`` held-out problems that both models answered right: the base model's answer
-    beside the GRPO model's, so a reader sees what was cut (else the first ones)."""
+    """The first ``count`` distinct held-out problems that both models answered right (then the others): the
+    base model's answer beside the GRPO model's, so a reader sees what was cut."""
     def completions(path: Path) -> dict[str, dict[str, Any]]:
         rows = map(json.loads, filter(str.strip, (path / "completions.jsonl").read_text().splitlines()))
         return {str(row["id"]): row for row in rows}
 
     base, grpo = completions(base_dir), completions(grpo_dir)
-    shared = [key for key in base if key in grpo]
+    shared, seen = [], set()
+    for key in base:  # a small problem space repeats problems under other ids: show each once
+        if key in grpo and problems[key] not in seen:
+            seen.add(problems[key])
+            shared.append(key)
     both = [key for key in shared if base[key]["correct"] and grpo[key]["correct"]]
     chosen = (both + [key for key in shared if key not in both])[:count]
     lines = [f"## What GRPO cut: the base model's answer beside {grpo_dir.name.removeprefix('eval_')}'s", ""]
