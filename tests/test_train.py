@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from selfbudget_pl.data.budget_labels import label_records, write_jsonl
+from selfbudget_pl.data.synthetic import SyntheticSource
 from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.train import train
 
@@ -64,6 +65,9 @@ def test_experiment_runs_one_batch(experiment, tmp_path, tiny_cache):
         cfg.trainer.fast_dev_run = True
         if cfg.data.get("b_max_labels"):
             cfg.data.b_max_labels = str(reference_labels(cfg.data, tmp_path))
+        for source in cfg.data.train:  # a label run's output the experiment trains on (a preset's label stage)
+            if source.get("schema") == "labelled" and not Path(source.path).exists():
+                source.path = str(synthetic_labels(tmp_path))
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
     assert any(key.startswith("train/") for key in metrics), metrics
@@ -74,6 +78,15 @@ def reference_labels(data, output_dir: Path) -> Path:
     (the tiny model's tokenizer): the stand-in, needing no model, for the paper's sampled labels."""
     records = [record for source in data.train for record in instantiate(source).load(root=data.data_root)]
     path = output_dir / "b_max_labels.jsonl"
+    write_jsonl(label_records(records, ModelLoader().load_tokenizer()), path)
+    return path
+
+
+def synthetic_labels(output_dir: Path) -> Path:
+    """Labelled synthetic sums (the references as the base model's answers, the tiny model's tokenizer): the
+    stand-in for the label stage's file."""
+    path = output_dir / "labels.jsonl"
+    records = SyntheticSource(split="train", size=24, k_max=3, checks_max=0).load()
     write_jsonl(label_records(records, ModelLoader().load_tokenizer()), path)
     return path
 
