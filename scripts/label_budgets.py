@@ -192,15 +192,16 @@ def label_with_samples(args: argparse.Namespace, loader: ModelLoader, tokenizer,
     sampling = SamplingSettings(
         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed
     )
-    # Resumable: a rerun labels only the problems not yet in --output (--restart: all of them again).
     limits = labelling_limits(records, tokenizer, sampling, args.samples, args.batch_size, **prompts)
     with instantiate(config_file("grader", args.grader)) as grader:
+        # Resumable: a rerun labels only the problems not yet in --output (--restart: all of them again).
         return label_to_file(
             records, args.output, restart=args.restart,
             backend=rollout(model=model, tokenizer=tokenizer, limits=limits), tokenizer=tokenizer, grader=grader,
             samples=args.samples, choose=args.choose, sampling=sampling, round_to=args.round_to,
             batch_size=args.batch_size, seed=args.seed, dropped=dropped, **prompts,
         )  # fmt: skip
+
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

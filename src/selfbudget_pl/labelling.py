@@ -14,7 +14,6 @@ difficulty where the data has one (:func:`accuracy_by_difficulty`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from selfbudget_pl.data.answers import boxed_solution, stated_answer
-from selfbudget_pl.data.budget_labels import label_record, labelled_ids, write_jsonl
+from selfbudget_pl.data.budget_labels import label_record, labelled_ids, read_jsonl, write_jsonl
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows, MathRecord
 from selfbudget_pl.format import OutputFormat
@@ -187,7 +186,8 @@ def label_to_file(
         log.info("resuming: %d problems already labelled in %s (restart relabels them)", len(done), path)
     todo = [record for record in records if str(record["id"]) not in done]
     result = label_from_samples(todo, on_batch=lambda batch: write_jsonl(batch, path, append=True), **label_kwargs)
-    return [*_written(path, done), *result.records], result
+    written = [row for row in read_jsonl(path) if str(row["id"]) in done] if done else []
+    return [*written, *result.records], result
 
 
 def require_solved(records: Sequence[Mapping[str, Any]], path: str | Path, summary: str) -> None:
@@ -198,14 +198,6 @@ def require_solved(records: Sequence[Mapping[str, Any]], path: str | Path, summa
             f"no problem of {len(records)} in {path} was solved ({summary}): no cold-start target and no cap; "
             "sample more (samples), longer (max_new_tokens), or check the prompt and the grader on a few completions"
         )
-
-
-def _written(path: Path, ids: set[str]) -> list[MathRecord]:
-    """The rows a previous run wrote for ``ids`` (the file holds them already)."""
-    if not ids:
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [row for row in map(json.loads, filter(str.strip, lines)) if str(row["id"]) in ids]
 
 
 def _uncapped(record: MathRecord, dropped: DroppedRows, reason: str, counts: Counter) -> MathRecord:

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from selfbudget_pl.callbacks.progress import pipeline_eta, stage_banner
 from selfbudget_pl.config.overrides import open_trainer_overrides
+from selfbudget_pl.data.budget_labels import read_jsonl
 from selfbudget_pl.data.records import DroppedRows
 from selfbudget_pl.data.sources import JsonlSource
 from selfbudget_pl.evaluate import evaluate_model
@@ -377,11 +378,7 @@ def report_markdown(figures: dict[str, Any], out: Path, cfg: DictConfig, problem
 def side_by_side(base_dir: Path, grpo_dir: Path, problems: dict[str, str], count: int) -> list[str]:
     """The first ``count`` distinct held-out problems that both models answered right (then the others): the
     base model's answer beside the GRPO model's, so a reader sees what was cut."""
-    def completions(path: Path) -> dict[str, dict[str, Any]]:
-        rows = map(json.loads, filter(str.strip, (path / "completions.jsonl").read_text().splitlines()))
-        return {str(row["id"]): row for row in rows}
-
-    base, grpo = completions(base_dir), completions(grpo_dir)
+    base, grpo = ({str(row["id"]): row for row in read_jsonl(path / "completions.jsonl")} for path in (base_dir, grpo_dir))
     shared, seen = [], set()
     for key in base:  # a small problem space repeats problems under other ids: show each once
         if key in grpo and problems[key] not in seen:

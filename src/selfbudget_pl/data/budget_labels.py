@@ -88,6 +88,12 @@ def write_jsonl(records: Iterable[MathRecord], path: str | Path, append: bool = 
     return rows
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSONL file (blank lines skipped)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 def labelled_ids(path: str | Path) -> set[str]:
     """The ids already written to a labelling run's output (empty when there is none yet), so a resumed run
     labels only the rest. A last line cut off by a killed run is removed: its problem is labelled again."""
