@@ -124,9 +124,14 @@ def test_lora_merged_on_export_reloads_and_generates_the_same(loader, tokenizer,
         assert not torch.allclose(reloaded(torch.tensor([prompt_ids])).logits, base)  # the adapters count
 
 
+# A Lightning checkpoint of SmolLM2 with its AdamW state is 1.6 GB; these tests read the exports, not the
+# checkpoints (saving and resuming are tested on the tiny model), so they leave a small CI disk room.
+NO_CHECKPOINTS = ["callbacks.model_checkpoint=null", "trainer.enable_checkpointing=false"]
+
+
 def _small(experiment: str, out: Path, *overrides: str, new_tokens: int = 48, generations: int = 4):
     """compose_small on SmolLM2, with room to finish an answer (compose_small cuts sampling to 12 tokens)."""
-    cfg = compose_small(experiment, out, *overrides, model="smollm2_135m")
+    cfg = compose_small(experiment, out, *NO_CHECKPOINTS, *overrides, model="smollm2_135m")
     with open_dict(cfg):
         cfg.module.val_sampling.max_new_tokens = new_tokens
         if "sampling" in cfg.module:
@@ -193,7 +198,8 @@ def test_the_smollm2_preset_labels_evaluates_the_base_model_and_compares_reward_
 
     from .test_train import CONFIG_DIR
 
-    short = ["trainer.max_steps=1", "trainer.val_check_interval=1", "module.sampling.max_new_tokens=32", "data.batch_size=2"]
+    short = ["trainer.max_steps=1", "trainer.val_check_interval=1", "module.sampling.max_new_tokens=32", "data.batch_size=2",
+             *NO_CHECKPOINTS]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("reproduce", overrides=[
             "preset=smollm2_sums", "label.source.size=8", "label.samples=2", "evaluation.size=4",
@@ -202,7 +208,7 @@ def test_the_smollm2_preset_labels_evaluates_the_base_model_and_compares_reward_
         ])  # fmt: skip
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-        cfg.sft = ["experiment=sft_smollm2_sums", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+        cfg.sft = ["experiment=sft_smollm2_sums", "trainer.max_steps=2", "trainer.val_check_interval=2", *NO_CHECKPOINTS]
         cfg.grpo = ["experiment=grpo_smollm2_sums", *short]
         cfg.comparisons.paper_form = ["experiment=grpo_smollm2_sums", "reward=selfbudgeter", *short]
     figures = reproduce(cfg)

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from selfbudget_pl.config.overrides import open_trainer_overrides
 from selfbudget_pl.data.budget_labels import label_records, write_jsonl
 from selfbudget_pl.data.synthetic import SyntheticSource
 from selfbudget_pl.models import ModelLoader
@@ -27,7 +28,7 @@ def compose_small(experiment: str, output_dir: Path, *overrides: str, model: str
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         # CPU stand-ins for the GPU parts: the tiny model, the CPU trainer, HF rollouts instead of vLLM.
         base = [f"experiment={experiment}", f"model={model}", "trainer=cpu", "rollout=hf"]
-        cfg = compose("train", overrides=[*base, *overrides], return_hydra_config=False)
+        cfg = compose("train", overrides=open_trainer_overrides([*base, *overrides]), return_hydra_config=False)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.trainer.enable_progress_bar = False
