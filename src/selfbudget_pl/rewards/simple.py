@@ -1,4 +1,4 @@
-"""Plain rewards: correctness and format (the control run of ``docs/toy_task_notes.md`` uses both)."""
+"""Plain rewards: correctness and format (the control run of ``../shared/docs/toy_task_notes.md`` uses both)."""
 
 from __future__ import annotations
 
