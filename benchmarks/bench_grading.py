@@ -109,9 +109,9 @@ def run(items: list[tuple[str, str]], workers: int, batch_size: int, tokenizer) 
                 prompt_ids=[[0]] * n, completion_ids=[[0]] * n, completions=[c for c, _ in batch],
                 finish_reasons=["eos"] * n, group_index=[0] * n, columns={"answer": [g for _, g in batch], "b_max": [None] * n},
             )
-            annotate(rollouts, fmt, grader, tokenizer)
-            reward(rollouts.completions, parsed=rollouts.parsed, correct=rollouts.correct,
-                   solution_lengths=rollouts.solution_lengths, b_max=[None] * n, progress=0.5)
+            annotations = annotate(rollouts, fmt, grader, tokenizer)
+            reward(rollouts.completions, parsed=annotations.parsed, correct=annotations.correct,
+                   solution_lengths=annotations.solution_lengths, b_max=[None] * n, progress=0.5)
         elapsed = time.perf_counter() - started
     return {"completions": len(items), "seconds": elapsed, "per_s": len(items) / elapsed}
 

@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
+from selfbudget_pl.callbacks.reward import RewardScorer, Scores
 from selfbudget_pl.checkpoints import packaged_checkpoint
 from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.data.collate import pad
@@ -102,9 +103,9 @@ def parity_of_first_token(completion_ids: list[list[int]]) -> list[float]:
     return [float(bool(ids) and ids[0] % 2 == 0) for ids in completion_ids]
 
 
-class ParityReward(L.Callback):
-    def on_rollouts(self, trainer, pl_module, rollouts) -> None:
-        rollouts.rewards = torch.tensor(parity_of_first_token(rollouts.completion_ids))
+class ParityReward(RewardScorer):
+    def score(self, rollouts, pl_module) -> Scores:
+        return Scores(rewards=torch.tensor(parity_of_first_token(rollouts.completion_ids)))
 
 
 class StepTimer(L.Callback):

@@ -30,6 +30,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
+from selfbudget_pl.callbacks.reward import RolloutHook
 from selfbudget_pl.memory.fit import plan_from_config
 from selfbudget_pl.memory.plan import GIB
 from selfbudget_pl.train import CONFIG_DIR, train
@@ -81,7 +82,7 @@ def high_water_bytes() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-class PhasePeaks(L.Callback):
+class PhasePeaks(RolloutHook):
     """The resident high-water mark of each phase of a step (rollout, forward, backward, optimizer step), over
     every step, less the resident size before the run: Linux's VmHWM is reset (``clear_refs``) at each
     boundary."""

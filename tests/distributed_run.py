@@ -27,6 +27,7 @@ from omegaconf import OmegaConf, open_dict
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
+from selfbudget_pl.callbacks.reward import RolloutHook
 from selfbudget_pl.train import train
 from tests.test_train import compose_small
 
@@ -38,7 +39,7 @@ def count_allreduces(buckets, bucket):  # unannotated: DDP rejects the string an
     return default_hooks.allreduce_hook(None, bucket)
 
 
-class RecordExamples(L.Callback):
+class RecordExamples(RolloutHook):
     """Keeps the starting weights' digest, an identity for every training example this rank saw (its
     dataset id, which GRPO batches carry, or a digest of its tokens for SFT batches), the gradient buckets
     DDP all-reduced and, under GRPO, the completion lengths it sampled in the last step."""
@@ -49,7 +50,7 @@ class RecordExamples(L.Callback):
         self.completion_lengths: list[int] = []  # GRPO: this rank's completion lengths in the last step
         self.allreduced_buckets: list[Any] = []  # "step": a training batch starts; an index: a bucket all-reduced
 
-    def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Any) -> None:
+    def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Any, scores: Any) -> None:
         self.completion_lengths = [len(rollouts.sampled_ids(index)) for index in range(len(rollouts))]
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -143,7 +143,7 @@ def run_case(kind: str, loader: ModelLoader, tokenizer, layers: tuple[type, ...]
 
     report: dict = {}
     # Validation first, before anything syncs: its own backend learns the root from weights_source().
-    report["validation_unsynced"] = module.generate_and_score(batch, GREEDY).completion_ids == expected
+    report["validation_unsynced"] = module.generate_and_score(batch, GREEDY)[0].completion_ids == expected
     # Lightning runs validation_step and training_step inside the root's forward; GRPO's goes on to use
     # the policy after sampling, so the root's parameters must still be whole then.
     ids = torch.tensor([prompts[1]])
@@ -151,7 +151,7 @@ def run_case(kind: str, loader: ModelLoader, tokenizer, layers: tuple[type, ...]
         expected_logits = reference(input_ids=ids).logits.float()
 
     def sample_then_score() -> tuple:
-        rollouts = module.generate_and_score(batch, GREEDY)
+        rollouts, _ = module.generate_and_score(batch, GREEDY)
         with torch.no_grad():
             return rollouts, module.model(input_ids=ids).logits.float()
 

@@ -14,12 +14,13 @@ from typing import Any
 
 import lightning as L
 
+from selfbudget_pl.callbacks.reward import RolloutHook
 from selfbudget_pl.weights import iter_full_weights
 
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID")
 
 
-class LaunchReport(L.Callback):
+class LaunchReport(RolloutHook):
     """Records this rank's rollouts and writes the rank's report when training ends."""
 
     def __init__(self, out_dir: str) -> None:
@@ -31,7 +32,7 @@ class LaunchReport(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, index: int) -> None:
         self.batch_problems.extend(batch["id"])
 
-    def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Any) -> None:
+    def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Any, scores: Any) -> None:
         self.rollout_problems.extend(sorted(set(rollouts.columns["id"])))
         self.completions += len(rollouts)
 

@@ -16,6 +16,7 @@ from selfbudget_pl.data.collate import pad
 from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.losses import group_advantages
 from selfbudget_pl.rewards.grader import MathGrader
+from selfbudget_pl.callbacks.reward import RewardCallback, RewardScorer, RolloutHook, Scores
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
 
 PROMPTS = ["the sum of 3+4", "how many", "what is the total cost of 12+30+7 so", "each has more"]
@@ -42,17 +43,17 @@ def prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(text, add_special_tokens=False) for text in PROMPTS]
 
 
-class FirstTokenReward(L.Callback):
+class FirstTokenReward(RewardScorer):
     """Reward 1 when a completion starts with one of ``targets``, else 0; records what it saw."""
 
     def __init__(self, targets: set[int]) -> None:
         self.targets = targets
         self.seen: list[Rollouts] = []
 
-    def on_rollouts(self, trainer: L.Trainer, pl_module: L.LightningModule, rollouts: Rollouts) -> None:
+    def score(self, rollouts: Rollouts, pl_module: L.LightningModule) -> Scores:
         starts = [ids[0] if ids else None for ids in rollouts.completion_ids]
-        rollouts.rewards = torch.tensor([float(start in self.targets) for start in starts])
         self.seen.append(rollouts)
+        return Scores(rewards=torch.tensor([float(start in self.targets) for start in starts]))
 
 
 EVEN_FIRST_TOKEN = set(range(0, 1000, 2))  # about half of all samples: every group has a signal
@@ -110,13 +111,25 @@ def test_a_reward_for_one_token_raises_its_probability(sharp_loader, prompt_ids)
     assert all(len(rollouts) == 8 for rollouts in reward.seen)
 
 
-def test_missing_rewards_name_the_reward_config(sharp_loader, prompt_ids):
-    class NoReward(L.Callback):
-        def on_rollouts(self, trainer, pl_module, rollouts):
+def test_a_missing_or_second_scorer_names_the_reward_config(sharp_loader, prompt_ids):
+    class NoReward(RolloutHook):
+        def on_rollouts(self, trainer, pl_module, rollouts, scores):
             pass
 
-    with pytest.raises(RuntimeError, match="reward callback"):
+    with pytest.raises(RuntimeError, match=r"exactly one reward scorer .* found 0 .*`reward` config group"):
         _trainer(1, [NoReward()]).fit(_module(sharp_loader), train_dataloaders=_loader(prompt_ids, 2))
+    two = [FirstTokenReward({1}), FirstTokenReward({2})]
+    with pytest.raises(RuntimeError, match=r"found 2 \(\['FirstTokenReward', 'FirstTokenReward'\]\)"):
+        _trainer(1, two).fit(_module(sharp_loader), train_dataloaders=_loader(prompt_ids, 2))
+
+
+def test_rewards_of_the_wrong_shape_are_refused_naming_the_scorer(sharp_loader, prompt_ids):
+    class OnePerPrompt(RewardScorer):
+        def score(self, rollouts, pl_module):
+            return Scores(rewards=torch.zeros(len(rollouts) // 4))
+
+    with pytest.raises(ValueError, match=r"OnePerPrompt.score returned rewards of shape \(2,\) for 8 completions"):
+        _trainer(1, [OnePerPrompt()]).fit(_module(sharp_loader), train_dataloaders=_loader(prompt_ids[:2], 2))
 
 
 def test_experience_pads_prompts_left_completions_right_and_keeps_the_sampled_stop_token(sharp_loader, tokenizer):
@@ -382,7 +395,7 @@ def test_mask_truncated_completions_trains_and_counts_them(sharp_loader, prompt_
     assert float(trainer.callback_metrics["completions/clipped_ratio"]) == truncated / len(reward.seen[-1])
 
 
-class StepRecorder(L.Callback):
+class StepRecorder(RewardScorer):
     """The learning rate at every optimizer step, and the reward's training progress at every batch."""
 
     def __init__(self) -> None:
@@ -392,9 +405,9 @@ class StepRecorder(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
-    def on_rollouts(self, trainer, pl_module, rollouts) -> None:
+    def score(self, rollouts, pl_module) -> Scores:
         self.progress.append(rollouts.progress)
-        rollouts.rewards = torch.zeros(len(rollouts))
+        return Scores(rewards=torch.zeros(len(rollouts)))
 
 
 def test_schedules_span_the_optimizer_steps_with_mini_batches_and_iterations(sharp_loader, prompt_ids):
@@ -421,17 +434,19 @@ def test_schedules_span_the_optimizer_steps_with_mini_batches_and_iterations(sha
 
 
 def test_unfinished_completions_are_scored_malformed_and_counted(sharp_loader, prompt_ids):
-    from selfbudget_pl.callbacks.reward import RewardCallback
     from selfbudget_pl.rewards.budget import BudgetGuidedReward
-    from selfbudget_pl.rewards.grader import MathGrader
+
+    class Recorder(RolloutHook):  # sees what the scorer returned
+        seen: list[tuple[Rollouts, Scores]] = []
+
+        def on_rollouts(self, trainer, pl_module, rollouts, scores):
+            self.seen.append((rollouts, scores))
 
     module = _module(sharp_loader, grader=MathGrader(workers=0), sampling=dict(temperature=1.0, max_new_tokens=2))
-    recorder = FirstTokenReward(set())  # runs after the reward callback: sees its rewards
-    recorder.on_rollouts = lambda trainer, pl_module, rollouts: recorder.seen.append(rollouts)
+    recorder = Recorder()
     trainer = _trainer(1, [RewardCallback({"budget_guided": BudgetGuidedReward()}), recorder])
     trainer.fit(module, train_dataloaders=_loader(prompt_ids[:2], batch_size=2))
-    (rollouts,) = recorder.seen
-    unfinished = [not done for done in rollouts.columns["finished"]]
-    assert all(unfinished)  # two tokens cannot close a solution block
-    assert rollouts.rewards.tolist() == [-1.0] * len(rollouts)
+    ((rollouts, scores),) = recorder.seen
+    assert not any(scores.annotations.finished)  # two tokens cannot close a solution block
+    assert scores.rewards.tolist() == [-1.0] * len(rollouts)
     assert float(trainer.callback_metrics["rollout/unfinished"]) == len(rollouts)

@@ -7,20 +7,21 @@ import functools
 import lightning as L
 import torch
 
+from selfbudget_pl.callbacks.reward import RewardScorer, Scores
 from selfbudget_pl.data.datamodule import BudgetMathDataModule
 from selfbudget_pl.data.synthetic import SyntheticSource
 from selfbudget_pl.modules.grpo import GRPOModule
 
 
-class LengthReward(L.Callback):
+class LengthReward(RewardScorer):
     """Shorter is better; also checks that every dataset column arrives once per completion."""
 
     def __init__(self) -> None:
         self.columns: list[dict] = []
 
-    def on_rollouts(self, trainer, pl_module, rollouts) -> None:
+    def score(self, rollouts, pl_module) -> Scores:
         self.columns.append(rollouts.columns)
-        rollouts.rewards = -torch.tensor([float(len(ids)) for ids in rollouts.completion_ids])
+        return Scores(rewards=-torch.tensor([float(len(ids)) for ids in rollouts.completion_ids]))
 
 
 def fit(module: GRPOModule, data: BudgetMathDataModule, hook: L.Callback, max_steps: int) -> L.Trainer:
@@ -50,9 +51,9 @@ def test_two_steps_on_datamodule_batches_carry_the_columns(model_loader, tokeniz
 
 
 class RecordRollouts(LengthReward):
-    def on_rollouts(self, trainer, pl_module, rollouts) -> None:
+    def score(self, rollouts, pl_module) -> Scores:
         self.rollouts = getattr(self, "rollouts", []) + [rollouts]
-        super().on_rollouts(trainer, pl_module, rollouts)
+        return super().score(rollouts, pl_module)
 
 
 def test_prefilled_budgets_start_whole_groups_below_b_max(model_loader, tokenizer):

@@ -95,9 +95,9 @@ def test_hostile_completions_get_rewards_fast_and_harmlessly(tmp_path, monkeypat
             columns={"answer": ["2"], "b_max": [None]},
         )
         started = time.monotonic()
-        annotate(rollouts, FORMAT, grader, tokenizer)
+        annotations = annotate(rollouts, FORMAT, grader, tokenizer)
         rollouts.progress = 0.5
-        total, components = reward(rollouts.completions, **reward_columns(rollouts))
+        total, components = reward(rollouts.completions, **reward_columns(rollouts, annotations))
         elapsed = time.monotonic() - started
         assert math.isfinite(total.item()), name
         assert all(math.isfinite(values[0]) for values in components.values()), name
@@ -134,8 +134,8 @@ def test_a_whole_hostile_batch_in_one_call(tmp_path, grader, reward, tokenizer):
         group_index=list(range(n)), columns={"answer": ["2"] * n, "b_max": [None] * n},
     )
     started = time.monotonic()
-    annotate(rollouts, FORMAT, grader, tokenizer)
-    total, _ = reward(rollouts.completions, **reward_columns(rollouts))
+    annotations = annotate(rollouts, FORMAT, grader, tokenizer)
+    total, _ = reward(rollouts.completions, **reward_columns(rollouts, annotations))
     assert time.monotonic() - started < n * PER_ITEM_LIMIT_S
     assert len(total) == n and all(math.isfinite(value) for value in total.tolist())
-    assert rollouts.correct == [False] * n
+    assert annotations.correct == [False] * n

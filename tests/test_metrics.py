@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from selfbudget_pl.callbacks.budget_metrics import BudgetMetricsCallback
+from selfbudget_pl.callbacks.reward import RolloutHook, Scores
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.metrics import KEYS, BudgetAdherence, average_ranks, spearman, update_from_rollouts
 from selfbudget_pl.rewards.grader import MathGrader
@@ -113,31 +114,35 @@ def make_rollouts(fmt: OutputFormat) -> Rollouts:
 def test_update_from_rollouts():
     fmt = OutputFormat()
     rollouts = make_rollouts(fmt)
-    annotate(rollouts, fmt, MathGrader(workers=0), CharTokenizer())
+    annotations = annotate(rollouts, fmt, MathGrader(workers=0), CharTokenizer())
     metric = BudgetAdherence()
-    update_from_rollouts(metric, rollouts)
+    update_from_rollouts(metric, rollouts, annotations)
     values = metric.compute()
     assert values["accuracy"].item() == pytest.approx(1 / 3)
     assert values["format_error_rate"].item() == pytest.approx(1 / 3)
     assert values["truncation_rate"].item() == pytest.approx(1 / 3)
-    lengths = rollouts.solution_lengths[:2]
+    lengths = annotations.solution_lengths[:2]
     assert values["budget_mae"].item() == pytest.approx(sum(abs(n - 30) for n in lengths) / 2)
 
 
 class MetricsModule(pl.LightningModule):
-    """Every training step hands ``rollouts_of(output_format)`` to the rollout hooks."""
+    """Every training step hands ``rollouts_of(output_format)`` to the rollout hooks, scored as GRPO would
+    (annotated by the scorer; ``annotate_in_scorer=False``: a scorer that rewards without grading)."""
 
-    def __init__(self, rollouts_of=make_rollouts):
+    def __init__(self, rollouts_of=make_rollouts, annotate_in_scorer: bool = True):
         super().__init__()
+        self.annotate_in_scorer = annotate_in_scorer
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.output_format, self.grader, self.tokenizer = OutputFormat(), MathGrader(workers=0), CharTokenizer()
         self.rollouts_of = rollouts_of
 
     def training_step(self, batch, batch_idx):
         rollouts = self.rollouts_of(self.output_format)
+        annotations = annotate(rollouts, self.output_format, self.grader, self.tokenizer) if self.annotate_in_scorer else None
+        scores = Scores(rewards=torch.zeros(len(rollouts)), annotations=annotations)
         for callback in self.trainer.callbacks:
-            if hasattr(callback, "on_rollouts"):
-                callback.on_rollouts(self.trainer, self, rollouts)
+            if isinstance(callback, RolloutHook):
+                callback.on_rollouts(self.trainer, self, rollouts, scores)
         return self.weight**2
 
     def train_dataloader(self):
@@ -155,9 +160,10 @@ def logged_by(callback: BudgetMetricsCallback, module: MetricsModule, steps: int
     return trainer.logged_metrics
 
 
-def test_callback_logs_per_step_and_per_bucket():
+@pytest.mark.parametrize("annotate_in_scorer", [True, False])
+def test_callback_logs_per_step_and_per_bucket(annotate_in_scorer):
     callback = BudgetMetricsCallback(difficulty_buckets=[1, 2])
-    logged = logged_by(callback, MetricsModule(), steps=2)
+    logged = logged_by(callback, MetricsModule(annotate_in_scorer=annotate_in_scorer), steps=2)
     assert float(logged["rollout/budget/accuracy"]) == pytest.approx(1 / 3)
     assert len(callback.metric.budget) == 0  # reset after every step: each log covers one step's rollouts
     assert float(logged["rollout/budget/difficulty_1/accuracy"]) == 1.0

@@ -13,7 +13,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from selfbudget_pl.callbacks.reward import RewardCallback, RolloutHook
+from selfbudget_pl.callbacks.reward import RewardCallback, RewardScorer, Scores
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.modules.optimization import training_progress
 from selfbudget_pl.rewards.annotate import annotate, resolve_annotations
@@ -306,14 +306,14 @@ class CharTokenizer:
 
 
 class HookedModule(pl.LightningModule):
-    """What GRPO does, minus the policy: make rollouts, run the rollout hooks, use the rewards."""
+    """What GRPO does, minus the policy: make rollouts, score them with the one scorer, use the rewards."""
 
     def __init__(self, completions, answers):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.output_format, self.grader, self.tokenizer = FORMAT, MathGrader(workers=0), CharTokenizer()
         self.completions, self.answers = completions, answers
-        self.seen: list[Rollouts] = []
+        self.seen: list[tuple[Rollouts, Scores]] = []
 
     def training_step(self, batch, batch_idx):
         n = len(self.completions)
@@ -323,11 +323,10 @@ class HookedModule(pl.LightningModule):
             columns={"answer": list(self.answers), "b_max": [None] * n, "problem": ["q"] * n},
             progress=training_progress(self.global_step, self.trainer.max_steps),  # the module knows its schedule
         )
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, RolloutHook):
-                callback.on_rollouts(self.trainer, self, rollouts)
-        self.seen.append(rollouts)
-        return (self.weight * rollouts.rewards.mean()) ** 2 + self.weight**2
+        (scorer,) = [callback for callback in self.trainer.callbacks if isinstance(callback, RewardScorer)]
+        scores = scorer.score(rollouts, self)
+        self.seen.append((rollouts, scores))
+        return (self.weight * scores.rewards.mean()) ** 2 + self.weight**2
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1)
@@ -346,20 +345,22 @@ def test_reward_callback_in_a_training_loop():
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module)
 
-    rollouts = module.seen[-1]
-    assert rollouts.correct == [True, False, False, False]
-    assert [p.well_formed for p in rollouts.parsed] == [True, True, False, False]
-    assert rollouts.solution_lengths[0] == len(completions[0].split("</budget>", 1)[1])
-    assert rollouts.solution_lengths[2] == len(" \\boxed{0.5}")  # after the (bad) budget tag
-    assert rollouts.solution_lengths[3] == len(rollouts.completion_ids[3])  # no budget tag: all generated tokens
-    assert rollouts.rewards.dtype == torch.float32
-    assert rollouts.rewards.tolist() == pytest.approx(rollouts.reward_components["budget_guided"])
-    assert rollouts.reward_components["budget_guided"][2:] == [-1.0, -1.0]
+    rollouts, scores = module.seen[-1]
+    annotations = scores.annotations
+    assert annotations.correct == [True, False, False, False]
+    assert [p.well_formed for p in annotations.parsed] == [True, True, False, False]
+    assert annotations.solution_lengths[0] == len(completions[0].split("</budget>", 1)[1])
+    assert annotations.solution_lengths[2] == len(" \\boxed{0.5}")  # after the (bad) budget tag
+    assert annotations.solution_lengths[3] == len(rollouts.completion_ids[3])  # no budget tag: all generated tokens
+    assert annotations.finished == [True, True, False, False]  # the last two never close a solution block
+    assert scores.rewards.dtype == torch.float32
+    assert scores.rewards.tolist() == pytest.approx(scores.components["budget_guided"])
+    assert scores.components["budget_guided"][2:] == [-1.0, -1.0]
     logged = trainer.logged_metrics
     assert float(logged["rewards/accuracy/mean"]) == pytest.approx(1 / 4)
     assert "rewards/budget_guided/std" in logged
     # the tolerance narrowed as training progressed: same completions, lower reward at the last step
-    first, last = module.seen[0].rewards[0].item(), module.seen[-1].rewards[0].item()
+    first, last = module.seen[0][1].rewards[0].item(), module.seen[-1][1].rewards[0].item()
     assert first > last
 
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from selfbudget_pl.callbacks.reward import RewardScorer, Scores
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.models import LoraSettings, ModelLoader, apply_lora
 from selfbudget_pl.rollout.base import SamplingSettings
@@ -278,11 +279,11 @@ def test_models_vllm_cannot_run_are_refused_in_one_sentence(model_loader, tokeni
             VLLMRolloutBackend(toy.load_model(), tokenizer)
 
 
-class FirstTokenReward(L.Callback):
+class FirstTokenReward(RewardScorer):
     """Reward 1 for an even first token: about half of the samples, so every group has a signal."""
 
-    def on_rollouts(self, trainer, pl_module, rollouts) -> None:
-        rollouts.rewards = torch.tensor([float(bool(ids) and ids[0] % 2 == 0) for ids in rollouts.completion_ids])
+    def score(self, rollouts, pl_module) -> Scores:
+        return Scores(rewards=torch.tensor([float(bool(ids) and ids[0] % 2 == 0) for ids in rollouts.completion_ids]))
 
 
 def test_grpo_syncs_once_per_rollout_and_the_engine_ends_on_the_trained_weights(backend, loader, prompts):

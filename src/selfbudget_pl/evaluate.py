@@ -41,6 +41,7 @@ from selfbudget_pl.eval_report import Budget, budget_label, mean, summary_markdo
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
+from selfbudget_pl.rewards.annotate import Annotations
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import EngineLimits, RolloutBackend, Rollouts, SamplingSettings, engine_limits
 from selfbudget_pl.rollout.hf import HFRolloutBackend
@@ -235,12 +236,12 @@ def _run_condition(
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
             columns = {key: [record.get(key) for record in batch] for key in COLUMNS}
-            rollouts = generate_and_annotate(
+            rollouts, annotations = generate_and_annotate(
                 backend, prompt_ids[start : start + batch_size], sampling, output_format, grader, tokenizer,
                 num_samples=num_samples, prefill=prefill, columns=columns,
             )
-            update_from_rollouts(metric, rollouts)
-            rows.extend(_completion_rows(name, budget, rollouts, prefill_tokens, num_samples))
+            update_from_rollouts(metric, rollouts, annotations)
+            rows.extend(_completion_rows(name, budget, rollouts, annotations, prefill_tokens, num_samples))
             bar.update(len(batch))
     row: dict[str, Any] = {"dataset": name, "budget": budget, "n": len(records), "k": num_samples}
     row.update({key: _number(value) for key, value in metric.compute().items()})
@@ -263,11 +264,11 @@ def accuracy_standard_error(rows: Sequence[Mapping[str, Any]], num_samples: int)
 
 
 def _completion_rows(
-    name: str, budget: Budget, rollouts: Rollouts, prefill_tokens: int, num_samples: int = 1
+    name: str, budget: Budget, rollouts: Rollouts, annotations: Annotations, prefill_tokens: int, num_samples: int = 1
 ) -> list[dict[str, Any]]:
     rows = []
-    for index, parsed in enumerate(rollouts.parsed):
-        length = rollouts.solution_lengths[index]
+    for index, parsed in enumerate(annotations.parsed):
+        length = annotations.solution_lengths[index]
         stated = parsed.budget
         rows.append(
             {
@@ -280,7 +281,7 @@ def _completion_rows(
                 # The whole response as the reader sees it, pre-filled tags included: what compression compares.
                 "response_tokens": len(rollouts.completion_ids[index]) + prefill_tokens,
                 "budget_ratio": length / stated if stated else None,
-                "correct": bool(rollouts.correct[index]),
+                "correct": bool(annotations.correct[index]),
                 "difficulty": _known(rollouts.columns["difficulty"][index]),
                 "answer": rollouts.columns["answer"][index],
                 "prediction": parsed.answer,

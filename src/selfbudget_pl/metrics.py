@@ -17,6 +17,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from selfbudget_pl.rewards.annotate import Annotations
 from selfbudget_pl.rollout.base import Rollouts
 
 _FIELDS = ("budget", "length", "correct", "difficulty", "format_ok", "truncated", "prefilled")
@@ -150,15 +151,15 @@ class BudgetAdherence(Metric):
         return dim_zero_cat(state).double()
 
 
-def update_from_rollouts(metric: BudgetAdherence, rollouts: Rollouts) -> None:
-    """Add annotated rollouts (see :func:`selfbudget_pl.rewards.annotate.annotate`) to ``metric``."""
+def update_from_rollouts(metric: BudgetAdherence, rollouts: Rollouts, annotations: Annotations) -> None:
+    """Add rollouts and their :class:`~selfbudget_pl.rewards.annotate.Annotations` to ``metric``."""
     size = len(rollouts.completions)
     metric.update(
-        budgets=[parsed.budget for parsed in rollouts.parsed],
-        lengths=rollouts.solution_lengths,
-        correct=rollouts.correct,
+        budgets=[parsed.budget for parsed in annotations.parsed],
+        lengths=annotations.solution_lengths,
+        correct=annotations.correct,
         difficulty=rollouts.columns.get("difficulty") or [None] * size,
-        format_ok=[parsed.well_formed for parsed in rollouts.parsed],
+        format_ok=[parsed.well_formed for parsed in annotations.parsed],
         truncated=rollouts.truncated,
         prefilled=rollouts.columns.get("prefilled") or [False] * size,
     )
@@ -169,10 +170,10 @@ def completion_lengths(rollouts: Rollouts) -> list[float]:
     return [float(len(ids)) for ids in rollouts.completion_ids]
 
 
-def budget_errors(rollouts: Rollouts) -> list[float]:
-    """Relative budget error ``(l - b) / b`` of every completion that states a budget (annotated rollouts)."""
+def budget_errors(annotations: Annotations) -> list[float]:
+    """Relative budget error ``(l - b) / b`` of every completion that states a budget."""
     return [
         (length - parsed.budget) / parsed.budget
-        for parsed, length in zip(rollouts.parsed, rollouts.solution_lengths)
+        for parsed, length in zip(annotations.parsed, annotations.solution_lengths)
         if parsed.budget
     ]

@@ -9,13 +9,13 @@ from typing import Optional, Sequence
 import lightning.pytorch as pl
 
 from selfbudget_pl import internals
-from selfbudget_pl.callbacks.reward import RolloutHook
+from selfbudget_pl.callbacks.reward import RolloutHook, Scores
 from selfbudget_pl.metrics import (
     UNDERSTATED_FRACTION, BudgetAdherence, budget_errors, completion_lengths, update_from_rollouts,
 )
 from selfbudget_pl.plots import log_histograms
+from selfbudget_pl.rewards.annotate import Annotations, annotate
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.rewards.annotate import annotate, is_annotated
 
 
 def log_budget_metrics(pl_module: pl.LightningModule, metric: BudgetAdherence, prefix: str, on_step: bool = False) -> None:
@@ -50,16 +50,18 @@ class BudgetMetricsCallback(RolloutHook):
         self.prefix = prefix
         self.histogram_prefix = histogram_prefix
 
-    def on_rollouts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts) -> None:
-        if not is_annotated(rollouts):
-            annotate(rollouts, pl_module.output_format, pl_module.grader, pl_module.tokenizer)
+    def on_rollouts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts, scores: Scores) -> None:
+        # A scorer that rewards without grading leaves the annotations to whoever needs them.
+        annotations = scores.annotations or annotate(rollouts, pl_module.output_format, pl_module.grader, pl_module.tokenizer)
         # States must live where the process group communicates (NCCL needs CUDA tensors).
         self.metric = self.metric.to(pl_module.device)
-        update_from_rollouts(self.metric, rollouts)
+        update_from_rollouts(self.metric, rollouts, annotations)
         log_budget_metrics(pl_module, self.metric, self.prefix, on_step=True)
-        self._log_histograms(trainer, pl_module, rollouts)
+        self._log_histograms(trainer, pl_module, rollouts, annotations)
 
-    def _log_histograms(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts) -> None:
+    def _log_histograms(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts, annotations: Annotations
+    ) -> None:
         """Completion length and budget error of this step's rollouts, on the steps and at the x-axis value
         Lightning logs this batch's scalars with (every ``log_every_n_steps`` batches; rank 0)."""
         experiment = getattr(pl_module.logger, "experiment", None)
@@ -67,4 +69,4 @@ class BudgetMetricsCallback(RolloutHook):
             return
         if internals.logs_this_step(trainer):
             step = internals.logging_step(trainer)  # the step Lightning's scalars use
-            log_histograms(experiment, self.histogram_prefix, completion_lengths(rollouts), budget_errors(rollouts), step)
+            log_histograms(experiment, self.histogram_prefix, completion_lengths(rollouts), budget_errors(annotations), step)

@@ -1,48 +1,77 @@
-"""Rollout hooks: what the GRPO module calls after each batch of rollouts, and the reward callback.
+"""The reward contract: what the GRPO module calls to score a batch of rollouts, and what it hands on.
 
-The GRPO module owns the output format, grader and tokenizer; it calls ``on_rollouts(trainer, module,
-rollouts)`` on every :class:`RolloutHook` in ``trainer.callbacks``, in order, inside ``training_step``.
+The module finds the one :class:`RewardScorer` among ``trainer.callbacks`` and calls
+:meth:`RewardScorer.score`, which returns :class:`Scores` (rewards, their components, and the annotations it
+made); it then passes the rollouts and scores to every :class:`RolloutHook` (metrics), in callback order.
+:class:`RewardCallback` is the scorer the ``reward`` config group builds: TRL-style reward functions over
+the annotated completions.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
+import torch
 
-from selfbudget_pl.rewards.annotate import annotate, finished_solutions, is_annotated
+from selfbudget_pl.rewards.annotate import Annotations, annotate
 from selfbudget_pl.rewards.combine import RewardFunction, WeightedRewards, reward_statistics
 from selfbudget_pl.rollout.base import Rollouts
 
 
+@dataclass
+class Scores:
+    """A batch of rollouts scored, completion by completion in the rollouts' order.
+
+    Args:
+        rewards: the total reward per completion, float32 ``[num_completions]``: what the advantages use.
+        components: name -> each reward function's own scores (unweighted).
+        annotations: what grading found (parsed output, correctness, lengths, finished); None from a scorer
+            that rewards without grading.
+    """
+
+    rewards: torch.Tensor
+    components: dict[str, list[float]] = field(default_factory=dict)
+    annotations: Optional[Annotations] = None
+
+
+class RewardScorer(pl.Callback, ABC):
+    """A callback that scores every batch of training rollouts; a GRPO run has exactly one."""
+
+    @abstractmethod
+    def score(self, rollouts: Rollouts, pl_module: pl.LightningModule) -> Scores:
+        """Score ``rollouts`` (the module gives the output format, grader and tokenizer, and logs)."""
+
+
 class RolloutHook(pl.Callback):
-    """A callback that also sees every batch of training rollouts."""
+    """A callback that also sees every batch of training rollouts, after they are scored."""
 
-    def on_rollouts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts) -> None:
-        """Called after sampling, before the loss; may annotate ``rollouts`` in place."""
+    def on_rollouts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts, scores: Scores) -> None:
+        """Called after scoring, before the loss."""
 
 
-def reward_columns(rollouts: Rollouts) -> dict[str, Any]:
+def reward_columns(rollouts: Rollouts, annotations: Annotations) -> dict[str, Any]:
     """Keyword arguments for reward functions: dataset columns, annotations, ``progress``."""
     columns = dict(rollouts.columns)
     return {
         **columns,
         "prompts": columns.get("problem", rollouts.prompt_ids),
         "completion_ids": rollouts.completion_ids,
-        "parsed": rollouts.parsed,
-        "correct": rollouts.correct,
-        "solution_lengths": rollouts.solution_lengths,
+        "parsed": annotations.parsed,
+        "correct": annotations.correct,
+        "solution_lengths": annotations.solution_lengths,
+        "finished": annotations.finished,
         "truncated": rollouts.truncated,
         "progress": rollouts.progress,
     }
 
 
-class RewardCallback(RolloutHook):
-    """Fills ``rollouts.rewards`` (float32) and ``rollouts.reward_components`` from reward functions.
-
-    Annotates the rollouts first (with the module's ``output_format``, ``grader`` and ``tokenizer``)
-    unless that was done. Logs ``rewards/<name>/mean|std`` per step; the GRPO module logs the total as
-    ``rewards/mean``/``rewards/std``.
+class RewardCallback(RewardScorer):
+    """Scores rollouts with reward functions, after annotating them with the module's ``output_format``,
+    ``grader`` and ``tokenizer``. Logs ``rewards/<name>/mean|std`` per step; the GRPO module logs the total
+    as ``rewards/mean``/``rewards/std``.
 
     Args:
         functions: name -> TRL-style reward function (Hydra-instantiated classes or plain functions).
@@ -55,13 +84,9 @@ class RewardCallback(RolloutHook):
         self.rewards = WeightedRewards(functions, weights)
         self.sync_dist = sync_dist
 
-    def on_rollouts(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rollouts: Rollouts) -> None:
-        if not is_annotated(rollouts):
-            annotate(rollouts, pl_module.output_format, pl_module.grader, pl_module.tokenizer)
-        rollouts.columns["finished"] = finished_solutions(rollouts.parsed, rollouts.truncated, pl_module.output_format)
-        columns = reward_columns(rollouts)
-        total, components = self.rewards(rollouts.completions, **columns)
-        rollouts.rewards = total
-        rollouts.reward_components = components
+    def score(self, rollouts: Rollouts, pl_module: pl.LightningModule) -> Scores:
+        annotations = annotate(rollouts, pl_module.output_format, pl_module.grader, pl_module.tokenizer)
+        total, components = self.rewards(rollouts.completions, **reward_columns(rollouts, annotations))
         for key, value in reward_statistics(components).items():
             pl_module.log(key, value, on_step=True, on_epoch=False, batch_size=len(rollouts), sync_dist=self.sync_dist)
+        return Scores(rewards=total, components=components, annotations=annotations)

@@ -26,6 +26,7 @@ from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.optimization import optimizer_and_schedule
 from selfbudget_pl.modules.validation import ValidationRecord
+from selfbudget_pl.rewards.annotate import Annotations
 from selfbudget_pl.rollout.base import (
     EngineLimits, RolloutBackend, Rollouts, SamplingSettings, engine_limits, sampling_settings,
 )  # fmt: skip
@@ -205,8 +206,8 @@ class PolicyModule(L.LightningModule):
 
     def generate_and_score(
         self, batch: dict[str, Any], sampling: SamplingSettings, num_samples: int = 1, prefill: Optional[str] = None
-    ) -> Rollouts:
-        """Sample completions for a batch of prompts and annotate them (parse, grade, lengths)."""
+    ) -> tuple[Rollouts, Annotations]:
+        """Sample completions for a batch of prompts, and their annotations (parse, grade, lengths)."""
         if isinstance(self.rollout_backend, HFRolloutBackend):
             # Validation can sample before any sync (SFT never syncs; the sanity check and trainer.validate
             # come before GRPO's on_train_start): the backend must know the FSDP root. Free for this backend.
@@ -216,10 +217,8 @@ class PolicyModule(L.LightningModule):
             num_samples=num_samples, prefill=prefill, columns=record_columns(batch),
         )  # fmt: skip
 
-    def validation_generation(self, batch: dict[str, Any]) -> Rollouts:
-        rollouts = self.generate_and_score(batch, self.val_sampling)
-        self.validation_record.add(rollouts)
-        return rollouts
+    def validation_generation(self, batch: dict[str, Any]) -> None:
+        self.validation_record.add(*self.generate_and_score(batch, self.val_sampling))
 
     def on_validation_epoch_end(self) -> None:
         self.validation_record.log(self)

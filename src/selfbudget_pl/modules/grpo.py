@@ -3,8 +3,9 @@
 One training step, for a batch of prompts:
 
 1. sample G = ``num_generations`` completions per prompt from the current policy (the rollout backend);
-2. score them: every callback with an ``on_rollouts`` hook runs, in ``trainer.callbacks`` order, and
-   the reward callback fills ``rollouts.rewards``;
+2. score them: the one :class:`~selfbudget_pl.callbacks.reward.RewardScorer` among the callbacks (the
+   ``reward`` config group) returns their rewards and annotations, which every
+   :class:`~selfbudget_pl.callbacks.reward.RolloutHook` (the budget metrics) then sees;
 3. advantages: each reward minus its group's mean, divided by the group's std (``scale_rewards``; off
    is Dr. GRPO);
 4. update: the clipped surrogate ``-min(r A, clip(r) A)`` on every completion token, aggregated per
@@ -38,6 +39,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from peft import PeftModel
 
+from selfbudget_pl.callbacks.reward import RewardScorer, RolloutHook, Scores
 from selfbudget_pl.config import check_budget_caps
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.modules.base import PolicyModule
@@ -178,7 +180,7 @@ class GRPOModule(PolicyModule):
 
     # -- the step ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        rollouts = self.sample_and_reward(batch)
+        rollouts, scores = self.sample_and_reward(batch)
         if self.active_correction() is not None and not rollouts.sampler_logprobs:
             raise ValueError(
                 f"module.sampler_correction is on but the rollout backend ({type(self.rollout_backend).__name__}) "
@@ -186,14 +188,14 @@ class GRPOModule(PolicyModule):
                 "set module.sampler_correction.enabled=false, or use a backend that records them (rollout=vllm or hf)."
             )
         advantages = group_advantages(
-            rollouts.rewards.to(self.device), self.num_generations, self.scale_rewards, self.advantage_eps
+            scores.rewards.to(self.device), self.num_generations, self.scale_rewards, self.advantage_eps
         )
         experience = self.make_experience(rollouts, advantages)
         started = time.perf_counter()
         stats = self.update_policy(experience)
         tokens_per_s = stats.pop("tokens") / max(time.perf_counter() - started, 1e-9)
         metrics = {
-            **rollout_metrics(rollouts, self.num_generations),
+            **rollout_metrics(rollouts, scores, self.num_generations),
             **update_metrics(stats),
             "train/tokens_per_s": tokens_per_s,
         }
@@ -207,8 +209,8 @@ class GRPOModule(PolicyModule):
             self.log_dict(extremes, on_step=True, batch_size=len(rollouts), sync_dist=True, reduce_fx=reduce_fx)
         self.log_dict(metrics, on_step=True, batch_size=len(rollouts), sync_dist=True)
 
-    def sample_and_reward(self, batch: dict[str, Any]) -> Rollouts:
-        """Sample G completions per prompt, then let the rollout hooks (reward, metrics) annotate them."""
+    def sample_and_reward(self, batch: dict[str, Any]) -> tuple[Rollouts, Scores]:
+        """Sample G completions per prompt and score them; the rollout hooks (metrics) see both."""
         # The sampler's own log-probs when the correction compares them (the HF sampler records them only then).
         sampling = replace(self.sampling, logprobs=self.sampling.logprobs or self.active_correction() is not None)
         generator = None
@@ -223,16 +225,27 @@ class GRPOModule(PolicyModule):
             batch["prompt_ids"], num_samples=self.num_generations, sampling=sampling, prefill=prefills, columns=columns
         )
         rollouts.progress = self.training_progress(len(rollouts))
-        # Parsing and grading happen in the reward callback (it annotates before it scores).
-        for callback in self.trainer.callbacks:
-            if hasattr(callback, "on_rollouts"):
-                callback.on_rollouts(self.trainer, self, rollouts)
-        if rollouts.rewards is None:
-            raise RuntimeError(
-                "GRPO found no rewards on the rollouts: configure a reward callback (the `reward` config "
-                "group), which sets rollouts.rewards in on_rollouts()."
+        scorer = self.reward_scorer()
+        scores = scorer.score(rollouts, self)
+        if scores.rewards.shape != (len(rollouts),):
+            raise ValueError(
+                f"{type(scorer).__name__}.score returned rewards of shape {tuple(scores.rewards.shape)} "
+                f"for {len(rollouts)} completions: one reward per completion."
             )
-        return rollouts
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RolloutHook):
+                callback.on_rollouts(self.trainer, self, rollouts, scores)
+        return rollouts, scores
+
+    def reward_scorer(self) -> RewardScorer:
+        """The one reward scorer among the trainer's callbacks (the ``reward`` config group builds it)."""
+        scorers = [callback for callback in self.trainer.callbacks if isinstance(callback, RewardScorer)]
+        if len(scorers) != 1:
+            raise RuntimeError(
+                f"GRPO needs exactly one reward scorer among the trainer's callbacks, found {len(scorers)} "
+                f"({[type(scorer).__name__ for scorer in scorers]}): configure one with the `reward` config group."
+            )
+        return scorers[0]
 
     def choose_prefills(
         self, b_max: Optional[list[Optional[int]]], num_prompts: int, generator: Optional[torch.Generator]

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from selfbudget_pl.callbacks.reward import Scores
 from selfbudget_pl.modules.experience import Experience
 from selfbudget_pl.modules.losses import PolicyLoss, SamplerWeights
 from selfbudget_pl.rollout.base import Rollouts
@@ -16,12 +17,12 @@ SAMPLER_RATIO_MAX = "sampling/importance_sampling_ratio/max"  # logged when the 
 EXTREME_METRICS = {"min": ("completions/min_length",), "max": ("completions/max_length", SAMPLER_RATIO_MAX)}
 
 
-def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
+def rollout_metrics(rollouts: Rollouts, scores: Scores, group_size: int) -> dict[str, float]:
     """What TRL logs about a batch of rollouts, plus counts of dead weight (``rollout/unfinished``: cut
     off or solution block never closed, so scored as malformed). TRL's ``completions/*`` keep their
     names; its ``reward``, ``reward_std`` and ``frac_reward_zero_std`` join the per-function
     ``rewards/<name>/*`` as ``rewards/mean``, ``rewards/std`` and ``rewards/frac_zero_std``."""
-    rewards = rollouts.rewards.float().view(-1, group_size)
+    rewards = scores.rewards.float().view(-1, group_size)
     lengths = torch.tensor([len(rollouts.sampled_ids(index)) for index in range(len(rollouts))], dtype=torch.float32)
     zero_std = (rewards == rewards[:, :1]).all(dim=1)
     metrics = {
@@ -35,8 +36,8 @@ def rollout_metrics(rollouts: Rollouts, group_size: int) -> dict[str, float]:
         "rollout/prefilled_fraction": sum(rollouts.columns.get("prefilled", [])) / len(rollouts),
         "rollout/tokens_per_s": rollouts.num_generated_tokens / max(rollouts.generation_seconds, 1e-9),
     }
-    if "finished" in rollouts.columns:  # set by the reward callback
-        metrics["rollout/unfinished"] = float(sum(not done for done in rollouts.columns["finished"]))
+    if scores.annotations is not None:
+        metrics["rollout/unfinished"] = float(sum(not done for done in scores.annotations.finished))
     return metrics
 
 

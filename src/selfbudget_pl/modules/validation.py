@@ -10,6 +10,7 @@ import lightning as L
 
 from selfbudget_pl.metrics import BudgetAdherence, budget_errors, completion_lengths, update_from_rollouts
 from selfbudget_pl.plots import budget_vs_length_figure, difficulty_figure, log_histograms
+from selfbudget_pl.rewards.annotate import Annotations
 from selfbudget_pl.rollout.base import Rollouts
 
 
@@ -23,19 +24,19 @@ class ValidationRecord:
         self.lengths: list[float] = []
         self.budget_errors: list[float] = []
 
-    def add(self, rollouts: Rollouts) -> None:
-        """Record annotated rollouts."""
-        update_from_rollouts(self.budget, rollouts)
-        for parsed, length, correct in zip(rollouts.parsed, rollouts.solution_lengths, rollouts.correct):
+    def add(self, rollouts: Rollouts, annotations: Annotations) -> None:
+        """Record rollouts and their annotations."""
+        update_from_rollouts(self.budget, rollouts, annotations)
+        for parsed, length, correct in zip(annotations.parsed, annotations.solution_lengths, annotations.correct):
             if parsed.budget is not None:
                 self.points.append((float(parsed.budget), float(length), bool(correct)))
         lengths = completion_lengths(rollouts)
         difficulties = rollouts.columns.get("difficulty") or [None] * len(rollouts)
-        for difficulty, length, correct in zip(difficulties, lengths, rollouts.correct):
+        for difficulty, length, correct in zip(difficulties, lengths, annotations.correct):
             known = difficulty is not None and difficulty == difficulty  # NaN: unknown
             self.by_difficulty.append((difficulty if known else None, length, bool(correct)))
         self.lengths.extend(lengths)
-        self.budget_errors.extend(budget_errors(rollouts))
+        self.budget_errors.extend(budget_errors(annotations))
 
     def log(self, module: L.LightningModule) -> None:
         """Log the scalars through ``module`` and, on rank 0 with a TensorBoard-like logger, the figures."""

@@ -1,12 +1,13 @@
 """The one place completions are parsed, graded and measured, for rewards, validation and evaluation.
 
-:func:`annotate` fills ``rollouts.parsed``, ``rollouts.correct`` and ``rollouts.solution_lengths``;
-:func:`resolve_annotations` gives reward functions the same three lists, taken from their keyword
+:func:`annotate` returns the :class:`Annotations` of a batch of rollouts (the rollouts stay what was
+sampled); :func:`resolve_annotations` gives reward functions the same lists, taken from their keyword
 arguments when the caller annotated already, computed otherwise (a reward used on its own, TRL style).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from selfbudget_pl.format import OutputFormat, ParsedOutput, count_solution_tokens
@@ -43,21 +44,44 @@ def solution_length(completion: str, parsed: ParsedOutput, tokenizer: Any, compl
     return count_solution_tokens(text.encode("utf-8", errors="replace").decode("utf-8"), tokenizer)
 
 
-def annotate(rollouts: Rollouts, output_format: OutputFormat, grader: Grader, tokenizer: Any) -> None:
-    """Parse, grade and measure every completion in place. Gold answers: ``rollouts.columns["answer"]``."""
+@dataclass
+class Annotations:
+    """What grading learned about each completion of a :class:`Rollouts`, in its order.
+
+    Args:
+        parsed: the completion read by the output format (budget, solution, answer, format error).
+        correct: the answer matches the gold one (only a well-formed completion can be right).
+        solution_lengths: tokens spent on the solution (after the budget tag).
+        finished: neither cut off by the length limit nor left with its solution block open.
+    """
+
+    parsed: list[ParsedOutput]
+    correct: list[bool]
+    solution_lengths: list[int]
+    finished: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.parsed)
+
+
+def annotate(rollouts: Rollouts, output_format: OutputFormat, grader: Grader, tokenizer: Any) -> Annotations:
+    """Parse, grade and measure every completion. Gold answers: ``rollouts.columns["answer"]``."""
     if "answer" not in rollouts.columns:
         raise ValueError(
             "annotate: rollouts.columns has no 'answer' column; the DataModule must pass gold answers "
             f"through (columns present: {sorted(rollouts.columns)})."
         )
     parsed = [output_format.parse(completion) for completion in rollouts.completions]
-    rollouts.parsed = parsed
-    rollouts.correct = grade_parsed(parsed, rollouts.columns["answer"], grader)
     ids = rollouts.completion_ids if len(rollouts.completion_ids) == len(parsed) else [None] * len(parsed)
-    rollouts.solution_lengths = [
-        solution_length(completion, output, tokenizer, completion_ids)
-        for completion, output, completion_ids in zip(rollouts.completions, parsed, ids)
-    ]
+    return Annotations(
+        parsed=parsed,
+        correct=grade_parsed(parsed, rollouts.columns["answer"], grader),
+        solution_lengths=[
+            solution_length(completion, output, tokenizer, completion_ids)
+            for completion, output, completion_ids in zip(rollouts.completions, parsed, ids)
+        ],
+        finished=finished_solutions(parsed, rollouts.truncated, output_format),
+    )
 
 
 def finished_solutions(parsed: Sequence[ParsedOutput], truncated: Sequence[bool], output_format: OutputFormat) -> list[bool]:
@@ -68,12 +92,6 @@ def finished_solutions(parsed: Sequence[ParsedOutput], truncated: Sequence[bool]
         not cut and output.solution is not None and output_format.solution_close in output.solution
         for output, cut in zip(parsed, truncated)
     ]
-
-
-def is_annotated(rollouts: Rollouts) -> bool:
-    """Whether :func:`annotate` (or an equivalent) already ran on these rollouts."""
-    size = len(rollouts.completions)
-    return len(rollouts.parsed) == len(rollouts.correct) == len(rollouts.solution_lengths) == size
 
 
 def resolve_annotations(

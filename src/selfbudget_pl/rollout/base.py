@@ -1,9 +1,9 @@
 """One interface for sampling completions, for training (GRPO), evaluation and generation.
 
 A backend turns prompts (each optionally pre-filled with a budget, encoded here for every backend) into
-:class:`Rollouts`; callbacks then annotate them in place (parsed output,
-correctness, solution lengths, rewards) before the loss is built. Every list in a ``Rollouts`` has one
-entry per completion, ordered prompt by prompt: prompt 0's ``num_samples`` completions first.
+:class:`Rollouts`, the record of what was sampled; grading and rewards return their findings beside it
+(:mod:`selfbudget_pl.rewards.annotate`, :mod:`selfbudget_pl.callbacks.reward`). Every list in a ``Rollouts``
+has one entry per completion, ordered prompt by prompt: prompt 0's ``num_samples`` completions first.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
 import torch
-
-from selfbudget_pl.format import ParsedOutput
 
 
 @dataclass
@@ -90,7 +88,7 @@ FINISH_REASONS: tuple[str, ...] = ("eos", "stop", "length")
 
 @dataclass
 class Rollouts:
-    """Completions for a batch of prompts, plus what callbacks learn about them.
+    """Completions for a batch of prompts, as sampled.
 
     The record of each completion is what was sampled, nothing guessed afterwards: ``completion_ids``
     are the tokens before the stop token, ``stop_token_ids`` the stop token the sampler drew (``None``
@@ -109,12 +107,6 @@ class Rollouts:
     stop_token_ids: list[Optional[int]] = field(default_factory=list)  # [] means None for every completion
     sampler_logprobs: list[list[float]] = field(default_factory=list)  # per sampled token (stop token included)
     columns: dict[str, list[Any]] = field(default_factory=dict)  # dataset columns, repeated per completion
-    # Filled by annotation/reward callbacks:
-    parsed: list[ParsedOutput] = field(default_factory=list)
-    correct: list[bool] = field(default_factory=list)
-    solution_lengths: list[int] = field(default_factory=list)  # tokens after the budget tag
-    rewards: Optional[torch.Tensor] = None  # [num_completions], float32
-    reward_components: dict[str, list[float]] = field(default_factory=dict)
     generation_seconds: float = 0.0
     progress: float = 0.0  # fraction of training done when these were sampled (GRPO sets it; rewards anneal on it)
 
