@@ -38,13 +38,13 @@ from omegaconf import OmegaConf
 
 from selfbudget_pl.callbacks.reward import RewardScorer, Scores
 from selfbudget_pl.checkpoints import packaged_checkpoint
-from selfbudget_pl.models import ModelLoader
-from selfbudget_pl.data.collate import pad
 from selfbudget_pl.data.prompts import build_prompt
+from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
+from selfbudget_pl.tensors import pad
 
 TOY_PROMPTS = [
     "the sum of 3+4",

@@ -12,11 +12,11 @@ import torch
 import transformers
 
 from selfbudget_pl import internals
-from selfbudget_pl.data.collate import pad
 from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.rollout import fused_decode
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.rollout.hf import HFRolloutBackend
+from selfbudget_pl.tensors import pad
 
 from .conftest import randomize_lora_b, sharpen
 

@@ -11,13 +11,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 import pytest
 import torch
 
+from selfbudget_pl.callbacks.reward import RewardCallback, RewardScorer, RolloutHook, Scores
 from selfbudget_pl.models import LoraSettings, ModelLoader
-from selfbudget_pl.data.collate import pad
 from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.losses import group_advantages
 from selfbudget_pl.rewards.grader import MathGrader
-from selfbudget_pl.callbacks.reward import RewardCallback, RewardScorer, RolloutHook, Scores
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings
+from selfbudget_pl.tensors import pad
 
 PROMPTS = ["the sum of 3+4", "how many", "what is the total cost of 12+30+7 so", "each has more"]
 

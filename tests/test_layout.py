@@ -13,15 +13,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selfbudget_pl"
 # Lowest first; a module may import from its own layer or below. Keep in step with docs/architecture.md.
 LAYERS: dict[str, int] = {
     # 0: the output format and the data
-    "format": 0, "data": 0, "plots": 0, "internals": 0,
+    "format": 0, "data": 0, "tensors": 0, "plots": 0, "internals": 0,
     # 1: models and their weights
     "tiny_model": 1, "checkpoints": 1, "models": 1, "weights": 1,
     # 2: producing completions, then judging them
     "rollout": 2, "rewards": 3, "metrics": 3, "inference": 4,
     # 5: training
-    "config": 5, "memory": 5, "strategies": 5, "launcher_env": 5, "callbacks": 5, "modules": 6,
+    "config": 5, "memory": 5, "strategies": 5, "launcher_env": 5, "callbacks": 5, "loggers": 5, "modules": 6,
     # 7: entry points
-    "train": 7, "plan": 8, "lightning_cli": 8, "eval_report": 7, "evaluate": 8, "reproduce": 9, "labelling": 8, "generate": 8, "cli": 9,
+    "train": 7, "plan": 8, "lightning_cli": 8, "eval_report": 7, "pipeline_progress": 7, "evaluate": 8, "reproduce": 9, "labelling": 8, "generate": 8, "cli": 9,
 }
 # Entry points whose imports are lazy on purpose: `selfbudget --help` answers without loading torch.
 LAZY_IMPORTS_ALLOWED = {"cli"}

@@ -13,9 +13,9 @@ from selfbudget_pl.callbacks.budget_metrics import BudgetMetricsCallback
 from selfbudget_pl.callbacks.reward import RolloutHook, Scores
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.metrics import KEYS, BudgetAdherence, average_ranks, spearman, update_from_rollouts
+from selfbudget_pl.rewards.annotate import annotate
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import Rollouts
-from selfbudget_pl.rewards.annotate import annotate
 
 
 def test_average_ranks_share_ties():

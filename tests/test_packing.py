@@ -14,14 +14,15 @@ import pytest
 import torch
 import transformers
 
-from selfbudget_pl.data.collate import SFTCollator, pad
+from selfbudget_pl.data.collate import SFTCollator
 from selfbudget_pl.models import LoraSettings, apply_lora
 from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.experience import Experience
 from selfbudget_pl.modules.grpo import GRPOModule
 from selfbudget_pl.modules.logprobs import packed_sequence_nll
-from selfbudget_pl.modules.sft import SFTModule
 from selfbudget_pl.modules.losses import group_advantages
+from selfbudget_pl.modules.sft import SFTModule
+from selfbudget_pl.tensors import pad
 
 from .conftest import randomize_lora_b, sharpen
 

@@ -9,7 +9,8 @@ import warnings
 import pytest
 from omegaconf import open_dict
 
-from selfbudget_pl.callbacks.progress import ProgressLines, format_duration, pipeline_eta, stage_banner
+from selfbudget_pl.callbacks.progress import ProgressLines, format_duration
+from selfbudget_pl.pipeline_progress import pipeline_eta, stage_banner
 from selfbudget_pl.train import train
 
 from .test_train import compose_small

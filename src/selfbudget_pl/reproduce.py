@@ -32,13 +32,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from selfbudget_pl.callbacks.progress import pipeline_eta, stage_banner
 from selfbudget_pl.config.overrides import open_trainer_overrides
 from selfbudget_pl.data.budget_labels import read_jsonl
 from selfbudget_pl.data.records import DroppedRows
 from selfbudget_pl.data.sources import JsonlSource
 from selfbudget_pl.evaluate import evaluate_model
 from selfbudget_pl.labelling import accuracy_by_difficulty, label_to_file, require_solved
+from selfbudget_pl.pipeline_progress import pipeline_eta, stage_banner
 from selfbudget_pl.rollout.base import SamplingSettings
 from selfbudget_pl.train import CONFIG_DIR, train
 

@@ -1,5 +1,4 @@
-"""The run's resolved config in TensorBoard's HParams tab, with its final metrics; and the TensorBoard
-logger that puts Lightning's own ``epoch`` scalar under ``train/`` with the other training scalars.
+"""The run's resolved config in TensorBoard's HParams tab, with its final metrics.
 
 Lightning fills ``hparams.yaml`` and the HParams tab from ``module.hparams``; our modules are built from
 config objects, so that was ``{}``. :func:`log_run_config` writes the whole resolved config instead (at
@@ -17,21 +16,10 @@ from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger as LightningTensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from selfbudget_pl import internals
-
-
-class TensorBoardLogger(LightningTensorBoardLogger):
-    """Lightning's TensorBoardLogger (same arguments), with the ``epoch`` value Lightning adds to every
-    logged step written as ``train/epoch``: every scalar then sits under a prefix naming its source."""
-
-    @rank_zero_only
-    def log_metrics(self, metrics: Mapping[str, Any], step: Optional[int] = None) -> None:
-        renamed = {("train/epoch" if key == "epoch" else key): value for key, value in metrics.items()}
-        super().log_metrics(renamed, step)
 
 
 class RunConfigHParams(pl.Callback):

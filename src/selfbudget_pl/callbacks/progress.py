@@ -5,8 +5,6 @@ line per refresh. :class:`ProgressLines` prints, every ``every_n_steps`` optimiz
 step, the training scalars that say how it goes (loss, reward, mean completion length, budget error),
 tokens/s and an ETA, plus one line after each validation; and it switches the live bar off. On a
 terminal it stays quiet unless ``mode="always"``.
-
-:func:`format_duration` and :func:`pipeline_eta` also serve ``selfbudget-reproduce``'s stage banners.
 """
 
 from __future__ import annotations
@@ -48,24 +46,6 @@ def format_duration(seconds: Optional[float]) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def pipeline_eta(
-    done: Mapping[str, float], remaining: Sequence[str], reference: Mapping[str, float]
-) -> Optional[float]:
-    """Seconds left for the ``remaining`` stages: their reference durations, scaled by how this run's
-    finished stages compared with theirs (a slower machine runs every stage slower). None when a
-    remaining stage has no reference."""
-    if any(name not in reference for name in remaining):
-        return None
-    timed = [name for name in done if name in reference and reference[name] > 0]
-    scale = sum(done[name] for name in timed) / sum(reference[name] for name in timed) if timed else 1.0
-    return scale * sum(reference[name] for name in remaining)
-
-
-def stage_banner(index: int, total: int, name: str, elapsed: float, eta: Optional[float]) -> str:
-    """``==== [stage 2/5] evaluate the SFT model | elapsed 3:47 | ETA 2:51``."""
-    return f"==== [stage {index}/{total}] {name} | elapsed {format_duration(elapsed)} | ETA {format_duration(eta)}"
 
 
 def metric_fields(metrics: Mapping[str, Any], fields: Sequence[tuple[str, tuple[str, ...], str]]) -> list[str]:

@@ -479,7 +479,7 @@ class ProgressLinesSchema(Schema):
 # Thin subclasses of Lightning classes that take exactly their parent's arguments: Lightning checks them.
 LIGHTNING_SUBCLASSES = (
     "selfbudget_pl.callbacks.checkpoint.StepCheckpoint",
-    "selfbudget_pl.callbacks.hparams.TensorBoardLogger",
+    "selfbudget_pl.loggers.TensorBoardLogger",
 )
 
 

@@ -9,8 +9,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout.base import Rollouts
+from selfbudget_pl.tensors import pad
 
 
 @dataclass

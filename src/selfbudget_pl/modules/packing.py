@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from selfbudget_pl import internals
-from selfbudget_pl.data.collate import repeats_row_above
+from selfbudget_pl.tensors import repeats_row_above
 
 ATTENTION_NAME = "sdpa_or_packed"
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")

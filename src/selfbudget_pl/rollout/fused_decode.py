@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from selfbudget_pl import internals
-from selfbudget_pl.data.collate import repeats_row_above
 from selfbudget_pl.rollout.base import SamplingSettings
+from selfbudget_pl.tensors import repeats_row_above
 from selfbudget_pl.weights import is_sharded, merged_lora_linear
 
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "qwen3")

@@ -22,8 +22,8 @@ from transformers import (
 )  # fmt: skip
 
 from selfbudget_pl import internals
-from selfbudget_pl.data.collate import pad
 from selfbudget_pl.rollout import fused_decode
+from selfbudget_pl.tensors import pad
 from selfbudget_pl.rollout.base import (
     EngineLimits, FinishReason, RolloutBackend, Rollouts, SamplingSettings, eos_token_ids, rollouts_from_samples,
     seeded,
