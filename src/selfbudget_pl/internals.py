@@ -168,7 +168,7 @@ PINNED["torch"].append(("TRANSPARENT_CHILDREN", ("tests/test_internals.py", "tes
 def child_modules(module: torch.nn.Module) -> dict[str, Optional[torch.nn.Module]]:
     """``module._modules``: every child under its own name, None entries and shared children included.
     ``named_children()`` drops both; the weight walk (:mod:`selfbudget_pl.weights`) must see each name a
-    state dict has, and :func:`selfbudget_pl.rollout.hf._units_above` the wrapper names. Checked on torch 2.13."""
+    state dict has, and :func:`selfbudget_pl.rollout.fsdp_units.units_above` the wrapper names. Checked on torch 2.13."""
     return module._modules
 
 
@@ -212,7 +212,7 @@ def is_flat_parameter(tensor: torch.Tensor) -> bool:
 def fsdp1_wrapped_module(unit: FullyShardedDataParallel) -> torch.nn.Module:
     """The module whose forward an FSDP1 unit calls (``unit._fsdp_wrapped_module``; the public
     ``unit.module`` skips an activation-checkpoint wrapper in between). Sampling redirects that forward so
-    that ``generate`` runs inside the unit's forward (:func:`selfbudget_pl.rollout.hf._through_forward`),
+    that ``generate`` runs inside the unit's forward (:func:`selfbudget_pl.rollout.fsdp_units.through_forward`),
     and the weight walk steps through it without adding its name. Checked on torch 2.13."""
     return unit._fsdp_wrapped_module
 
