@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from selfbudget_pl import cli
-from selfbudget_pl.config import (
+from selfbudget_pl.config.checks import (
     ConfigError,
     check_eval_config,
     check_eval_prompts,

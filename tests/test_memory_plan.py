@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from selfbudget_pl.config import ConfigError
+from selfbudget_pl.config.schema import ConfigError
 from selfbudget_pl.memory.fit import check_plan, format_plan, misfits, plan_from_config
-from selfbudget_pl.config import plain
+from selfbudget_pl.config.checks import plain
 from selfbudget_pl.memory.architecture import model_architecture
 from selfbudget_pl.memory.plan import GIB, RunShape, sampling_engine_limits
 from selfbudget_pl.plan import main as plan_main

@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.argv = [f"{sys.argv[0]} eval", *args.overrides]
         evaluate.main()
         return 0
-    from selfbudget_pl.config import ConfigError
+    from selfbudget_pl.config.schema import ConfigError
 
     try:
         return _generate(args)
@@ -71,7 +71,7 @@ def _positive_int(value: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from selfbudget_pl.config import check_generation
+    from selfbudget_pl.config.checks import check_generation
     from selfbudget_pl.data.prompts import build_prompt, encode_prompt
     from selfbudget_pl.format import OutputFormat
     from selfbudget_pl.generate import BudgetEvent, DoneEvent, TokenEvent, stream_generation

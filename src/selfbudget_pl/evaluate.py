@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from selfbudget_pl.config import ConfigError, check_eval_config, check_eval_prompts, longest_eval_prompt
+from selfbudget_pl.config.checks import ConfigError, check_eval_config, check_eval_prompts, longest_eval_prompt
 from selfbudget_pl.data.collate import COLUMNS
 from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows

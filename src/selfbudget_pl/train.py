@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from selfbudget_pl.callbacks.hparams import RunConfigHParams
-from selfbudget_pl.config import ConfigError, check_train_config
+from selfbudget_pl.config.checks import ConfigError, check_train_config
 from selfbudget_pl.config.overrides import open_trainer_overrides
 from selfbudget_pl.launcher_env import check_process_count
 from selfbudget_pl.memory.fit import report_memory_plan

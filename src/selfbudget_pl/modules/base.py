@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from selfbudget_pl.config import check_training_prompts
+from selfbudget_pl.config.checks import check_training_prompts
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.inference import generate_and_annotate

@@ -40,7 +40,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from peft import PeftModel
 
 from selfbudget_pl.callbacks.reward import RewardScorer, RolloutHook, Scores
-from selfbudget_pl.config import check_budget_caps
+from selfbudget_pl.config.checks import check_budget_caps
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.modules.base import PolicyModule
 from selfbudget_pl.modules.experience import Experience, experience_from_rollouts
