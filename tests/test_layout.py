@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     # 1: models and their weights
     "tiny_model": 1, "checkpoints": 1, "models": 1, "weights": 1,
     # 2: producing completions, then judging them
-    "rollout": 2, "rewards": 3, "metrics": 3, "inference": 4,
+    "rollout": 2, "rewards": 3, "metrics": 3,
     # 5: training
     "config": 5, "memory": 5, "strategies": 5, "launcher_env": 5, "callbacks": 5, "loggers": 5, "modules": 6,
     # 7: entry points

@@ -6,7 +6,7 @@ import yaml
 from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from selfbudget_pl.modules.validation import ValidationRecord
+from selfbudget_pl.modules.validation_metrics import ValidationRecord
 from selfbudget_pl.train import train
 
 from .test_train import compose_small

@@ -39,9 +39,8 @@ from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.data.records import DroppedRows
 from selfbudget_pl.eval_report import Budget, budget_label, mean, summary_markdown, write_figures
 from selfbudget_pl.format import OutputFormat
-from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.metrics import BudgetAdherence, update_from_rollouts
-from selfbudget_pl.rewards.annotate import Annotations
+from selfbudget_pl.rewards.annotate import Annotations, generate_and_annotate
 from selfbudget_pl.rewards.grader import MathGrader
 from selfbudget_pl.rollout.base import EngineLimits, RolloutBackend, Rollouts, SamplingSettings, engine_limits
 from selfbudget_pl.rollout.hf import HFRolloutBackend

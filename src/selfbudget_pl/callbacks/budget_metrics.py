@@ -1,6 +1,6 @@
 """Logs budget adherence (:class:`~selfbudget_pl.metrics.BudgetAdherence`) of every training step's
 rollouts, the collapse detector among it (``understated_rate``), and histograms of their lengths and
-budget errors (validation has its own record: :mod:`selfbudget_pl.modules.validation`)."""
+budget errors (validation has its own record: :mod:`selfbudget_pl.modules.validation_metrics`)."""
 
 from __future__ import annotations
 

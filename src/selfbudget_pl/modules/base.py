@@ -19,14 +19,13 @@ from lightning.pytorch.strategies import ParallelStrategy
 from selfbudget_pl.config.checks import check_training_prompts
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.format import OutputFormat
-from selfbudget_pl.inference import generate_and_annotate
 from selfbudget_pl.launcher_env import export_process_group_env
 from selfbudget_pl.models import ModelLoader, export_pretrained, export_streamed
 from selfbudget_pl.modules import packing
 from selfbudget_pl.modules.head import DEFAULT_CHUNK_TOKENS
 from selfbudget_pl.modules.optimization import optimizer_and_schedule
-from selfbudget_pl.modules.validation import ValidationRecord
-from selfbudget_pl.rewards.annotate import Annotations
+from selfbudget_pl.modules.validation_metrics import ValidationRecord
+from selfbudget_pl.rewards.annotate import Annotations, generate_and_annotate
 from selfbudget_pl.rollout.base import (
     EngineLimits, RolloutBackend, Rollouts, SamplingSettings, engine_limits, sampling_settings,
 )  # fmt: skip

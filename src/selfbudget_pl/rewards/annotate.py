@@ -1,8 +1,10 @@
 """The one place completions are parsed, graded and measured, for rewards, validation and evaluation.
 
 :func:`annotate` returns the :class:`Annotations` of a batch of rollouts (the rollouts stay what was
-sampled); :func:`resolve_annotations` gives reward functions the same lists, taken from their keyword
-arguments when the caller annotated already, computed otherwise (a reward used on its own, TRL style).
+sampled), and :func:`generate_and_annotate` samples them first, so a LightningModule and a plain script
+score completions the same way; :func:`resolve_annotations` gives reward functions the same lists, taken
+from their keyword arguments when the caller annotated already, computed otherwise (a reward used on its
+own, TRL style).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from selfbudget_pl.format import OutputFormat, ParsedOutput, count_solution_tokens
 from selfbudget_pl.rewards.grader import Grader, answer_text_of
-from selfbudget_pl.rollout.base import Rollouts
+from selfbudget_pl.rollout.base import RolloutBackend, Rollouts, SamplingSettings
 
 
 def grade_parsed(parsed: Sequence[ParsedOutput], golds: Sequence[object], grader: Grader) -> list[bool]:
@@ -82,6 +84,27 @@ def annotate(rollouts: Rollouts, output_format: OutputFormat, grader: Grader, to
         ],
         finished=finished_solutions(parsed, rollouts.truncated, output_format),
     )
+
+
+def generate_and_annotate(
+    backend: RolloutBackend,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling: SamplingSettings,
+    output_format: OutputFormat,
+    grader: Grader,
+    tokenizer: Any,
+    num_samples: int = 1,
+    prefill: Optional[str] = None,
+    columns: Optional[dict[str, Sequence[Any]]] = None,
+) -> tuple[Rollouts, Annotations]:
+    """Sample ``num_samples`` completions per prompt, and their annotations (parse, grade, lengths).
+
+    ``columns`` are dataset columns, one value per prompt; ``answer`` is needed for grading.
+    """
+    rollouts = backend.generate(
+        prompt_ids, num_samples=num_samples, sampling=sampling, prefill=prefill, columns=columns
+    )
+    return rollouts, annotate(rollouts, output_format, grader, tokenizer)
 
 
 def finished_solutions(parsed: Sequence[ParsedOutput], truncated: Sequence[bool], output_format: OutputFormat) -> list[bool]:
