@@ -15,7 +15,7 @@ import inspect
 import textwrap
 
 import selfbudget_pl.config.groups  # noqa: F401  (registers every schema)
-from selfbudget_pl.config.schema import Schema
+from selfbudget_pl.schema import Schema
 
 
 def _schemas() -> list[type[Schema]]:

@@ -8,7 +8,7 @@ import json
 import pytest
 from hydra.utils import instantiate
 
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 from selfbudget_pl.models import ModelLoader
 from selfbudget_pl.train import train
 

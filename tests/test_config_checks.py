@@ -29,7 +29,7 @@ from selfbudget_pl.config.checks import (
 )
 from selfbudget_pl.config.groups import ALL_SCHEMAS
 from selfbudget_pl.config.overrides import open_trainer_overrides, trainer_arguments
-from selfbudget_pl.config.schema import Findings, HYDRA_KEYS
+from selfbudget_pl.schema import Findings, HYDRA_KEYS
 
 from .conftest import REPO_ROOT
 
@@ -440,7 +440,7 @@ def test_schema_fields_are_the_constructor_arguments(schema):
 
 
 def test_every_target_in_the_shipped_configs_has_a_schema_or_is_lightnings():
-    from selfbudget_pl.config.schema import REGISTRY
+    from selfbudget_pl.schema import REGISTRY
 
     targets = set()
 
@@ -465,7 +465,7 @@ def test_every_target_in_the_shipped_configs_has_a_schema_or_is_lightnings():
 
 
 def test_findings_name_nan_and_infinity_as_not_finite():
-    from selfbudget_pl.config.schema import check_value
+    from selfbudget_pl.schema import check_value
 
     findings = Findings()
     for value in (math.nan, math.inf, -math.inf):

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 from selfbudget_pl.launcher_env import check_process_count, export_process_group_env, process_group_env
 
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selfbudget_pl"
 # Lowest first; a module may import from its own layer or below. Keep in step with docs/architecture.md.
 LAYERS: dict[str, int] = {
     # 0: the output format and the data
-    "format": 0, "data": 0, "tensors": 0, "plots": 0, "internals": 0,
+    "format": 0, "data": 0, "tensors": 0, "schema": 0, "plots": 0, "internals": 0,
     # 1: models and their weights
     "tiny_model": 1, "checkpoints": 1, "models": 1, "weights": 1,
     # 2: producing completions, then judging them

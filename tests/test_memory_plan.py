@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 from selfbudget_pl.memory.fit import check_plan, format_plan, misfits, plan_from_config
 from selfbudget_pl.config.checks import plain
 from selfbudget_pl.memory.architecture import model_architecture

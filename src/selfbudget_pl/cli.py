@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.argv = [f"{sys.argv[0]} eval", *args.overrides]
         evaluate.main()
         return 0
-    from selfbudget_pl.config.schema import ConfigError
+    from selfbudget_pl.schema import ConfigError
 
     try:
         return _generate(args)

@@ -16,7 +16,7 @@ from typing import Any
 
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 
 # Job names with which Lightning leaves SLURM alone and starts the processes itself (SLURMEnvironment.detect).
 SLURM_INTERACTIVE_JOBS = ("bash", "interactive")

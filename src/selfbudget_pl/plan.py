@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 from selfbudget_pl.memory.fit import format_plan, host_memory, misfits, plan_from_config
 from selfbudget_pl.train import CONFIG_DIR
 

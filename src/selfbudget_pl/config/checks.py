@@ -20,7 +20,7 @@ from selfbudget_pl.callbacks.reward import RewardCallback
 from selfbudget_pl.checkpoints import packaged_checkpoint
 from selfbudget_pl.config import groups
 from selfbudget_pl.data.prompts import encode_prompts
-from selfbudget_pl.config.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
+from selfbudget_pl.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
 from selfbudget_pl.config.startup import (
     check_devices,
     check_length_limit,

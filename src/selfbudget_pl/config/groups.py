@@ -10,9 +10,10 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from selfbudget_pl.config.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
 from selfbudget_pl.data.synthetic import WORDINGS
 from selfbudget_pl.rewards.budget import COST_BASES, PEAKS, SCHEDULES, SHAPES, BudgetGuidedReward, constant_violations
+from selfbudget_pl.rewards.grader import MathGraderSchema
+from selfbudget_pl.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, check_ordered, register, spec
 
 # -- shared pieces -----------------------------------------------------------------------------------
 
@@ -34,13 +35,6 @@ def _not_empty(value: Any) -> Optional[str]:
 
 def _not_blank(value: str) -> Optional[str]:
     return None if value.strip() else "is empty"
-
-
-def _ordered(node: Mapping[str, Any], key: str, findings: Findings, low: str, high: str) -> None:
-    """``node[low] <= node[high]`` when both are numbers."""
-    a, b = node.get(low), node.get(high)
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:
-        findings.error(f"{key}.{low}", a, f"must be <= {key}.{high}={b}")
 
 
 @dataclass
@@ -274,9 +268,9 @@ class BudgetGuidedRewardSchema(Schema):
 
     @classmethod
     def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
-        _ordered(node, key, findings, "correct_min", "correct_max")
-        _ordered(node, key, findings, "wrong_min", "wrong_max")
-        _ordered(node, key, findings, "correct_floor", "correct_min")
+        check_ordered(node, key, findings, "correct_min", "correct_max")
+        check_ordered(node, key, findings, "wrong_min", "wrong_max")
+        check_ordered(node, key, findings, "correct_floor", "correct_min")
         # the constructor's rule, on the node's values (the constructor's defaults for keys left out)
         defaults = inspect.signature(BudgetGuidedReward).parameters
         values = {name: node.get(name, defaults[name].default) for name in inspect.signature(constant_violations).parameters}
@@ -319,24 +313,6 @@ class FormatRewardSchema(Schema):
 
     well_formed_reward: float = spec()
     malformed_reward: float = spec()
-
-
-@dataclass
-class MathGraderSchema(Schema):
-    TARGETS = ("selfbudget_pl.rewards.grader.MathGrader",)
-
-    timeout_s: float = spec(gt=0)
-    retry_timeout_s: float = spec(gt=0, note="a timed-out item is retried once with this limit; >= timeout_s")
-    max_chars: int = spec(ge=1)
-    workers: Optional[int] = spec(ge=0, note="0: in the calling process; null: a default from the CPU count")
-    numeric_rel_tol: float = spec(ge=0)
-    float_rounding: int = spec(ge=0)
-    numeric_precision: int = spec(ge=1)
-    strict: bool = spec()
-    cache_size: int = spec(ge=0)
-    memory_limit_mb: Optional[int] = spec(ge=1, note="null: no limit")
-    startup_timeout_s: float = spec(gt=0)
-    max_failed_starts: int = spec(ge=1)
 
 
 # -- rollout -----------------------------------------------------------------------------------------
@@ -451,7 +427,7 @@ class SyntheticSourceSchema(Schema):
     @classmethod
     def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
         for low, high in (("operand_min", "operand_max"), ("k_min", "k_max"), ("checks_min", "checks_max")):
-            _ordered(node, key, findings, low, high)
+            check_ordered(node, key, findings, low, high)
 
 
 # -- callbacks and strategy ----------------------------------------------------------------------------

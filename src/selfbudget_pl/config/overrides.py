@@ -14,7 +14,7 @@ import inspect
 import re
 from typing import Sequence
 
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 
 _TRAINER_OVERRIDE = re.compile(r"^trainer\.(\w+)=")
 

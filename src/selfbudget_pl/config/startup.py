@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from selfbudget_pl.config.schema import Findings
+from selfbudget_pl.schema import Findings
 from selfbudget_pl.tiny_model import TinyModelSpec
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Qwen2Config
 
 from selfbudget_pl import internals
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 from selfbudget_pl.config.startup import read_model_config
 from selfbudget_pl.tiny_model import TinyModelSpec
 

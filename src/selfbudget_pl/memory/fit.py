@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 
 from selfbudget_pl.config.checks import plain
-from selfbudget_pl.config.schema import ConfigError
+from selfbudget_pl.schema import ConfigError
 from selfbudget_pl.memory.architecture import ModelConfigUnavailable, model_architecture
 from selfbudget_pl.memory.plan import (DEVICE_MOMENTS, GIB, HOST_MOMENTS, MemoryPlan, PlanSettings, RunShape, Term,
                                        plan_memory)

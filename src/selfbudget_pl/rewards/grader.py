@@ -33,10 +33,11 @@ import os
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from decimal import Decimal
 from fractions import Fraction
 from numbers import Number
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 from selfbudget_pl.rewards.answer_text import (
     aligned_for_math_verify,
@@ -51,6 +52,7 @@ from selfbudget_pl.rewards.answer_text import (
 )
 from selfbudget_pl.rewards.grading_pool import GraderUnavailableError, GradingPool
 from selfbudget_pl.rewards.verify_worker import VerifySettings, prepare_math_verify, verify_pair
+from selfbudget_pl.schema import Findings, Schema, check_arguments, check_ordered, spec
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,30 @@ def default_workers(limit: int) -> int:
     return max(1, min(limit, cores))
 
 
+@dataclass
+class MathGraderSchema(Schema):
+    """The arguments of :class:`MathGrader` (config group ``grader``) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.rewards.grader.MathGrader",)
+
+    timeout_s: float = spec(gt=0)
+    retry_timeout_s: float = spec(gt=0, note="a timed-out item is retried once with this limit")
+    max_chars: int = spec(ge=1)
+    workers: Optional[int] = spec(ge=0, note="0: in the calling process; null: a default from the CPU count")
+    numeric_rel_tol: float = spec(ge=0)
+    float_rounding: int = spec(ge=0)
+    numeric_precision: int = spec(ge=1)
+    strict: bool = spec()
+    cache_size: int = spec(ge=0)
+    memory_limit_mb: Optional[int] = spec(ge=1, note="null: no limit")
+    startup_timeout_s: float = spec(gt=0)
+    max_failed_starts: int = spec(ge=1)
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        check_ordered(node, key, findings, "timeout_s", "retry_timeout_s")
+
+
 class MathGrader:
     """Grades final answers (see the module doc for the steps), with bounded time and size.
 
@@ -171,20 +197,9 @@ class MathGrader:
         startup_timeout_s: float = 60.0,
         max_failed_starts: int = 3,
     ) -> None:
-        if not timeout_s > 0:
-            raise ValueError(f"MathGrader: `timeout_s` must be > 0, got {timeout_s}.")
-        if not retry_timeout_s >= timeout_s:
-            raise ValueError(f"MathGrader: `retry_timeout_s` must be >= timeout_s ({timeout_s}), got {retry_timeout_s}.")
+        check_arguments(MathGraderSchema, locals(), "MathGrader")
         if workers is None:
             workers = default_workers(self.MAX_DEFAULT_WORKERS)
-        if workers < 0:
-            raise ValueError(f"MathGrader: `workers` must be >= 0 (0 = in-process), got {workers}.")
-        if max_chars < 1:
-            raise ValueError(f"MathGrader: `max_chars` must be >= 1, got {max_chars}.")
-        if numeric_rel_tol < 0:
-            raise ValueError(f"MathGrader: `numeric_rel_tol` must be >= 0, got {numeric_rel_tol}.")
-        if max_failed_starts < 1:
-            raise ValueError(f"MathGrader: `max_failed_starts` must be >= 1, got {max_failed_starts}.")
         self.timeout_s = float(timeout_s)
         self.retry_timeout_s = float(retry_timeout_s)
         self.max_chars = int(max_chars)

@@ -1,5 +1,8 @@
 """Checking a config node against a schema: a dataclass per constructor, one field per argument.
 
+A schema lives beside its class, which checks its own arguments with it (:func:`check_arguments`): each
+rule is stated once, and the config layer checks the same rules before anything loads, naming the key.
+
 A schema field's type says what a value may be (``int``, ``float``, ``bool``, ``str``, ``Optional[...]``,
 ``list[...]``, ``dict[str, ...]``, another schema, or :class:`Target`: a node with a ``_target_`` checked
 against that target's own schema), and :func:`spec` adds the rest: bounds, choices, a custom rule, and a
@@ -156,13 +159,34 @@ def check_node(node: Mapping[str, Any], schema: type[Schema], key: str, findings
     for name, value in node.items():
         if name in HYDRA_KEYS:
             continue
-        full = f"{key}.{name}" if key else str(name)
+        full = _joined(key, str(name))
         if name not in fields:
             if not schema.OPEN:
                 findings.error(full, value, _unknown_key(str(name), list(fields), _described(node, schema)))
             continue
         check_value(value, hints[name], fields[name].metadata, full, findings)
     schema.check_together(node, key, findings)
+
+
+def check_arguments(schema: type[Schema], arguments: Mapping[str, Any], owner: str) -> None:
+    """A constructor's check of its own ``arguments`` (its ``locals()``; names outside ``schema`` are ignored)
+    against ``schema``: raises ValueError naming every bad argument, ``owner: name=value: what is allowed``."""
+    names = {field.name for field in dataclasses.fields(schema)}
+    findings = Findings()
+    check_node({name: value for name, value in arguments.items() if name in names}, schema, "", findings)
+    if findings.errors:
+        raise ValueError(f"{owner}: " + "; ".join(str(finding) for finding in findings.errors))
+
+
+def check_ordered(node: Mapping[str, Any], key: str, findings: Findings, low: str, high: str) -> None:
+    """For :meth:`Schema.check_together`: ``node[low] <= node[high]`` when both are numbers."""
+    a, b = node.get(low), node.get(high)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:
+        findings.error(_joined(key, low), a, f"must be <= {_joined(key, high)}={b}")
+
+
+def _joined(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
 
 
 def check_value(value: Any, kind: Any, meta: Mapping[str, Any], key: str, findings: Findings) -> None:
