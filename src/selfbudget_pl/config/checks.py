@@ -14,13 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from selfbudget_pl.callbacks.reward import RewardCallback
-from selfbudget_pl.checkpoints import packaged_checkpoint
 from selfbudget_pl.config import groups
-from selfbudget_pl.data.prompts import encode_prompts
-from selfbudget_pl.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
 from selfbudget_pl.config.startup import (
     check_devices,
     check_length_limit,
@@ -29,7 +26,9 @@ from selfbudget_pl.config.startup import (
     check_trainer,
     model_facts,
 )
+from selfbudget_pl.data.prompts import encode_prompts
 from selfbudget_pl.rewards.budget import BudgetGuidedReward
+from selfbudget_pl.schema import UNRESOLVED, ConfigError, Findings, check_target, check_value
 
 __all__ = [
     "ConfigError",
@@ -42,10 +41,6 @@ __all__ = [
     "longest_eval_prompt",
     "plain",
 ]
-
-# ``${packaged_checkpoint:PACKAGE,FILE}`` in a config: the HF folder converted from a GGUF file a package ships
-# (configs/model/smollm2_135m.yaml). Registered here, where every entry point passes before it resolves a config.
-OmegaConf.register_new_resolver("packaged_checkpoint", packaged_checkpoint, replace=True)
 
 _POSITIVE = {"ge": 1, "note": "null: torch's default"}
 _TARGET_GROUPS = ("module", "model", "data", "output_format", "reward", "grader", "rollout", "strategy", "memory_plan")

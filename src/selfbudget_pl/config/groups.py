@@ -6,12 +6,11 @@ does not (the ``TARGETS``/``INJECTED`` of each class below), so the two cannot d
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 from selfbudget_pl.data.synthetic import WORDINGS
-from selfbudget_pl.rewards.budget import COST_BASES, PEAKS, SCHEDULES, SHAPES, BudgetGuidedReward, constant_violations
+from selfbudget_pl.rewards.budget import BudgetGuidedRewardSchema
 from selfbudget_pl.rewards.grader import MathGraderSchema
 from selfbudget_pl.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, check_ordered, register, spec
 
@@ -242,43 +241,6 @@ class RewardCallbackSchema(Schema):
                 if name not in functions:
                     findings.error(f"{key}.weights.{name}", weights[name],
                                    f"names no reward function; {key}.functions has {sorted(functions)}")
-
-
-@dataclass
-class BudgetGuidedRewardSchema(Schema):
-    TARGETS = ("selfbudget_pl.rewards.budget.BudgetGuidedReward",)
-    INJECTED = ("output_format", "grader")
-
-    peak: str = spec(choices=PEAKS, note="alpha: the paper's moving peak; fixed: b(1 -/+ delta)")
-    format_penalty: float = spec()
-    budget_penalty: float = spec()
-    delta: float = spec(ge=0, lt=1)
-    alpha_start: float = spec(gt=0)
-    alpha_end: float = spec(gt=0)
-    alpha_schedule: str = spec(choices=SCHEDULES)
-    shape: str = spec(choices=SHAPES)
-    band: float = spec(ge=0, note="half the band around the peak, as a fraction of b, scoring the range's maximum")
-    budget_cost: float = spec(ge=0, note="a correct answer with its own capped budget loses budget_cost * n / b_max")
-    correct_max: float = spec()
-    correct_min: float = spec()
-    wrong_max: float = spec()
-    wrong_min: float = spec()
-    correct_floor: Optional[float] = spec(note="null: a correct answer far from its budget keeps correct_min")
-    cost_on: str = spec(choices=COST_BASES, note="n: the stated budget, or max(budget, length)")
-
-    @classmethod
-    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
-        check_ordered(node, key, findings, "correct_min", "correct_max")
-        check_ordered(node, key, findings, "wrong_min", "wrong_max")
-        check_ordered(node, key, findings, "correct_floor", "correct_min")
-        # the constructor's rule, on the node's values (the constructor's defaults for keys left out)
-        defaults = inspect.signature(BudgetGuidedReward).parameters
-        values = {name: node.get(name, defaults[name].default) for name in inspect.signature(constant_violations).parameters}
-        numbers = [value for name, value in values.items() if name != "correct_floor"]
-        floor = values["correct_floor"]
-        if all(isinstance(v, (int, float)) for v in numbers) and (floor is None or isinstance(floor, (int, float))):
-            for name, message in constant_violations(**values):
-                findings.error(f"{key}.{name}", values[name], message)
 
 
 @dataclass

@@ -5,7 +5,7 @@ raises, naming its biggest term and the keys that shrink it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn

@@ -31,12 +31,15 @@ shape's slope ``(s_c_max - s_c_min) / (alpha b)`` per token, down to the floor) 
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
 
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.rewards.annotate import finished_solutions, resolve_annotations
 from selfbudget_pl.rewards.grader import Grader
+from selfbudget_pl.schema import Findings, Schema, check_arguments, check_ordered, spec
 
 SCHEDULES = ("linear", "cosine", "constant")
 PEAKS = ("alpha", "fixed")
@@ -79,17 +82,12 @@ def _budget_cap(value: Any) -> float:
     return math.inf if math.isnan(cap) else cap
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"BudgetGuidedReward: `{key}` must be one of {choices}, got {value!r}.")
-
-
 def constant_violations(
     correct_max: float, correct_min: float, wrong_max: float, wrong_min: float, budget_penalty: float,
     budget_cost: float, format_penalty: float, correct_floor: Optional[float] = None,
 ) -> list[tuple[str, str]]:
     """The inequalities between :class:`BudgetGuidedReward`'s constants that fail, each as (the argument
-    to change, what fails with the values). The one rule for the constructor and the config check.
+    to change, what fails with the values), checked by :class:`BudgetGuidedRewardSchema`.
 
     Always (the paper's constraint, with the lowest correct score): ``lowest + r_b - c >= s_w_max``, where
     ``lowest`` is ``correct_floor`` when set, else ``s_c_min``: a correct answer however far from its budget
@@ -136,6 +134,45 @@ def constant_violations(
             f"scores below every finished answer; got format_penalty={format_penalty} >= {wrong_min + budget_penalty:g}",
         ))  # fmt: skip
     return failures
+
+
+@dataclass
+class BudgetGuidedRewardSchema(Schema):
+    """The arguments of :class:`BudgetGuidedReward` (``reward.functions.budget_guided``) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.rewards.budget.BudgetGuidedReward",)
+    INJECTED = ("output_format", "grader")
+
+    peak: str = spec(choices=PEAKS, note="alpha: the paper's moving peak; fixed: b(1 -/+ delta)")
+    format_penalty: float = spec()
+    budget_penalty: float = spec()
+    delta: float = spec(ge=0, lt=1)
+    alpha_start: float = spec(gt=0)
+    alpha_end: float = spec(gt=0)
+    alpha_schedule: str = spec(choices=SCHEDULES)
+    shape: str = spec(choices=SHAPES)
+    band: float = spec(ge=0, note="half the band around the peak, as a fraction of b, scoring the range's maximum")
+    budget_cost: float = spec(ge=0, note="a correct answer with its own capped budget loses budget_cost * n / b_max")
+    correct_max: float = spec()
+    correct_min: float = spec()
+    wrong_max: float = spec()
+    wrong_min: float = spec()
+    correct_floor: Optional[float] = spec(note="null: a correct answer far from its budget keeps correct_min")
+    cost_on: str = spec(choices=COST_BASES, note="n: the stated budget, or max(budget, length)")
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        check_ordered(node, key, findings, "correct_min", "correct_max")
+        check_ordered(node, key, findings, "wrong_min", "wrong_max")
+        check_ordered(node, key, findings, "correct_floor", "correct_min")
+        # the constants' inequalities, on the node's values (the constructor's defaults for keys left out)
+        defaults = inspect.signature(BudgetGuidedReward).parameters
+        values = {name: node.get(name, defaults[name].default) for name in inspect.signature(constant_violations).parameters}
+        numbers = [value for name, value in values.items() if name != "correct_floor"]
+        floor = values["correct_floor"]
+        if all(isinstance(v, (int, float)) for v in numbers) and (floor is None or isinstance(floor, (int, float))):
+            for name, message in constant_violations(**values):
+                findings.error(f"{key}.{name}", values[name], message)
 
 
 class BudgetGuidedReward:
@@ -196,34 +233,7 @@ class BudgetGuidedReward:
         output_format: Optional[OutputFormat] = None,
         grader: Optional[Grader] = None,
     ) -> None:
-        _check_choice("peak", peak, PEAKS)
-        _check_choice("alpha_schedule", alpha_schedule, SCHEDULES)
-        _check_choice("shape", shape, SHAPES)
-        _check_choice("cost_on", cost_on, COST_BASES)
-        if not (alpha_start > 0 and alpha_end > 0):
-            raise ValueError(
-                f"BudgetGuidedReward: `alpha_start` and `alpha_end` must be > 0 (the tolerance width is "
-                f"alpha * budget), got {alpha_start} and {alpha_end}."
-            )
-        if not 0 <= delta < 1:
-            raise ValueError(f"BudgetGuidedReward: `delta` must be in [0, 1), got {delta}.")
-        if band < 0:
-            raise ValueError(f"BudgetGuidedReward: `band` must be >= 0 (a fraction of the budget), got {band}.")
-        if budget_cost < 0:
-            raise ValueError(f"BudgetGuidedReward: `budget_cost` must be >= 0, got {budget_cost}.")
-        floor = correct_min if correct_floor is None else correct_floor
-        if not floor <= correct_min <= correct_max or wrong_min > wrong_max:
-            raise ValueError(
-                "BudgetGuidedReward: each range needs min <= max (and `correct_floor` <= `correct_min`): "
-                f"`correct_min`={correct_min}, `correct_max`={correct_max}, `correct_floor`={correct_floor}, "
-                f"`wrong_min`={wrong_min}, `wrong_max`={wrong_max}."
-            )
-        failures = constant_violations(
-            correct_max, correct_min, wrong_max, wrong_min, budget_penalty, budget_cost, format_penalty,
-            correct_floor,
-        )
-        if failures:
-            raise ValueError("BudgetGuidedReward: " + "; ".join(message for _, message in failures) + ".")
+        check_arguments(BudgetGuidedRewardSchema, locals(), "BudgetGuidedReward")
         self.peak = peak
         self.format_penalty = float(format_penalty)
         self.budget_penalty = float(budget_penalty)
