@@ -184,8 +184,9 @@ def test_bad_answers_drop_or_raise_by_config(tokenizer, tmp_path):
         strict.setup("fit")
 
 
-def test_empty_or_missing_splits_are_errors(tokenizer):
-    empty = BudgetMathDataModule(train=[SyntheticSource(size=0)])
+def test_empty_or_missing_splits_are_errors(tokenizer, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    empty = BudgetMathDataModule(train=[JsonlSource(tmp_path / "empty.jsonl")])
     empty.connect(tokenizer)
     with pytest.raises(DataError, match="train split is empty"):
         empty.setup("fit")

@@ -119,5 +119,5 @@ def test_story_wording_states_the_same_sums_as_word_problems():
         operands = [int(match.group(2)), *map(int, re.findall(r" (\d+) more", match.group(4)))]
         assert "+".join(map(str, operands)) == plain["problem"]
     assert len({record["problem"].split()[0] for record in stories}) > 3  # names vary
-    with pytest.raises(ValueError, match="wording='prose' is not one of"):
+    with pytest.raises(ValueError, match="wording='prose': must be one of 'symbols', 'story'"):
         SyntheticSource(wording="prose")

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from selfbudget_pl.data.synthetic import WORDINGS
+from selfbudget_pl.data.synthetic import SyntheticSourceSchema
 from selfbudget_pl.rewards.budget import BudgetGuidedRewardSchema
 from selfbudget_pl.rewards.grader import MathGraderSchema
-from selfbudget_pl.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, check_ordered, register, spec
+from selfbudget_pl.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
 
 # -- shared pieces -----------------------------------------------------------------------------------
 
@@ -367,29 +367,6 @@ class HFSourceSchema(Schema):
     subset: Optional[str] = spec()
     limit: Optional[int] = spec(ge=1, note="null: every row")
     name: Optional[str] = spec()
-
-
-@dataclass
-class SyntheticSourceSchema(Schema):
-    TARGETS = ("selfbudget_pl.data.synthetic.SyntheticSource", "selfbudget_pl.data.sources.SyntheticSource")
-
-    size: int = spec(ge=1)
-    split: str = spec()
-    seed: int = spec()
-    operand_min: int = spec(ge=0)
-    operand_max: int = spec(ge=0)
-    k_min: int = spec(ge=1)
-    k_max: int = spec(ge=1)
-    checks_min: int = spec(ge=0)
-    checks_max: int = spec(ge=0)
-    heldout_fraction: float = spec(ge=0, lt=1)
-    wording: str = spec(choices=WORDINGS)
-    name: str = spec()
-
-    @classmethod
-    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
-        for low, high in (("operand_min", "operand_max"), ("k_min", "k_max"), ("checks_min", "checks_max")):
-            check_ordered(node, key, findings, low, high)
 
 
 # -- callbacks and strategy ----------------------------------------------------------------------------

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 from selfbudget_pl.data.records import MathRecord
+from selfbudget_pl.schema import Findings, Schema, check_arguments, check_ordered, spec
 
 SPLITS = ("train", "val", "test")
 WORDINGS = ("symbols", "story")
@@ -64,6 +66,31 @@ def sum_story(operands: list[int], rng: random.Random) -> str:
     return " ".join(sentences)
 
 
+@dataclass
+class SyntheticSourceSchema(Schema):
+    """The arguments of :class:`SyntheticSource` (a ``data`` source) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.data.synthetic.SyntheticSource", "selfbudget_pl.data.sources.SyntheticSource")
+
+    size: int = spec(ge=1)
+    split: str = spec(choices=SPLITS)
+    seed: int = spec()
+    operand_min: int = spec(ge=0)
+    operand_max: int = spec(ge=0)
+    k_min: int = spec(ge=2, note="a sum has at least two operands")
+    k_max: int = spec(ge=2)
+    checks_min: int = spec(ge=0)
+    checks_max: int = spec(ge=0)
+    heldout_fraction: float = spec(gt=0, lt=0.5, note="the share held out for val, and again for test")
+    wording: str = spec(choices=WORDINGS)
+    name: str = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        for low, high in (("operand_min", "operand_max"), ("k_min", "k_max"), ("checks_min", "checks_max")):
+            check_ordered(node, key, findings, low, high)
+
+
 class SyntheticSource:
     """Generates ``size`` sum problems for one split. Every knob of the task is an argument.
 
@@ -94,18 +121,7 @@ class SyntheticSource:
         wording: str = "symbols",
         name: str = "synthetic",
     ) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"SyntheticSource.split={split!r} is not one of {SPLITS}")
-        if wording not in WORDINGS:
-            raise ValueError(f"SyntheticSource.wording={wording!r} is not one of {WORDINGS}")
-        if not 0 <= operand_min <= operand_max:
-            raise ValueError(f"need 0 <= operand_min <= operand_max, got {operand_min}..{operand_max}")
-        if not 2 <= k_min <= k_max:
-            raise ValueError(f"need 2 <= k_min <= k_max, got {k_min}..{k_max}")
-        if not 0 <= checks_min <= checks_max:
-            raise ValueError(f"need 0 <= checks_min <= checks_max, got {checks_min}..{checks_max}")
-        if not 0 < heldout_fraction < 0.5:
-            raise ValueError(f"heldout_fraction must be in (0, 0.5), got {heldout_fraction}")
+        check_arguments(SyntheticSourceSchema, locals(), "SyntheticSource")
         self.size = size
         self.split = split
         self.seed = seed
