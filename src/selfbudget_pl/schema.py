@@ -171,11 +171,23 @@ def check_node(node: Mapping[str, Any], schema: type[Schema], key: str, findings
 def check_arguments(schema: type[Schema], arguments: Mapping[str, Any], owner: str) -> None:
     """A constructor's check of its own ``arguments`` (its ``locals()``; names outside ``schema`` are ignored)
     against ``schema``: raises ValueError naming every bad argument, ``owner: name=value: what is allowed``."""
-    names = {field.name for field in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    # A nested part passed as the object it builds (not as its config node) was checked by its own constructor.
+    checked = {
+        name: value for name, value in arguments.items()
+        if name in hints and name in {field.name for field in dataclasses.fields(schema)}
+        and (isinstance(value, Mapping) or value is None or not _is_node_kind(hints[name]))
+    }  # fmt: skip
     findings = Findings()
-    check_node({name: value for name, value in arguments.items() if name in names}, schema, "", findings)
+    check_node(checked, schema, "", findings)
     if findings.errors:
         raise ValueError(f"{owner}: " + "; ".join(str(finding) for finding in findings.errors))
+
+
+def _is_node_kind(kind: Any) -> bool:
+    """Whether a field holds a config node: a nested schema or a :class:`Target`."""
+    inner, _ = _unwrap_optional(kind)
+    return inner is Target or (isinstance(inner, type) and issubclass(inner, Schema))
 
 
 def check_ordered(node: Mapping[str, Any], key: str, findings: Findings, low: str, high: str) -> None:

@@ -41,17 +41,19 @@ from peft import PeftModel
 
 from selfbudget_pl.callbacks.reward import RewardScorer, RolloutHook, Scores
 from selfbudget_pl.config.checks import check_budget_caps
+from selfbudget_pl.config.groups import GRPOModuleSchema
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.modules.base import PolicyModule
 from selfbudget_pl.modules.experience import Experience, experience_from_rollouts
 from selfbudget_pl.modules.logprobs import completion_logprobs
 from selfbudget_pl.modules.losses import (
-    AGGREGATIONS, Aggregation, PolicyLoss, SamplerCorrection, SamplerWeights, group_advantages, policy_loss,
+    Aggregation, PolicyLoss, SamplerCorrection, SamplerWeights, group_advantages, policy_loss,
     sampler_weights,
 )  # fmt: skip
 from selfbudget_pl.modules.optimization import training_progress
 from selfbudget_pl.modules.step_metrics import EXTREME_METRICS, accumulate, rollout_metrics, token_means, update_metrics
 from selfbudget_pl.rollout.base import Rollouts, SamplingSettings, encode_prefill, sampling_settings
+from selfbudget_pl.schema import check_arguments
 
 
 class GRPOModule(PolicyModule):
@@ -112,13 +114,8 @@ class GRPOModule(PolicyModule):
         sampler_correction: Optional[SamplerCorrection | dict] = None,
         **kwargs: Any,
     ) -> None:
+        check_arguments(GRPOModuleSchema, locals(), "GRPOModule")
         super().__init__(*args, **kwargs)
-        if num_generations < 2:
-            raise ValueError(f"module.num_generations={num_generations}: GRPO needs at least 2 per prompt")
-        if loss_aggregation not in AGGREGATIONS:
-            raise ValueError(f"module.loss_aggregation={loss_aggregation!r} is not one of {AGGREGATIONS}")
-        if num_iterations < 1:
-            raise ValueError(f"module.num_iterations={num_iterations} must be >= 1")
         # Several optimizer steps per batch of rollouts; the rollout backend syncs before the next rollout.
         self.automatic_optimization = False
         self.num_generations = num_generations
@@ -126,8 +123,6 @@ class GRPOModule(PolicyModule):
         self.num_iterations = num_iterations
         self.mini_batch_size = mini_batch_size
         self.micro_batch_size = micro_batch_size
-        if micro_batch_tokens is not None and micro_batch_tokens < 1:
-            raise ValueError(f"module.micro_batch_tokens={micro_batch_tokens} must be >= 1 (or null: no bound)")
         self.micro_batch_tokens = micro_batch_tokens
         self.epsilon_low = epsilon_low
         self.epsilon_high = epsilon_high
@@ -138,11 +133,6 @@ class GRPOModule(PolicyModule):
         self.rollout_seed = rollout_seed
         self.log_entropy = log_entropy
         low, high = prefill_budget_range
-        if not 0.0 <= prefill_fraction <= 1.0 or not 0.0 < low <= high:
-            raise ValueError(
-                f"module.prefill_fraction={prefill_fraction} must be in [0, 1] and "
-                f"module.prefill_budget_range={prefill_budget_range} must satisfy 0 < low <= high"
-            )
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
         self.mask_truncated_completions = mask_truncated_completions
