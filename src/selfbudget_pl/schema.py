@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import types
 import typing
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
@@ -172,11 +173,11 @@ def check_arguments(schema: type[Schema], arguments: Mapping[str, Any], owner: s
     """A constructor's check of its own ``arguments`` (its ``locals()``; names outside ``schema`` are ignored)
     against ``schema``: raises ValueError naming every bad argument, ``owner: name=value: what is allowed``."""
     hints = typing.get_type_hints(schema)
-    # A nested part passed as the object it builds (not as its config node) was checked by its own constructor.
+    names = {field.name for field in dataclasses.fields(schema)}
     checked = {
-        name: value for name, value in arguments.items()
-        if name in hints and name in {field.name for field in dataclasses.fields(schema)}
-        and (isinstance(value, Mapping) or value is None or not _is_node_kind(hints[name]))
+        name: os.fspath(value) if isinstance(value, os.PathLike) else value  # a path object is a path
+        for name, value in arguments.items()
+        if (name in names and not _built_in_code(value, hints[name])) or (name not in names and schema.OPEN)
     }  # fmt: skip
     findings = Findings()
     check_node(checked, schema, "", findings)
@@ -184,10 +185,19 @@ def check_arguments(schema: type[Schema], arguments: Mapping[str, Any], owner: s
         raise ValueError(f"{owner}: " + "; ".join(str(finding) for finding in findings.errors))
 
 
-def _is_node_kind(kind: Any) -> bool:
-    """Whether a field holds a config node: a nested schema or a :class:`Target`."""
+def not_blank(value: str) -> Optional[str]:
+    """A :func:`spec` rule: the string holds more than whitespace."""
+    return None if value.strip() else "is empty"
+
+
+def _built_in_code(value: Any, kind: Any) -> bool:
+    """Whether a nested part was passed as the object it builds rather than as its config node (or a list
+    of them): its own constructor checked it."""
     inner, _ = _unwrap_optional(kind)
-    return inner is Target or (isinstance(inner, type) and issubclass(inner, Schema))
+    if typing.get_origin(inner) is list and isinstance(value, (list, tuple)):
+        return any(_built_in_code(item, typing.get_args(inner)[0]) for item in value)
+    node_kind = inner is Target or (isinstance(inner, type) and issubclass(inner, Schema))
+    return node_kind and value is not None and not isinstance(value, Mapping)
 
 
 def check_ordered(node: Mapping[str, Any], key: str, findings: Findings, low: str, high: str) -> None:

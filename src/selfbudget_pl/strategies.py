@@ -22,7 +22,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 
 from selfbudget_pl import internals
+from selfbudget_pl.config.groups import StrategySchema
 from selfbudget_pl.models import ModelLoader
+from selfbudget_pl.schema import check_arguments
 from selfbudget_pl.weights import is_sharded
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -38,19 +40,14 @@ def make_strategy(
         model: the model loader (or checkpoint path); ``fsdp`` and ``fsdp2`` read it, to find the layers to shard.
         kwargs: options of :func:`ddp_strategy`, :func:`fsdp_strategy` or :func:`fsdp2_strategy`.
     """
+    check_arguments(StrategySchema, {"name": name, **kwargs}, "make_strategy")
     if name == "auto":
-        if kwargs:
-            raise ValueError(f"strategy 'auto' takes no options, got {sorted(kwargs)}")
         return "auto"
     if name == "ddp":
         return ddp_strategy(**kwargs)
-    if name in ("fsdp", "fsdp2"):
-        if model is None:
-            raise ValueError(
-                f"strategy {name!r} needs the model (train() passes model=<ModelLoader>) to find its layers"
-            )
-        return fsdp_strategy(model, **kwargs) if name == "fsdp" else fsdp2_strategy(model, **kwargs)
-    raise ValueError(f"strategy.name={name!r} is not one of: auto, ddp, fsdp, fsdp2")
+    if model is None:
+        raise ValueError(f"strategy {name!r} needs the model (train() passes model=<ModelLoader>) to find its layers")
+    return fsdp_strategy(model, **kwargs) if name == "fsdp" else fsdp2_strategy(model, **kwargs)
 
 
 def ddp_strategy(find_unused_parameters: bool = False, static_graph: bool = False, **kwargs: Any) -> Strategy:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_only
+
+from selfbudget_pl.schema import Schema, check_arguments, spec
 
 MODES = ("auto", "always", "never")
 
@@ -66,6 +69,17 @@ def stdout_is_terminal(stream: Optional[TextIO] = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+@dataclass
+class ProgressLinesSchema(Schema):
+    """The arguments of :class:`ProgressLines` (``callbacks.progress``) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.callbacks.progress.ProgressLines",)
+
+    every_n_steps: int = spec(ge=1)
+    mode: str = spec(choices=MODES)
+    disable_bar: bool = spec()
+
+
 class ProgressLines(pl.Callback):
     """Plain progress lines for logs (see module doc).
 
@@ -76,10 +90,7 @@ class ProgressLines(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int = 10, mode: str = "auto", disable_bar: bool = True) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} is not one of {MODES}")
+        check_arguments(ProgressLinesSchema, locals(), "ProgressLines")
         self.every_n_steps = every_n_steps
         self.mode = mode
         self.disable_bar = disable_bar

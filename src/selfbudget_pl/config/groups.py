@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
+from selfbudget_pl.callbacks.progress import ProgressLinesSchema
+from selfbudget_pl.data.datamodule import BudgetMathDataSchema
+from selfbudget_pl.data.sources import HFSourceSchema, JsonlSourceSchema
 from selfbudget_pl.data.synthetic import SyntheticSourceSchema
 from selfbudget_pl.rewards.budget import BudgetGuidedRewardSchema
 from selfbudget_pl.rewards.grader import MathGraderSchema
-from selfbudget_pl.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, register, spec
+from selfbudget_pl.rollout.hf import HFRolloutSchema
+from selfbudget_pl.schema import HYDRA_KEYS, REGISTRY, Findings, Schema, Target, check_node, not_blank, register, spec
 
 # -- shared pieces -----------------------------------------------------------------------------------
 
@@ -30,10 +34,6 @@ def _two_betas(value: Any) -> Optional[str]:
 
 def _not_empty(value: Any) -> Optional[str]:
     return None if len(value) else "is empty"
-
-
-def _not_blank(value: str) -> Optional[str]:
-    return None if value.strip() else "is empty"
 
 
 @dataclass
@@ -210,10 +210,10 @@ class ModelLoaderSchema(Schema):
 class OutputFormatSchema(Schema):
     TARGETS = ("selfbudget_pl.format.OutputFormat", "selfbudget_pl.data.answers.FreeFormOutput")
 
-    budget_open: str = spec(rule=_not_blank)
-    budget_close: str = spec(rule=_not_blank)
-    solution_open: str = spec(rule=_not_blank)
-    solution_close: str = spec(rule=_not_blank)
+    budget_open: str = spec(rule=not_blank)
+    budget_close: str = spec(rule=not_blank)
+    solution_open: str = spec(rule=not_blank)
+    solution_close: str = spec(rule=not_blank)
     max_budget: int = spec(ge=1)
     max_chars: int = spec(ge=1)
     require_solution_block: bool = spec()
@@ -281,15 +281,6 @@ class FormatRewardSchema(Schema):
 
 
 @dataclass
-class HFRolloutSchema(Schema):
-    TARGETS = ("selfbudget_pl.rollout.hf.HFRolloutBackend",)
-    INJECTED = ("model", "tokenizer", "limits")
-
-    batch_size: int = spec(ge=1)
-    decoder: str = spec(choices=("auto", "fused", "generate"))
-
-
-@dataclass
 class VLLMRolloutSchema(Schema):
     TARGETS = ("selfbudget_pl.rollout.vllm.VLLMRolloutBackend",)
     INJECTED = ("model", "tokenizer", "limits")
@@ -309,66 +300,6 @@ class VLLMRolloutSchema(Schema):
 # -- data ------------------------------------------------------------------------------------------
 
 
-@dataclass
-class BudgetMathDataSchema(Schema):
-    TARGETS = ("selfbudget_pl.data.datamodule.BudgetMathDataModule",)
-    INJECTED = ("output_format",)
-
-    train: Optional[list[Target]] = spec()
-    val: Optional[list[Target]] = spec()
-    test: Optional[list[Target]] = spec()
-    mode: str = spec(choices=("sft", "grpo"))
-    batch_size: int = spec(ge=1)
-    val_batch_size: Optional[int] = spec(ge=1, note="null: batch_size")
-    num_workers: int = spec(ge=0)
-    seed: int = spec()
-    prompt_template: str = spec(rule=lambda t: None if "{problem}" in t else "has no {problem} field")
-    system_prompt: Optional[str] = spec()
-    chat_template: Optional[bool] = spec(note="null: the model's chat template where it has one")
-    max_length: Optional[int] = spec(ge=1, note="null: no limit")
-    max_prompt_length: Optional[int] = spec(ge=1, note="null: no limit")
-    on_bad_row: str = spec(choices=("drop", "error"))
-    max_line_bytes: int = spec(ge=1)
-    val_size: int = spec(ge=0)
-    budget_round_to: int = spec(ge=1)
-    b_max_labels: Optional[Union[str, list[str]]] = spec()
-    reference_b_max: bool = spec()
-    allow_uncapped: bool = spec()
-    data_root: Optional[str] = spec()
-    pin_memory: bool = spec()
-
-    @classmethod
-    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
-        if node.get("val") and isinstance(node.get("val_size"), int) and node["val_size"] > 0:
-            findings.warning(f"{key}.val_size", node["val_size"],
-                             f"is ignored: {key}.val has sources (the hold-out is only for runs without them)")
-
-
-_SCHEMA_NAMES = ("gsm8k", "math", "math500", "labelled", "auto")
-
-
-@dataclass
-class JsonlSourceSchema(Schema):
-    TARGETS = ("selfbudget_pl.data.sources.JsonlSource",)
-
-    path: str = spec(rule=_not_blank)
-    schema: str = spec(choices=_SCHEMA_NAMES)
-    limit: Optional[int] = spec(ge=1, note="null: every row")
-    name: Optional[str] = spec()
-
-
-@dataclass
-class HFSourceSchema(Schema):
-    TARGETS = ("selfbudget_pl.data.sources.HFSource",)
-
-    name_or_path: str = spec(rule=_not_blank)
-    split: str = spec()
-    schema: str = spec(choices=_SCHEMA_NAMES)
-    subset: Optional[str] = spec()
-    limit: Optional[int] = spec(ge=1, note="null: every row")
-    name: Optional[str] = spec()
-
-
 # -- callbacks and strategy ----------------------------------------------------------------------------
 
 
@@ -380,15 +311,6 @@ class BudgetMetricsSchema(Schema):
     prefix: str = spec()
     histogram_prefix: Optional[str] = spec(note="null: no histograms")
     understated_fraction: float = spec(gt=0, note="understated_rate: own budgets below this fraction of their length")
-
-
-@dataclass
-class ProgressLinesSchema(Schema):
-    TARGETS = ("selfbudget_pl.callbacks.progress.ProgressLines",)
-
-    every_n_steps: int = spec(ge=1)
-    mode: str = spec(choices=("auto", "always", "never"))
-    disable_bar: bool = spec()
 
 
 # Thin subclasses of Lightning classes that take exactly their parent's arguments: Lightning checks them.
@@ -475,7 +397,7 @@ class StrategySchema(Schema):
         schema = STRATEGY_OPTIONS[name]
         if schema is None:
             for option, value in options.items():
-                findings.error(f"{key}.{option}", value, "strategy 'auto' takes no options")
+                findings.error(f"{key}.{option}" if key else option, value, "strategy 'auto' takes no options")
             return
         check_node(options, schema, key, findings)
 

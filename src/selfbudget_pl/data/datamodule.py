@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning as L
 import numpy as np
@@ -34,6 +35,7 @@ from selfbudget_pl.data.records import DataError, DroppedRows, MathRecord
 from selfbudget_pl.data.rows import BAD_ROW_POLICIES
 from selfbudget_pl.data.sources import DEFAULT_MAX_LINE_BYTES, JsonlSource, Source
 from selfbudget_pl.format import OutputFormat
+from selfbudget_pl.schema import Findings, Schema, Target, check_arguments, spec
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,43 @@ SPLITS = ("train", "val", "test")
 def problem_key(problem: str) -> str:
     """What counts as "the same problem" across splits: the text with whitespace collapsed."""
     return " ".join(problem.split())
+
+
+@dataclass
+class BudgetMathDataSchema(Schema):
+    """The arguments of :class:`BudgetMathDataModule` (config group ``data``) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.data.datamodule.BudgetMathDataModule",)
+    INJECTED = ("output_format",)
+
+    train: Optional[list[Target]] = spec()
+    val: Optional[list[Target]] = spec()
+    test: Optional[list[Target]] = spec()
+    mode: str = spec(choices=MODES)
+    batch_size: int = spec(ge=1)
+    val_batch_size: Optional[int] = spec(ge=1, note="null: batch_size")
+    num_workers: int = spec(ge=0)
+    seed: int = spec()
+    prompt_template: str = spec(rule=lambda t: None if "{problem}" in t else "has no {problem} field")
+    system_prompt: Optional[str] = spec()
+    chat_template: Optional[bool] = spec(note="null: the model's chat template where it has one")
+    max_length: Optional[int] = spec(ge=1, note="null: no limit")
+    max_prompt_length: Optional[int] = spec(ge=1, note="null: no limit")
+    on_bad_row: str = spec(choices=BAD_ROW_POLICIES)
+    max_line_bytes: int = spec(ge=1)
+    val_size: int = spec(ge=0)
+    budget_round_to: int = spec(ge=1)
+    b_max_labels: Optional[Union[str, list[str]]] = spec()
+    reference_b_max: bool = spec()
+    allow_uncapped: bool = spec()
+    data_root: Optional[str] = spec()
+    pin_memory: bool = spec()
+
+    @classmethod
+    def check_together(cls, node: Mapping[str, Any], key: str, findings: Findings) -> None:
+        if node.get("val") and isinstance(node.get("val_size"), int) and node["val_size"] > 0:
+            findings.warning(f"{key}.val_size", node["val_size"],
+                             f"is ignored: {key}.val has sources (the hold-out is only for runs without them)")
 
 
 class BudgetMathDataModule(L.LightningDataModule):
@@ -108,10 +147,7 @@ class BudgetMathDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if mode not in MODES:
-            raise ValueError(f"data.mode={mode!r} is not one of {MODES}")
-        if on_bad_row not in BAD_ROW_POLICIES:
-            raise ValueError(f"data.on_bad_row={on_bad_row!r} is not one of {BAD_ROW_POLICIES}")
+        check_arguments(BudgetMathDataSchema, locals(), "BudgetMathDataModule")
         self.sources = {"train": list(train or []), "val": list(val or []), "test": list(test or [])}
         self.mode = mode
         self.batch_size = batch_size

@@ -6,12 +6,14 @@ file's rows into records (its schema, the checks, bad rows) is :mod:`selfbudget_
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Protocol
 
 from selfbudget_pl.data.records import BadRow, DataError, DroppedRows, MathRecord
 from selfbudget_pl.data.rows import SCHEMAS, records_from_rows
 from selfbudget_pl.data.synthetic import SyntheticSource
+from selfbudget_pl.schema import Schema, check_arguments, not_blank, spec
 
 __all__ = ["DataError", "HFSource", "JsonlSource", "Source", "SyntheticSource"]
 
@@ -42,6 +44,18 @@ def _resolve(path: str | Path, root: Optional[str]) -> Path:
     return path
 
 
+@dataclass
+class JsonlSourceSchema(Schema):
+    """The arguments of :class:`JsonlSource` (a ``data`` source) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.data.sources.JsonlSource",)
+
+    path: str = spec(rule=not_blank)
+    schema: str = spec(choices=SCHEMAS)
+    limit: Optional[int] = spec(ge=1, note="null: every row")
+    name: Optional[str] = spec()
+
+
 class JsonlSource:
     """Problems from a JSONL file, one JSON object a line.
 
@@ -53,8 +67,7 @@ class JsonlSource:
     """
 
     def __init__(self, path: str, schema: str = "auto", limit: Optional[int] = None, name: Optional[str] = None):
-        if schema not in SCHEMAS:
-            raise ValueError(f"JsonlSource.schema={schema!r} is not one of {SCHEMAS}")
+        check_arguments(JsonlSourceSchema, locals(), "JsonlSource")
         self.path = str(path)
         self.schema = schema
         self.limit = limit
@@ -138,6 +151,20 @@ def _parse_line(line: bytes | int, where: str, max_bytes: int, first: bool) -> d
     return row
 
 
+@dataclass
+class HFSourceSchema(Schema):
+    """The arguments of :class:`HFSource` (a ``data`` source) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.data.sources.HFSource",)
+
+    name_or_path: str = spec(rule=not_blank)
+    split: str = spec()
+    schema: str = spec(choices=SCHEMAS)
+    subset: Optional[str] = spec()
+    limit: Optional[int] = spec(ge=1, note="null: every row")
+    name: Optional[str] = spec()
+
+
 class HFSource:
     """Problems from a Hugging Face dataset: a hub id (``openai/gsm8k``), a ``save_to_disk`` folder, or a
     local folder laid out like a hub repository (``data/train-*.parquet``), read by the same
@@ -162,8 +189,7 @@ class HFSource:
         limit: Optional[int] = None,
         name: Optional[str] = None,
     ) -> None:
-        if schema not in SCHEMAS:
-            raise ValueError(f"HFSource.schema={schema!r} is not one of {SCHEMAS}")
+        check_arguments(HFSourceSchema, locals(), "HFSource")
         self.name_or_path = str(name_or_path)
         self.split = split
         self.schema = schema

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -26,11 +27,23 @@ from selfbudget_pl.rollout.base import (
     seeded,
 )  # fmt: skip
 from selfbudget_pl.rollout.fsdp_units import through_forward, units_above
+from selfbudget_pl.schema import Schema, check_arguments, spec
 from selfbudget_pl.tensors import pad
 from selfbudget_pl.weights import is_sharded
 
 log = logging.getLogger(__name__)
 DECODERS = ("auto", "fused", "generate")
+
+
+@dataclass
+class HFRolloutSchema(Schema):
+    """The arguments of :class:`HFRolloutBackend` (config group ``rollout``) and what each allows."""
+
+    TARGETS = ("selfbudget_pl.rollout.hf.HFRolloutBackend",)
+    INJECTED = ("model", "tokenizer", "limits")
+
+    batch_size: int = spec(ge=1)
+    decoder: str = spec(choices=DECODERS)
 
 
 class HFRolloutBackend(RolloutBackend):
@@ -56,10 +69,7 @@ class HFRolloutBackend(RolloutBackend):
         batch_size: int = 64,
         decoder: str = "auto",
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"rollout.batch_size={batch_size} must be >= 1")
-        if decoder not in DECODERS:
-            raise ValueError(f"rollout.decoder={decoder!r} must be one of {DECODERS}")
+        check_arguments(HFRolloutSchema, locals(), "HFRolloutBackend")
         self.decoder = decoder
         self._told_fallback = False
         self.model = model
