@@ -4,6 +4,7 @@ any model or data is loaded; surprising values are a warning, once; schemas matc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -483,3 +484,77 @@ def test_activation_checkpointing_in_both_the_model_and_the_strategy_is_refused_
     )
     for one in ("model.gradient_checkpointing=true", "strategy.activation_checkpointing=true"):
         check_train_config(compose_cfg("experiment=grpo_toy", "strategy=fsdp2", one))
+
+
+# -- each rule stated once: a class built in Python refuses what its config would ------------------------
+
+
+def _constructor_cases():
+    from selfbudget_pl.callbacks.progress import ProgressLines
+    from selfbudget_pl.data.datamodule import BudgetMathDataModule
+    from selfbudget_pl.data.sources import HFSource, JsonlSource
+    from selfbudget_pl.data.synthetic import SyntheticSource
+    from selfbudget_pl.modules.grpo import GRPOModule
+    from selfbudget_pl.modules.sft import SFTModule
+    from selfbudget_pl.rewards.budget import BudgetGuidedReward
+    from selfbudget_pl.rewards.grader import MathGrader
+    from selfbudget_pl.rollout.hf import HFRolloutBackend
+    from selfbudget_pl.strategies import make_strategy
+
+    return [
+        (lambda: MathGrader(timeout_s=2.0, retry_timeout_s=1.0), "MathGrader: timeout_s=2.0: must be <= retry_timeout_s=1.0"),
+        (lambda: MathGrader(workers=-1, max_chars=0), "MathGrader: max_chars=0: must be an integer >= 1; workers=-1: must be an integer >= 0, or null"),
+        (lambda: BudgetGuidedReward(delta=1.0), "BudgetGuidedReward: delta=1.0: must be a finite number >= 0 and < 1"),
+        (lambda: SyntheticSource(k_min=1), "SyntheticSource: k_min=1: must be an integer >= 2 (a sum has at least two operands)"),
+        (lambda: SyntheticSource(operand_min=5, operand_max=3), "SyntheticSource: operand_min=5: must be <= operand_max=3"),
+        (lambda: JsonlSource("rows.jsonl", schema="gsm9k"), "JsonlSource: schema='gsm9k': must be one of 'gsm8k'"),
+        (lambda: HFSource(" "), "HFSource: name_or_path=' ': is empty"),
+        (lambda: BudgetMathDataModule(mode="rl"), "BudgetMathDataModule: mode='rl': must be one of 'sft', 'grpo'"),
+        (lambda: ProgressLines(every_n_steps=0), "ProgressLines: every_n_steps=0: must be an integer >= 1"),
+        (lambda: HFRolloutBackend(None, None, decoder="fast"), "HFRolloutBackend: decoder='fast': must be one of 'auto', 'fused', 'generate'"),
+        (lambda: GRPOModule(model_loader=None, num_generations=1), "GRPOModule: num_generations=1: must be an integer >= 2"),
+        (lambda: SFTModule(model_loader=None, optimizer=functools.partial(torch.optim.AdamW), head_chunk_tokens=0), "SFTModule: head_chunk_tokens=0: must be an integer >= 1"),
+        (lambda: make_strategy("auto", find_unused_parameters=True), "make_strategy: find_unused_parameters=true: strategy 'auto' takes no options"),
+        (lambda: make_strategy("dpp"), "make_strategy: name='dpp': must be one of 'auto', 'ddp', 'fsdp', 'fsdp2'"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("index", range(14))
+def test_a_class_built_in_python_refuses_what_its_config_would(index):
+    build, message = _constructor_cases()[index]
+    with pytest.raises(ValueError) as caught:
+        build()
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.train.0.k_min=1", "data.train[0].k_min=1: must be an integer >= 2 (a sum has at least two operands)"),
+    ("data.train.0.heldout_fraction=0.7", "data.train[0].heldout_fraction=0.7: must be a finite number > 0 and < 0.5"),
+    ("grader.retry_timeout_s=0.5", "grader.timeout_s=1.0: must be <= grader.retry_timeout_s=0.5"),
+])  # fmt: skip
+def test_the_config_layer_checks_what_the_constructor_requires(override, message):
+    """Rules the two copies had drifted apart on: the config layer now refuses them before anything loads."""
+    with pytest.raises(ConfigError) as caught:
+        check_train_config(compose_cfg("experiment=grpo_toy", override))
+    assert message in str(caught.value)
+
+
+def test_arguments_built_in_code_are_left_to_their_own_constructors(tmp_path):
+    from selfbudget_pl.data.datamodule import BudgetMathDataModule
+    from selfbudget_pl.data.sources import JsonlSource
+    from selfbudget_pl.data.synthetic import SyntheticSource
+    from selfbudget_pl.modules.losses import SamplerCorrection
+    from selfbudget_pl.rollout.base import SamplingSettings
+
+    (tmp_path / "rows.jsonl").write_text("")
+    source = JsonlSource(tmp_path / "rows.jsonl", schema="question_answer")  # a path object; a schema the rows module reads
+    assert source.path == str(tmp_path / "rows.jsonl")
+    data = BudgetMathDataModule(train=[source, SyntheticSource(size=4)], data_root=tmp_path)  # built sources, a Path root
+    assert len(data.sources["train"]) == 2
+    from selfbudget_pl.config.groups import GRPOModuleSchema
+    from selfbudget_pl.schema import check_arguments
+
+    check_arguments(GRPOModuleSchema, {"sampling": SamplingSettings(), "sampler_correction": SamplerCorrection(),
+                                       "num_generations": 4}, "GRPOModule")  # built objects: not re-checked
+    with pytest.raises(ValueError, match=r"GRPOModule: sampling.temperature=-1: must be a finite number >= 0"):
+        check_arguments(GRPOModuleSchema, {"sampling": {"temperature": -1}}, "GRPOModule")  # a config node: checked

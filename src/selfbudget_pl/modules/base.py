@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
 from selfbudget_pl.config.checks import check_training_prompts
+from selfbudget_pl.config.groups import PolicyModuleSchema
 from selfbudget_pl.data.collate import record_columns
 from selfbudget_pl.format import OutputFormat
 from selfbudget_pl.launcher_env import export_process_group_env
@@ -30,6 +31,7 @@ from selfbudget_pl.rollout.base import (
     EngineLimits, RolloutBackend, Rollouts, SamplingSettings, engine_limits, sampling_settings,
 )  # fmt: skip
 from selfbudget_pl.rollout.hf import HFRolloutBackend
+from selfbudget_pl.schema import check_arguments
 from selfbudget_pl.strategies import check_strategy_supports, clip_gradients_by_norm, loads_once, shard_models
 from selfbudget_pl.weights import full_state_dict, is_sharded, iter_full_weights
 
@@ -78,6 +80,7 @@ class PolicyModule(L.LightningModule):
         packed_forward: bool = True,
         head_chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ) -> None:
+        check_arguments(PolicyModuleSchema, locals(), type(self).__name__)
         super().__init__()
         self.generate_in_validation = True  # SFT may validate on the loss alone
         self.model_loader = model_loader
@@ -93,8 +96,6 @@ class PolicyModule(L.LightningModule):
         self.merge_lora_on_export = merge_lora_on_export
         self.export_shard_gib = export_shard_gib
         self.packed_forward = packed_forward
-        if head_chunk_tokens < 1:
-            raise ValueError(f"module.head_chunk_tokens={head_chunk_tokens} must be >= 1")
         self.head_chunk_tokens = head_chunk_tokens
         self._told_padded = False
         self.tokenizer = model_loader.load_tokenizer()
