@@ -145,7 +145,7 @@ def test_other_architectures_fall_back_to_generate(tokenizer):
     assert len(auto.generate([[5, 6, 7]], 1, greedy).completion_ids[0]) <= 5
     with pytest.raises(ValueError, match="decoder=fused cannot run this model: model_type 'gpt2'"):
         HFRolloutBackend(gpt2, tokenizer, decoder="fused").generate([[5, 6, 7]], 1, greedy)
-    with pytest.raises(ValueError, match="rollout.decoder='vllm' must be one of"):
+    with pytest.raises(ValueError, match="HFRolloutBackend: decoder='vllm': must be one of 'auto', 'fused', 'generate'"):
         HFRolloutBackend(gpt2, tokenizer, decoder="vllm")
 
 
