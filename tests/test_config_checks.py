@@ -81,6 +81,7 @@ BAD_VALUES = [
     ("experiment=grpo_toy", "module.num_generations=1", "module.num_generations=1: must be an integer >= 2"),
     ("experiment=grpo_toy", "module.loss_aggregation=mean", "module.loss_aggregation='mean': must be one of 'token'"),
     ("experiment=grpo_toy", "module.prefill_budget_range=[1.0,0.5]", "module.prefill_budget_range=[1.0, 0.5]: must satisfy 0 < low <= high"),
+    ("experiment=grpo_toy", "module.prefill_draw=group", "module.prefill_draw='group': must be one of 'prompt', 'completion'"),
     ("experiment=grpo_toy", "module.optimizer.lr=0", "module.optimizer.lr=0: must be a finite number > 0"),
     ("experiment=sft_toy", "module.optimizer.lr=-1e-5", "module.optimizer.lr=-1e-05: must be a finite number > 0"),
     ("experiment=sft_toy", "module.optimizer.betas=[0.9,1.5]", "module.optimizer.betas[1]=1.5: must be a finite number >= 0 and < 1"),

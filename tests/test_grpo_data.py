@@ -79,4 +79,29 @@ def test_prefilled_budgets_start_whole_groups_below_b_max(model_loader, tokenize
     # Both completions of a group share one budget.
     assert rollouts.completions[0].split("</budget>")[0] == rollouts.completions[1].split("</budget>")[0]
     off = GRPOModule(model_loader=model_loader, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
-    assert off.choose_prefills([10, 20], 2, None) == [None, None]
+    assert off.choose_prefills([10, 20], 2, None) == [None] * 10
+
+
+def test_prefill_draw_completion_gives_each_of_a_groups_completions_its_own_budget(model_loader):
+    """``prefill_draw=completion``: a pre-filled prompt's G completions draw their N apart, inside the range;
+    ``prompt``: they share one. Whether a prompt is pre-filled stays a whole group's draw in both."""
+    def budgets(draw: str) -> list[list[int | None]]:
+        module = GRPOModule(
+            model_loader=model_loader, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), num_generations=4,
+            prefill_fraction=0.5, prefill_budget_range=(0.5, 1.5), prefill_draw=draw,
+        )  # fmt: skip
+        prefixes = module.choose_prefills([200] * 16 + [None], 17, torch.Generator().manual_seed(0))
+        parsed = [module.output_format.parse(text + "\\boxed{1}").budget if text else None for text in prefixes]
+        return [parsed[start : start + 4] for start in range(0, len(parsed), 4)]
+
+    shared, apart = budgets("prompt"), budgets("completion")
+    for groups in (shared, apart):
+        assert groups[-1] == [None] * 4  # a prompt without b_max is never pre-filled
+        assert all(len({budget is None for budget in group}) == 1 for group in groups)
+        assert 2 <= sum(group[0] is not None for group in groups) <= 14
+        assert all(100 <= budget <= 300 for group in groups for budget in group if budget is not None)
+    prefilled = [group for group in apart if group[0] is not None]
+    assert all(len(set(group)) > 1 for group in prefilled)
+    assert all(len(set(group)) == 1 for group in shared)
+    # The same prompts are pre-filled either way: the draw of which prompts comes first.
+    assert [group[0] is None for group in shared] == [group[0] is None for group in apart]

@@ -71,8 +71,29 @@ def test_prefill_per_prompt_is_encoded_once_for_every_backend(model, tokenizer, 
         assert rollouts.completions[index].startswith(prefix)
         assert rollouts.prompt_ids[index] == prompts[group] + tokenizer.encode(prefix, add_special_tokens=False)
     assert rollouts.completions[2] == tokenizer.decode(rollouts.completion_ids[2], skip_special_tokens=False)
-    with pytest.raises(ValueError, match="2 prefills for 3 prompts"):
+    with pytest.raises(ValueError, match="2 prefills for 3 prompts x 1 samples: give one per prompt"):
         backend.generate(prompts, 1, sampling, prefill=prefills[:2])
+
+
+@pytest.mark.parametrize("decoder", ["generate", "fused"])
+def test_prefill_per_completion_conditions_each_completion_on_its_own(model, tokenizer, prompts, decoder):
+    """One prefix per completion (GRPO's ``prefill_draw=completion``): each completion is conditioned on, and
+    its text starts with, its own, and greedy decoding from it equals decoding that context alone (the fused
+    decoder shares one prompt pass per run of identical rows: rows of a group now differ)."""
+    backend = HFRolloutBackend(model, tokenizer, decoder=decoder)
+    prefills = ["<budget>7</budget><solution>", "<budget>300</budget><solution>", None, None,
+                "<budget>12</budget><solution>", ""]  # fmt: skip
+    sampling = SamplingSettings(temperature=0.0, max_new_tokens=4)
+    rollouts = backend.generate(prompts, 2, sampling, prefill=prefills)
+    assert rollouts.columns["prefilled"] == [True, True, False, False, True, False]
+    for index, prefix in enumerate(prefills):
+        prefix_ids = tokenizer.encode(prefix or "", add_special_tokens=False)
+        assert rollouts.prompt_ids[index] == prompts[index // 2] + prefix_ids
+        assert rollouts.completions[index].startswith(prefix or "")
+        alone = backend.generate([rollouts.prompt_ids[index]], 1, sampling)
+        assert alone.completion_ids[0] == rollouts.completion_ids[index]
+    with pytest.raises(ValueError, match="5 prefills for 3 prompts x 2 samples"):
+        backend.generate(prompts, 2, sampling, prefill=prefills[:5])
 
 
 def test_max_new_tokens_is_a_hard_ceiling(model, tokenizer, prompts):

@@ -142,6 +142,7 @@ class GRPOModuleSchema(PolicyModuleSchema):
     log_entropy: bool = spec()
     prefill_fraction: float = spec(ge=0, le=1)
     prefill_budget_range: list[float] = spec(rule=_pair_in_order)
+    prefill_draw: str = spec(choices=("prompt", "completion"), note="who shares a pre-filled N: a prompt's G, or none")
     mask_truncated_completions: bool = spec()
     sampler_correction: Optional[SamplerCorrectionSchema] = spec(note="null: the defaults (auto)")
 

@@ -83,6 +83,10 @@ class GRPOModule(PolicyModule):
             then trains the model to follow budgets it did not choose, which is what pre-filling at
             inference relies on; 0 (the paper's setting as we read it) trains on own budgets only.
         prefill_budget_range: ``(low, high)`` fractions of b_max that pre-filled budgets span.
+        prefill_draw: ``prompt``: one N per pre-filled prompt, shared by its G completions; ``completion``:
+            each of its G completions draws its own N, so the group's rewards differ by how closely each
+            answer followed its N (with one shared N, answers of one length all score alike and the
+            advantages carry nothing about N).
         mask_truncated_completions: leave completions cut off by ``max_new_tokens`` out of the loss
             (TRL's option): their reward says nothing about an answer the model never got to finish.
             They still count in their group's baseline.
@@ -110,6 +114,7 @@ class GRPOModule(PolicyModule):
         log_entropy: bool = True,
         prefill_fraction: float = 0.0,
         prefill_budget_range: tuple[float, float] = (0.5, 1.0),
+        prefill_draw: str = "prompt",
         mask_truncated_completions: bool = False,
         sampler_correction: Optional[SamplerCorrection | dict] = None,
         **kwargs: Any,
@@ -135,6 +140,7 @@ class GRPOModule(PolicyModule):
         low, high = prefill_budget_range
         self.prefill_fraction = prefill_fraction
         self.prefill_budget_range = (float(low), float(high))
+        self.prefill_draw = prefill_draw
         self.mask_truncated_completions = mask_truncated_completions
         if not isinstance(sampler_correction, SamplerCorrection):
             sampler_correction = SamplerCorrection(**dict(sampler_correction or {}))
@@ -240,14 +246,18 @@ class GRPOModule(PolicyModule):
     def choose_prefills(
         self, b_max: Optional[list[Optional[int]]], num_prompts: int, generator: Optional[torch.Generator]
     ) -> list[Optional[str]]:
-        """Per prompt, a budget prefix to start all its completions from, or None (the model's own budget)."""
+        """Per completion (a prompt's G in a row), a budget prefix to start from, or None (the model's own
+        budget). A prompt is pre-filled or not as a whole; its G share one N or draw one each (``prefill_draw``)."""
+        size = self.num_generations
         if self.prefill_fraction <= 0 or b_max is None:
-            return [None] * num_prompts
-        draws = torch.rand(num_prompts, 2, generator=generator).tolist()
+            return [None] * (num_prompts * size)
+        picks = torch.rand(num_prompts, generator=generator).tolist()
+        spreads = torch.rand(num_prompts, size if self.prefill_draw == "completion" else 1, generator=generator)
+        spreads = spreads.expand(num_prompts, size).tolist()
         return [
-            self.output_format.budget_prefix(self.prefill_budget(cap, spread)) if cap and pick < self.prefill_fraction
-            else None
-            for cap, (pick, spread) in zip(b_max, draws)
+            self.output_format.budget_prefix(self.prefill_budget(cap, spread))
+            if cap and pick < self.prefill_fraction else None
+            for cap, pick, row in zip(b_max, picks, spreads) for spread in row
         ]  # fmt: skip
 
     def prefill_budget(self, cap: int, spread: float) -> int:

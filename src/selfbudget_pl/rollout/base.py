@@ -143,7 +143,8 @@ class Rollouts:
         return sum(len(ids) for ids in self.completion_ids)
 
 
-# One prefix for every prompt, or one per prompt (None: that prompt starts from nothing pre-filled).
+# One prefix for every prompt, one per prompt, or one per completion (num_prompts x num_samples, a prompt's
+# in a row); None: that prompt or completion starts from nothing pre-filled.
 Prefill = Union[None, str, Sequence[Optional[str]]]
 
 
@@ -172,13 +173,15 @@ class RolloutBackend(ABC):
         prompt) are repeated per completion, and ``columns["prefilled"]`` says which completions were.
         """
         started = time.perf_counter()
-        prefills = per_prompt(prefill, len(prompt_ids))
-        prefix_ids = [encode_prefill(self.tokenizer, text) for text in prefills]
-        contexts = [list(prompt) + ids for prompt, ids in zip(prompt_ids, prefix_ids) for _ in range(num_samples)]
+        prefills = per_completion(prefill, len(prompt_ids), num_samples)
+        contexts = [
+            list(prompt_ids[index // num_samples]) + encode_prefill(self.tokenizer, text)
+            for index, text in enumerate(prefills)
+        ]
         rollouts = self.sample(contexts, num_samples, sampling)
-        rollouts.completions = [(prefills[g] or "") + text for g, text in zip(rollouts.group_index, rollouts.completions)]
+        rollouts.completions = [(text or "") + completion for text, completion in zip(prefills, rollouts.completions)]
         rollouts.columns = repeat_columns(columns, len(prompt_ids), num_samples)
-        rollouts.columns["prefilled"] = [prefills[group] is not None for group in rollouts.group_index]
+        rollouts.columns["prefilled"] = [text is not None for text in prefills]
         rollouts.generation_seconds = time.perf_counter() - started
         return rollouts
 
@@ -227,13 +230,18 @@ def rollouts_from_samples(
     )
 
 
-def per_prompt(prefill: Prefill, num_prompts: int) -> list[Optional[str]]:
-    """``prefill`` as one entry per prompt (empty strings count as none)."""
+def per_completion(prefill: Prefill, num_prompts: int, num_samples: int) -> list[Optional[str]]:
+    """``prefill`` as one entry per completion, a prompt's ``num_samples`` in a row (empty strings count as none)."""
     if prefill is None or isinstance(prefill, str):
-        return [prefill or None] * num_prompts
+        return [prefill or None] * (num_prompts * num_samples)
     prefills = [text or None for text in prefill]
-    if len(prefills) != num_prompts:
-        raise ValueError(f"{len(prefills)} prefills for {num_prompts} prompts")
+    if len(prefills) == num_prompts:
+        return [text for text in prefills for _ in range(num_samples)]
+    if len(prefills) != num_prompts * num_samples:
+        raise ValueError(
+            f"{len(prefills)} prefills for {num_prompts} prompts x {num_samples} samples: "
+            f"give one per prompt ({num_prompts}) or one per completion ({num_prompts * num_samples})"
+        )
     return prefills
 
 
