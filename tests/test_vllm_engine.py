@@ -187,6 +187,12 @@ def test_prefilled_prompts_continue_from_the_prefill(backend, loader, prompts):
     prefill_ids = loader.load_tokenizer().encode(prefill, add_special_tokens=False)
     assert all(context[-len(prefill_ids) :] == prefill_ids for context in engine.prompt_ids)
     assert engine.columns["id"] == list("aabbccdd") and engine.group_index == [0, 0, 1, 1, 2, 2, 3, 3]
+    # One prefix per completion (GRPO's prefill_draw=completion): the engine samples each completion's own context.
+    prefills = [f"<budget>{7 + 5 * index}</budget><solution>" if index % 3 else None for index in range(8)]
+    engine = backend.generate(prompts, 2, GREEDY, prefill=prefills)
+    assert_same_rollouts(engine, HFRolloutBackend(model, loader.load_tokenizer()).generate(prompts, 2, GREEDY, prefill=prefills))
+    assert [text.startswith(prefix) for text, prefix in zip(engine.completions, prefills) if prefix] == [True] * 5
+    assert engine.columns["prefilled"] == [prefix is not None for prefix in prefills]
 
 
 def test_completions_end_at_eos_stop_strings_and_stop_tokens_as_in_the_hf_backend(backend, loader, prompts):
