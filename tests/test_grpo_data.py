@@ -105,3 +105,8 @@ def test_prefill_draw_completion_gives_each_of_a_groups_completions_its_own_budg
     assert all(len(set(group)) == 1 for group in shared)
     # The same prompts are pre-filled either way: the draw of which prompts comes first.
     assert [group[0] is None for group in shared] == [group[0] is None for group in apart]
+    # The shared draw takes (pick, spread) pairs per prompt from the generator, as before the per-completion
+    # draw existed, so seeded runs recorded then sample the same pre-filled budgets now.
+    pairs = torch.rand(17, 2, generator=torch.Generator().manual_seed(0)).tolist()
+    expected = [round(200 * (0.5 + spread)) if pick < 0.5 else None for pick, spread in pairs[:16]] + [None]
+    assert [group[0] for group in shared] == expected

@@ -251,9 +251,13 @@ class GRPOModule(PolicyModule):
         size = self.num_generations
         if self.prefill_fraction <= 0 or b_max is None:
             return [None] * (num_prompts * size)
-        picks = torch.rand(num_prompts, generator=generator).tolist()
-        spreads = torch.rand(num_prompts, size if self.prefill_draw == "completion" else 1, generator=generator)
-        spreads = spreads.expand(num_prompts, size).tolist()
+        # Per prompt: whether it is pre-filled and its (first) spread, as runs made before the per-completion
+        # draw drew them, so their seeds sample the same budgets; the other completions' spreads come after.
+        draws = torch.rand(num_prompts, 2, generator=generator)
+        picks, spreads = draws[:, 0].tolist(), draws[:, 1:].expand(num_prompts, size)
+        if self.prefill_draw == "completion":
+            spreads = torch.cat([spreads[:, :1], torch.rand(num_prompts, size - 1, generator=generator)], dim=1)
+        spreads = spreads.tolist()
         return [
             self.output_format.budget_prefix(self.prefill_budget(cap, spread))
             if cap and pick < self.prefill_fraction else None
