@@ -174,10 +174,8 @@ class RolloutBackend(ABC):
         """
         started = time.perf_counter()
         prefills = per_completion(prefill, len(prompt_ids), num_samples)
-        contexts = [
-            list(prompt_ids[index // num_samples]) + encode_prefill(self.tokenizer, text)
-            for index, text in enumerate(prefills)
-        ]
+        encoded = {text: encode_prefill(self.tokenizer, text) for text in set(prefills)}  # a group's G share theirs
+        contexts = [list(prompt_ids[index // num_samples]) + encoded[text] for index, text in enumerate(prefills)]
         rollouts = self.sample(contexts, num_samples, sampling)
         rollouts.completions = [(text or "") + completion for text, completion in zip(prefills, rollouts.completions)]
         rollouts.columns = repeat_columns(columns, len(prompt_ids), num_samples)
